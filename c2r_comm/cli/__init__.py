@@ -1,0 +1,32 @@
+"""`c2r-comm <command>`: each command lives in its own module with `add_arguments` and `run`."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+# command name -> (module, one-line help). Modules are imported only when their command runs.
+COMMANDS = {
+    "bench": ("c2r_comm.cli.bench_cmd", "time forward+backward of a MoE layer per dispatcher and count bytes sent"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="c2r-comm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        # Config, plan and trace errors already say field, value and what is allowed.
+        print(f"c2r-comm {args.command}: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,226 @@
+"""YAML -> frozen, validated config objects.
+
+Every error is a `ConfigError` naming the dotted field, the offending value and what is allowed,
+so a typo in a sweep fails once, up front, with a message a user can act on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config field holds a value that is not allowed."""
+
+    def __init__(self, field_name: str, value: Any, allowed: str):
+        self.field_name, self.value, self.allowed = field_name, value, allowed
+        super().__init__(f"config field '{field_name}' = {value!r} is invalid: allowed {allowed}")
+
+
+def _require(ok: bool, field_name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(field_name, value, allowed)
+
+
+DISPATCHERS = ("alltoall", "dedup", "hierarchical")
+ROUTERS = ("topk", "c2r", "device_constrained")
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden_size: int = 256
+    ffn_hidden_size: int = 512
+    num_experts: int = 16
+    top_k: int = 4
+    num_shared_experts: int = 0
+    shared_ffn_hidden_size: int = 0  # 0 means "same as ffn_hidden_size"
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "ffn_hidden_size", "num_experts", "top_k"):
+            _require(getattr(self, name) >= 1, f"model.{name}", getattr(self, name), "an integer >= 1")
+        _require(self.top_k <= self.num_experts, "model.top_k", self.top_k,
+                 f"1 <= top_k <= num_experts ({self.num_experts})")
+        _require(self.num_shared_experts >= 0, "model.num_shared_experts", self.num_shared_experts, ">= 0")
+        _require(self.shared_ffn_hidden_size >= 0, "model.shared_ffn_hidden_size",
+                 self.shared_ffn_hidden_size, ">= 0")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    nodes: int = 1
+    gpus_per_node: int = 1
+
+    def __post_init__(self) -> None:
+        _require(self.nodes >= 1, "parallel.nodes", self.nodes, "an integer >= 1")
+        _require(self.gpus_per_node >= 1, "parallel.gpus_per_node", self.gpus_per_node, "an integer >= 1")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    kind: str = "topk"
+    renormalize: bool = True
+    noise_std: float = 0.0
+    aux_loss_weight: float = 0.01
+    z_loss_weight: float = 0.0
+    # c2r: Top-T collaborator lists come from a profiler .npz (`collaborators`, layer `layer`).
+    top_t: Optional[int] = None
+    collaborators: Optional[str] = None
+    # device_constrained: at most `max_groups` GPUs (level=gpu) or nodes (level=node) per token.
+    max_groups: Optional[int] = None
+    level: str = "gpu"
+
+    def __post_init__(self) -> None:
+        _require(self.kind in ROUTERS, "routing.kind", self.kind, f"one of {ROUTERS}")
+        _require(self.noise_std >= 0, "routing.noise_std", self.noise_std, ">= 0")
+        _require(self.aux_loss_weight >= 0, "routing.aux_loss_weight", self.aux_loss_weight, ">= 0")
+        _require(self.z_loss_weight >= 0, "routing.z_loss_weight", self.z_loss_weight, ">= 0")
+        _require(self.level in ("gpu", "node"), "routing.level", self.level, "'gpu' or 'node'")
+        if self.kind == "c2r":
+            _require(self.top_t is not None and self.top_t >= 1, "routing.top_t", self.top_t,
+                     "an integer >= 1 (required for kind=c2r)")
+            _require(self.collaborators is not None, "routing.collaborators", self.collaborators,
+                     "a path to a profiler .npz (required for kind=c2r)")
+        if self.kind == "device_constrained":
+            _require(self.max_groups is not None and self.max_groups >= 1, "routing.max_groups",
+                     self.max_groups, "an integer >= 1 (required for kind=device_constrained)")
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    plan: Optional[str] = None  # plan JSON from `c2r-comm plan`; None = contiguous
+    layer: int = 0  # 0-based trace layer index whose plan this MoE layer uses
+
+    def __post_init__(self) -> None:
+        _require(self.layer >= 0, "placement.layer", self.layer, "a 0-based layer index >= 0")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    tokens_per_rank: int = 512
+    dtype: str = "float32"
+    seed: int = 0
+    warmup_iters: int = 2
+    iters: int = 10
+    timeout_s: float = 120.0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _require(self.tokens_per_rank >= 0, "run.tokens_per_rank", self.tokens_per_rank, "an integer >= 0")
+        _require(self.dtype in DTYPES, "run.dtype", self.dtype, f"one of {DTYPES}")
+        _require(self.warmup_iters >= 0, "run.warmup_iters", self.warmup_iters, "an integer >= 0")
+        _require(self.iters >= 1, "run.iters", self.iters, "an integer >= 1")
+        _require(self.timeout_s > 0, "run.timeout_s", self.timeout_s, "seconds > 0")
+        _require(self.device in DEVICES, "run.device", self.device, f"one of {DEVICES}")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    dispatcher: str = "dedup"
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.dispatcher in DISPATCHERS, "dispatcher", self.dispatcher, f"one of {DISPATCHERS}")
+        world = self.parallel.world_size
+        _require(self.model.num_experts % world == 0, "model.num_experts", self.model.num_experts,
+                 f"a multiple of the number of ranks nodes*gpus_per_node = {world}")
+        if self.routing.kind == "c2r":
+            _require(self.routing.top_t >= self.model.top_k - 1, "routing.top_t", self.routing.top_t,
+                     f"top_k-1 ({self.model.top_k - 1}) <= top_t <= num_experts-1 ({self.model.num_experts - 1})")
+            _require(self.routing.top_t <= self.model.num_experts - 1, "routing.top_t", self.routing.top_t,
+                     f"top_k-1 ({self.model.top_k - 1}) <= top_t <= num_experts-1 ({self.model.num_experts - 1})")
+
+    def check_world_size(self, world_size: int) -> None:
+        """The launched world must be exactly nodes x gpus_per_node."""
+        _require(world_size == self.parallel.world_size, "parallel", f"{self.parallel.nodes}x"
+                 f"{self.parallel.gpus_per_node}", f"nodes*gpus_per_node == world size ({world_size})")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_type(value: Any, hint: Any, field_name: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(value, inner[0], field_name)
+    if hint is bool:
+        _require(isinstance(value, bool), field_name, value, "true or false")
+    elif hint is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), field_name, value, "an integer")
+    elif hint is float:
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), field_name, value, "a number")
+        return float(value)
+    elif hint is str:
+        _require(isinstance(value, str), field_name, value, "a string")
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix or "<top level>"
+    _require(isinstance(data, Mapping), where, data, "a mapping of fields")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        _require(key in names, dotted, value, f"known fields of {where}: {names}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, dotted)
+        else:
+            kwargs[key] = _check_type(value, hint, dotted)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: Mapping) -> Config:
+    return _build(Config, data, "")
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("--config", str(path), "an existing YAML file")
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    return config_from_dict(data)
+
+
+def with_overrides(config: Config, overrides: Mapping[str, Any]) -> Config:
+    """Apply dotted overrides (e.g. {"run.iters": 5}) and validate the result once more."""
+    data = config.to_dict()
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config_from_dict(data)
+
+
+def parse_topology(text: str) -> tuple[int, int]:
+    """'2x4' -> (nodes=2, gpus_per_node=4)."""
+    parts = text.lower().split("x")
+    ok = len(parts) == 2 and all(p.isdigit() and int(p) >= 1 for p in parts)
+    _require(ok, "--topology", text, "NODESxGPUS_PER_NODE with both >= 1, e.g. 1x4 or 2x4")
+    return int(parts[0]), int(parts[1])

@@ -1,0 +1,178 @@
+"""PlacementPlan: which rank hosts each expert, and in which local slot; plan files (JSON).
+
+A plan only moves experts between ranks; it never changes results. Local slots on a rank are the
+rank's experts in ascending global id, so a plan is fully described by `expert_to_rank`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import torch
+
+from c2r_comm.topology import Topology
+
+
+@dataclass(frozen=True)
+class PlacementPlan:
+    expert_to_rank: tuple[int, ...]
+    world_size: int
+
+    def __post_init__(self) -> None:
+        e2r = tuple(int(r) for r in self.expert_to_rank)
+        object.__setattr__(self, "expert_to_rank", e2r)
+        E, W = len(e2r), self.world_size
+        if W < 1 or E < 1:
+            raise ValueError(f"PlacementPlan needs >= 1 expert and >= 1 rank, got {E} experts, {W} ranks")
+        if E % W:
+            raise ValueError(f"PlacementPlan: {E} experts cannot be split equally over {W} ranks")
+        bad = [r for r in e2r if not 0 <= r < W]
+        if bad:
+            raise ValueError(f"PlacementPlan: ranks {sorted(set(bad))} are outside 0..{W - 1}")
+        counts = np.bincount(np.asarray(e2r), minlength=W)
+        if (counts != E // W).any():
+            raise ValueError(f"PlacementPlan: every rank must host {E // W} experts, got per-rank counts {counts.tolist()}")
+
+    # ---- constructors -------------------------------------------------------------------------
+    @classmethod
+    def contiguous(cls, num_experts: int, world_size: int) -> "PlacementPlan":
+        """Megatron's default: rank r hosts experts [r*E/W, (r+1)*E/W)."""
+        if world_size < 1 or num_experts % world_size:
+            raise ValueError(f"{num_experts} experts cannot be split equally over {world_size} ranks")
+        per = num_experts // world_size
+        return cls(tuple(e // per for e in range(num_experts)), world_size)
+
+    @classmethod
+    def random(cls, num_experts: int, world_size: int, seed: int) -> "PlacementPlan":
+        base = np.asarray(cls.contiguous(num_experts, world_size).expert_to_rank)
+        return cls(tuple(np.random.default_rng(seed).permutation(base).tolist()), world_size)
+
+    # ---- derived maps -------------------------------------------------------------------------
+    @property
+    def num_experts(self) -> int:
+        return len(self.expert_to_rank)
+
+    @property
+    def experts_per_rank(self) -> int:
+        return self.num_experts // self.world_size
+
+    @cached_property
+    def rank_experts(self) -> tuple[tuple[int, ...], ...]:
+        """rank_experts[r][slot] = global expert id (ascending within a rank)."""
+        out: list[list[int]] = [[] for _ in range(self.world_size)]
+        for e, r in enumerate(self.expert_to_rank):
+            out[r].append(e)
+        return tuple(tuple(x) for x in out)
+
+    @cached_property
+    def expert_to_slot(self) -> tuple[int, ...]:
+        slot = [0] * self.num_experts
+        for experts in self.rank_experts:
+            for s, e in enumerate(experts):
+                slot[e] = s
+        return tuple(slot)
+
+    def rank_tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        return torch.tensor(self.expert_to_rank, dtype=torch.long, device=device)
+
+    def slot_tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        return torch.tensor(self.expert_to_slot, dtype=torch.long, device=device)
+
+    def fingerprint(self) -> int:
+        """Cheap, stable 62-bit hash, exchanged across ranks to catch plans that differ."""
+        digest = hashlib.sha256(json.dumps([self.world_size, self.expert_to_rank]).encode()).digest()
+        return int.from_bytes(digest[:8], "little") >> 2
+
+    def check_matches(self, num_experts: int, world_size: int, what: str = "run") -> None:
+        if self.num_experts != num_experts or self.world_size != world_size:
+            raise ValueError(
+                f"placement plan is for {self.num_experts} experts on {self.world_size} ranks, but the {what} "
+                f"has {num_experts} experts on {world_size} ranks")
+
+
+@dataclass(frozen=True)
+class PlanFile:
+    """One JSON document of per-layer plans (layers keyed by 0-based trace layer index)."""
+
+    topology: Topology
+    num_experts: int
+    layers: Mapping[int, PlacementPlan]
+    method: str
+    metrics: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
+    fit: Mapping[str, Any] = field(default_factory=dict)
+
+    def plan_for_layer(self, layer: int, topology: Topology, num_experts: int) -> PlacementPlan:
+        if (self.topology.nodes, self.topology.gpus_per_node) != (topology.nodes, topology.gpus_per_node):
+            raise ValueError(f"plan file is for topology {self.topology} but the run uses {topology}")
+        if self.num_experts != num_experts:
+            raise ValueError(f"plan file is for {self.num_experts} experts but the run has {num_experts}")
+        if layer not in self.layers:
+            raise ValueError(f"plan file has no plan for layer {layer}; it has layers {sorted(self.layers)}")
+        return self.layers[layer]
+
+    def to_json(self) -> dict:
+        return {
+            "topology": {"nodes": self.topology.nodes, "gpus_per_node": self.topology.gpus_per_node},
+            "num_experts": self.num_experts,
+            "layers": {str(l): {"expert_to_rank": list(p.expert_to_rank),
+                                "metrics": dict(self.metrics.get(l, {}))}
+                       for l, p in sorted(self.layers.items())},
+            "method": self.method,
+            "fit": dict(self.fit),
+        }
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1))
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> "PlanFile":
+        try:
+            topo = Topology(int(doc["topology"]["nodes"]), int(doc["topology"]["gpus_per_node"]))
+            num_experts = int(doc["num_experts"])
+            layers, metrics = {}, {}
+            for key, entry in doc["layers"].items():
+                plan = PlacementPlan(tuple(entry["expert_to_rank"]), topo.world_size)
+                plan.check_matches(num_experts, topo.world_size, what=f"plan file's header (layer {key})")
+                layers[int(key)] = plan
+                metrics[int(key)] = dict(entry.get("metrics", {}))
+            return cls(topo, num_experts, layers, str(doc.get("method", "unknown")), metrics, dict(doc.get("fit", {})))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"malformed plan file: missing or wrong field {exc}") from exc
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PlanFile":
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"plan file {path} does not exist")
+        return cls.from_json(json.loads(path.read_text()))
+
+
+def load_layer_plan(path: Optional[str], layer: int, topology: Topology, num_experts: int) -> PlacementPlan:
+    """The plan a run uses: from a plan file when given, else contiguous."""
+    if path is None:
+        return PlacementPlan.contiguous(num_experts, topology.world_size)
+    return PlanFile.load(path).plan_for_layer(layer, topology, num_experts)
+
+
+
+def distinct_per_token(group_of_expert: np.ndarray, ids_TK: np.ndarray) -> np.ndarray:
+    """Number of distinct groups (ranks or nodes) each token's experts live in, [tokens] int64.
+
+    This is the one count every metric builds on: with per-GPU dedup dispatch a token is sent
+    once per distinct rank, with node dedup once per distinct node.
+    """
+    ids_TK = np.asarray(ids_TK, dtype=np.int64)
+    if ids_TK.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64)
+    g_TK = np.sort(np.asarray(group_of_expert)[ids_TK], axis=1)
+    return 1 + (np.diff(g_TK, axis=1) != 0).sum(axis=1)
+
+
+def expert_to_node(plan: PlacementPlan, topology: Topology) -> np.ndarray:
+    topology.check_world_size(plan.world_size)
+    return np.asarray(plan.expert_to_rank) // topology.gpus_per_node

@@ -1,0 +1,155 @@
+"""RoutingTrace: per-token expert selections, per layer; load/save/select/synthesise.
+
+File format (the shared DeepSeek-V2-Lite trace's): `.npz` with `expert_ids` [tokens, layers, k]
+and `prompt_offsets` [prompts + 1] (prompt i = rows offs[i]:offs[i+1]); optional `num_experts`.
+Layer numbers are always 0-based indices into the layer axis.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class RoutingTrace:
+    expert_ids: np.ndarray  # [tokens, layers, k] int64
+    prompt_offsets: np.ndarray  # [prompts + 1] int64, starts at 0, ends at tokens
+    num_experts: int
+
+    def __post_init__(self) -> None:
+        ids = np.asarray(self.expert_ids)
+        if ids.ndim != 3:
+            raise ValueError(f"expert_ids must be [tokens, layers, k], got shape {ids.shape}")
+        offs = np.asarray(self.prompt_offsets, dtype=np.int64)
+        if offs.ndim != 1 or len(offs) < 1 or offs[0] != 0 or offs[-1] != ids.shape[0] or (np.diff(offs) < 0).any():
+            raise ValueError(f"prompt_offsets must rise from 0 to {ids.shape[0]} (tokens), got {offs[:3]}...{offs[-3:]}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_experts):
+            raise ValueError(f"expert ids must lie in 0..{self.num_experts - 1}, found {ids.min()}..{ids.max()}")
+        object.__setattr__(self, "expert_ids", ids.astype(np.int64, copy=False))
+        object.__setattr__(self, "prompt_offsets", offs)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.expert_ids.shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return self.expert_ids.shape[1]
+
+    @property
+    def top_k(self) -> int:
+        return self.expert_ids.shape[2]
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.prompt_offsets) - 1
+
+    def layer(self, index: int) -> np.ndarray:
+        """[tokens, k] expert ids of one layer (0-based index into the layer axis)."""
+        if not 0 <= index < self.num_layers:
+            raise ValueError(f"layer {index} is out of range: this trace has layers 0..{self.num_layers - 1}")
+        return self.expert_ids[:, index, :]
+
+    def select_prompts(self, start: Optional[int], stop: Optional[int]) -> "RoutingTrace":
+        """Prompts [start, stop) by position, Python slice style (negatives allowed)."""
+        idx = range(self.num_prompts)[slice(start, stop)]
+        if len(idx) == 0:
+            raise ValueError(f"prompt range {start}:{stop} selects no prompt of {self.num_prompts}")
+        lo, hi = self.prompt_offsets[idx.start], self.prompt_offsets[idx.stop]
+        return RoutingTrace(self.expert_ids[lo:hi], self.prompt_offsets[idx.start: idx.stop + 1] - lo, self.num_experts)
+
+    def select_layers(self, layers: Sequence[int]) -> "RoutingTrace":
+        for l in layers:
+            self.layer(l)  # range check with a clear message
+        return RoutingTrace(self.expert_ids[:, list(layers), :], self.prompt_offsets, self.num_experts)
+
+    def batches(self, batch_tokens: int) -> Iterator[np.ndarray]:
+        """Consecutive [<=batch_tokens, layers, k] blocks of tokens."""
+        if batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
+        for s in range(0, self.num_tokens, batch_tokens):
+            yield self.expert_ids[s: s + batch_tokens]
+
+    def rank_block(self, layer: int, rank: int, tokens_per_rank: int) -> np.ndarray:
+        """Rows dealt to `rank` in order: rank r takes the r-th block of `tokens_per_rank` rows."""
+        lo, hi = rank * tokens_per_rank, (rank + 1) * tokens_per_rank
+        if hi > self.num_tokens:
+            raise ValueError(f"the trace has {self.num_tokens} tokens; rank {rank} needs rows {lo}:{hi}")
+        return self.layer(layer)[lo:hi]
+
+    # ---- I/O ----------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path, num_experts: Optional[int] = None) -> "RoutingTrace":
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"routing trace {path} does not exist")
+        with np.load(path) as z:
+            if "expert_ids" not in z:
+                raise ValueError(f"{path} has no 'expert_ids' array (keys: {list(z.keys())})")
+            ids = z["expert_ids"].astype(np.int64)
+            offs = z["prompt_offsets"] if "prompt_offsets" in z else np.array([0, ids.shape[0]])
+            stored = int(z["num_experts"]) if "num_experts" in z else None
+        if num_experts is None:
+            num_experts = stored if stored is not None else int(ids.max()) + 1
+        return cls(ids, offs, num_experts)
+
+    def save(self, path: str | Path) -> None:
+        np.savez_compressed(path, expert_ids=self.expert_ids.astype(np.int16 if self.num_experts > 255 else np.uint8),
+                            prompt_offsets=self.prompt_offsets, num_experts=np.int64(self.num_experts))
+
+    # ---- synthetic ----------------------------------------------------------------------------
+    @classmethod
+    def synthetic(cls, num_tokens: int, num_experts: int, top_k: int, num_layers: int = 1,
+                  num_clusters: int = 4, in_cluster: float = 0.9, zipf_a: float = 0.0,
+                  tokens_per_prompt: int = 64, seed: int = 0) -> "RoutingTrace":
+        """Clustered routing: a token draws its top-1 with Zipf(zipf_a) popularity, then each further
+        expert from the top-1's cluster with probability `in_cluster`, else from anywhere.
+
+        Experts are shuffled into clusters per layer, so contiguous placement does not see them.
+        in_cluster=1 with clusters of >= top_k experts gives "clean" clusters a planner must recover.
+        """
+        if num_experts % num_clusters or top_k > num_experts:
+            raise ValueError(f"need num_experts ({num_experts}) divisible by num_clusters ({num_clusters}) "
+                             f"and top_k ({top_k}) <= num_experts")
+        rng = np.random.default_rng(seed)
+        ids = np.empty((num_tokens, num_layers, top_k), dtype=np.int64)
+        pop = 1.0 / np.arange(1, num_experts + 1) ** zipf_a
+        for l in range(num_layers):
+            perm = rng.permutation(num_experts)
+            cluster_of = np.empty(num_experts, dtype=np.int64)
+            cluster_of[perm] = np.arange(num_experts) // (num_experts // num_clusters)
+            p = rng.permutation(pop) / pop.sum()
+            rows = np.arange(num_tokens)
+            top1 = rng.choice(num_experts, size=num_tokens, p=p)
+            taken = np.zeros((num_tokens, num_experts), dtype=bool)
+            taken[rows, top1] = True
+            same = cluster_of[None, :] == cluster_of[top1][:, None]
+            ids[:, l, 0] = top1
+            for j in range(1, top_k):
+                # Gumbel-max sampling of one more distinct expert, popularity-weighted.
+                allowed = ~taken
+                inside = (rng.random(num_tokens) < in_cluster)[:, None] & (same & allowed).any(1, keepdims=True)
+                allowed &= np.where(inside, same, True)
+                key = np.log(p)[None, :] + rng.gumbel(size=(num_tokens, num_experts))
+                pick = np.where(allowed, key, -np.inf).argmax(1)
+                taken[rows, pick] = True
+                ids[:, l, j] = pick
+        offs = np.arange(0, num_tokens + tokens_per_prompt, tokens_per_prompt).clip(max=num_tokens)
+        offs = np.unique(np.concatenate([[0], offs, [num_tokens]]))
+        return cls(ids, offs, num_experts)
+
+
+def parse_range(text: Optional[str]) -> tuple[Optional[int], Optional[int]]:
+    """'A:B' -> (A, B) with empty ends as None; None -> the whole range."""
+    if text is None:
+        return None, None
+    parts = text.split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return tuple(int(p) if p.strip() else None for p in parts)  # type: ignore[return-value]
+    except ValueError:
+        raise ValueError(f"range {text!r} is invalid: allowed 'A:B' with integers, either end may be empty") from None
