@@ -1,0 +1,107 @@
+"""Collectives dispatchers build on: a differentiable all_to_all_single and the count exchange.
+
+The count exchange doubles as the agreement step for bad input: every rank sends a status code
+with its counts, so a rank that found bad input makes *every* rank raise before any data moves.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+class InputError(ValueError):
+    """Bad dispatch input, raised on every rank of the group before any data collective."""
+
+
+# Status codes carried by the count exchange; 0 = this rank's input is fine.
+STATUS_MESSAGES = {
+    1: "x_TD / topk_idx_TK / topk_weight_TK shapes or dtypes are inconsistent",
+    2: "expert ids out of range (negative or >= num_experts)",
+    3: "hidden size differs from the dispatcher's",
+}
+
+
+def _a2a(output: torch.Tensor, inp: torch.Tensor, out_splits: Sequence[int], in_splits: Sequence[int], group: Any) -> None:
+    dist.all_to_all_single(output, inp.contiguous(), list(out_splits), list(in_splits), group=group)
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single over several tensors with the same row splits, in a fixed order.
+
+    Its backward is the same exchange with the splits swapped. Packing the tensors into one
+    Function keeps the order of collectives identical on every rank in backward too (two
+    independent autograd nodes could run in either order and deadlock).
+    """
+
+    @staticmethod
+    def forward(ctx, out_splits, in_splits, group, *tensors):
+        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
+        outs = []
+        for t in tensors:
+            out = t.new_empty((sum(out_splits),) + tuple(t.shape[1:]))
+            _a2a(out, t, out_splits, in_splits, group)
+            outs.append(out)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grads_in = []
+        for g in grads:
+            gi = g.new_empty((sum(ctx.in_splits),) + tuple(g.shape[1:]))
+            _a2a(gi, g, ctx.in_splits, ctx.out_splits, ctx.group)
+            grads_in.append(gi)
+        return (None, None, None, *grads_in)
+
+
+def all_to_all(tensors: Sequence[torch.Tensor], out_splits: Sequence[int], in_splits: Sequence[int],
+               group: Any) -> tuple[torch.Tensor, ...]:
+    """Differentiable all_to_all_single of each tensor (rows split by `in_splits` per peer)."""
+    return _AllToAll.apply(tuple(out_splits), tuple(in_splits), group, *tensors)
+
+
+def all_to_all_plain(t: torch.Tensor, out_splits: Sequence[int], in_splits: Sequence[int], group: Any) -> torch.Tensor:
+    """Non-differentiable all_to_all_single, for metadata (expert slots, node masks)."""
+    out = t.new_empty((sum(out_splits),) + tuple(t.shape[1:]))
+    _a2a(out, t, out_splits, in_splits, group)
+    return out
+
+
+def exchange_counts(send_counts_WC: torch.Tensor, status: int, group: Any,
+                    status_detail: Optional[str] = None) -> torch.Tensor:
+    """Send row `w` of send_counts_WC (int64 [peers, C]) to peer w; return what each peer sent us.
+
+    A nonzero `status` (STATUS_MESSAGES) on any rank makes every rank raise InputError here.
+    """
+    W, C = send_counts_WC.shape
+    packed = torch.cat([send_counts_WC.to(torch.int64),
+                        torch.full((W, 1), status, dtype=torch.int64, device=send_counts_WC.device)], dim=1)
+    recv = torch.empty_like(packed)
+    dist.all_to_all_single(recv, packed, group=group)
+    recv = recv.cpu()
+    statuses = recv[:, C].tolist()
+    if status or any(statuses):
+        me = dist.get_rank(group)
+        bad = {r: s for r, s in enumerate(statuses) if s}
+        if status:
+            bad[me] = status
+        lines = [f"rank {r}: {STATUS_MESSAGES.get(s, f'status {s}')}" for r, s in sorted(bad.items())]
+        if status_detail:
+            lines.append(f"this rank ({me}): {status_detail}")
+        raise InputError("dispatch input rejected on every rank before any data was sent:\n  " + "\n  ".join(lines))
+    return recv[:, :C]
+
+
+def check_same_on_all_ranks(values: Sequence[int], what: str, group: Any) -> None:
+    """Gather a few int64 values from every rank and raise on all ranks if any differ."""
+    mine = torch.tensor(list(values), dtype=torch.int64)
+    world = dist.get_world_size(group)
+    backend = dist.get_backend(group)
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    gathered = [torch.empty_like(mine, device=device) for _ in range(world)]
+    dist.all_gather(gathered, mine.to(device), group=group)
+    rows = [g.cpu().tolist() for g in gathered]
+    if any(r != rows[0] for r in rows):
+        detail = ", ".join(f"rank {r}: {v}" for r, v in enumerate(rows))
+        raise InputError(f"{what} differs across ranks ({detail}); every rank must use the same one")
