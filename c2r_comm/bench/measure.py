@@ -1,0 +1,125 @@
+"""Timed forward + backward of a MoE layer, and the bytes its dispatcher actually sent.
+
+Times are per iteration the slowest rank's (a collective step ends when its last rank does);
+byte and row counts are summed over ranks from the handles' CommStats.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from c2r_comm.dispatch import CommStats
+from c2r_comm.layer import MoELayer
+from c2r_comm.progress import progress
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+
+    @classmethod
+    def of(cls, samples_s: list[float]) -> "Timing":
+        t = torch.tensor(samples_s, dtype=torch.float64) * 1e3
+        q = torch.quantile(t, torch.tensor([0.5, 0.1, 0.9], dtype=torch.float64)).tolist()
+        return cls(*q)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    tokens: int  # over all ranks
+    dispatch: CommStats  # summed over ranks
+    combine: CommStats
+    forward: Timing
+    backward: Timing
+
+
+@dataclass(frozen=True)
+class BenchRecord:
+    dispatcher: str
+    placement: str
+    routing: str
+    topology: str
+    config: dict
+    measurement: Measurement
+
+    @property
+    def tokens(self) -> int:
+        return self.measurement.tokens
+
+    @property
+    def dispatch(self) -> CommStats:
+        return self.measurement.dispatch
+
+    @property
+    def combine(self) -> CommStats:
+        return self.measurement.combine
+
+    def per_token(self, rows: int) -> float:
+        return rows / self.tokens if self.tokens else 0.0
+
+    @property
+    def mb_sent(self) -> float:
+        """Off-rank bytes, dispatch + combine, all ranks, one iteration."""
+        return (self.dispatch.bytes_off_rank + self.combine.bytes_off_rank) / 1e6
+
+    @property
+    def cross_node_mb(self) -> float:
+        return (self.dispatch.bytes_cross_node + self.combine.bytes_cross_node) / 1e6
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(copies_per_token_same_node=self.per_token(self.dispatch.rows_same_node),
+                 copies_per_token_cross_node=self.per_token(self.dispatch.rows_cross_node),
+                 copies_per_token_off_rank=self.per_token(self.dispatch.rows_off_rank),
+                 mb_sent=self.mb_sent, cross_node_mb=self.cross_node_mb)
+        return d
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def sum_over_ranks(stats: CommStats, tokens: int, device: torch.device, group: Any) -> tuple[CommStats, int]:
+    t = torch.tensor([*stats.as_tuple(), tokens], dtype=torch.int64, device=device)
+    dist.all_reduce(t, group=group)
+    vals = t.tolist()
+    return CommStats(*vals[:-1]), vals[-1]
+
+
+def measure_layer(layer: MoELayer, x_TD: torch.Tensor, grad_TD: torch.Tensor, warmup: int, iters: int,
+                  routing: Optional[tuple[torch.Tensor, torch.Tensor]], group: Any,
+                  label: str, show_progress: bool) -> Measurement:
+    """Run warm-up + timed iterations; routing=None uses the layer's router on x_TD."""
+    device = x_TD.device
+    fwd, bwd = [], []
+    handle = None
+    for i in progress(range(warmup + iters), warmup + iters, label, enabled=show_progress):
+        layer.zero_grad(set_to_none=True)
+        x = x_TD.detach().requires_grad_()
+        dist.barrier(group=group)
+        _sync(device)
+        t0 = time.perf_counter()
+        out = layer(x) if routing is None else layer.forward_routed(x, *routing)
+        _sync(device)
+        t1 = time.perf_counter()
+        ((out.out_TD * grad_TD).sum() + out.aux_loss).backward()
+        _sync(device)
+        t2 = time.perf_counter()
+        handle = out.handle
+        if i >= warmup:
+            fwd.append(t1 - t0)
+            bwd.append(t2 - t1)
+    # Slowest rank per iteration.
+    times = torch.tensor([fwd, bwd], dtype=torch.float64, device=device)
+    dist.all_reduce(times, op=dist.ReduceOp.MAX, group=group)
+    fwd, bwd = times.cpu().tolist()
+    d_stats, tokens = sum_over_ranks(handle.dispatch_stats, x_TD.shape[0], device, group)
+    c_stats, _ = sum_over_ranks(handle.combine_stats, x_TD.shape[0], device, group)
+    return Measurement(tokens, d_stats, c_stats, Timing.of(fwd), Timing.of(bwd))

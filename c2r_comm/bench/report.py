@@ -1,0 +1,27 @@
+"""Bench records -> a text table (also valid markdown) and a JSON file."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from c2r_comm.bench.measure import BenchRecord
+
+
+def format_table(records: Sequence[BenchRecord]) -> str:
+    head = ("| dispatcher | placement | copies/token off-rank | same-node | cross-node | MB sent/iter "
+            "| cross-node MB | fwd ms p50 (p10-p90) | bwd ms p50 (p10-p90) |")
+    rule = "|" + "|".join("---" for _ in range(head.count("|") - 1)) + "|"
+    rows = [head, rule]
+    for r in records:
+        f, b = r.measurement.forward, r.measurement.backward
+        rows.append(
+            f"| {r.dispatcher} | {r.placement} | {r.per_token(r.dispatch.rows_off_rank):.3f} "
+            f"| {r.per_token(r.dispatch.rows_same_node):.3f} | {r.per_token(r.dispatch.rows_cross_node):.3f} "
+            f"| {r.mb_sent:.2f} | {r.cross_node_mb:.2f} "
+            f"| {f.median_ms:.2f} ({f.p10_ms:.2f}-{f.p90_ms:.2f}) | {b.median_ms:.2f} ({b.p10_ms:.2f}-{b.p90_ms:.2f}) |")
+    return "\n".join(rows)
+
+
+def write_json(records: Sequence[BenchRecord], path: str | Path) -> None:
+    Path(path).write_text(json.dumps([r.to_json() for r in records], indent=1))

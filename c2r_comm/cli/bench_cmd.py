@@ -1,0 +1,143 @@
+"""`c2r-comm bench`: forward + backward of the MoE layer with each dispatcher; rows, bytes and times.
+
+Run it plainly and it starts torchrun itself with nodes*gpus_per_node local ranks (nodes are
+emulated on one machine: the topology decides which links count as cross-node); under torchrun or
+mpirun it joins the launcher's world.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from typing import Optional
+
+import torch
+
+from c2r_comm.bench.measure import BenchRecord, measure_layer
+from c2r_comm.bench.report import format_table, write_json
+from c2r_comm.bootstrap import init_distributed, read_launch_env, shutdown
+from c2r_comm.config import Config, load_config, parse_topology, with_overrides
+from c2r_comm.dispatch import DISPATCHERS
+from c2r_comm.layer import DTYPES, build_moe_layer
+from c2r_comm.routing.trace import RoutingTrace
+from c2r_comm.topology import Topology, build_process_groups
+
+# flag -> dotted config field it overrides
+OVERRIDES = {
+    "tokens_per_rank": "run.tokens_per_rank", "iters": "run.iters", "warmup_iters": "run.warmup_iters",
+    "dtype": "run.dtype", "seed": "run.seed", "device": "run.device", "timeout_s": "run.timeout_s",
+    "hidden_size": "model.hidden_size", "ffn_hidden_size": "model.ffn_hidden_size",
+    "num_experts": "model.num_experts", "top_k": "model.top_k", "plan": "placement.plan",
+    "routing": "routing.kind",
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (default: built-in defaults)")
+    p.add_argument("--topology", help="NODESxGPUS_PER_NODE, e.g. 1x4 or 2x4")
+    p.add_argument("--dispatcher", help=f"comma list of {sorted(DISPATCHERS)} (default: all)")
+    p.add_argument("--trace", help="routing trace .npz; routing comes from it instead of the router")
+    p.add_argument("--layer", type=int, default=None, help="0-based trace layer index (also the plan's layer)")
+    p.add_argument("--json", help="write one record per dispatcher (with the resolved config) here")
+    for flag in OVERRIDES:
+        kind = int if flag in ("tokens_per_rank", "iters", "warmup_iters", "seed", "hidden_size",
+                               "ffn_hidden_size", "num_experts", "top_k") else \
+            float if flag == "timeout_s" else str
+        p.add_argument("--" + flag.replace("_", "-"), type=kind, default=None, help=f"overrides {OVERRIDES[flag]}")
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[Config, Optional[RoutingTrace]]:
+    config = load_config(args.config) if args.config else Config()
+    overrides = {field: getattr(args, flag) for flag, field in OVERRIDES.items()}
+    if args.topology:
+        overrides["parallel.nodes"], overrides["parallel.gpus_per_node"] = parse_topology(args.topology)
+    trace = None
+    if args.trace:
+        trace = RoutingTrace.load(args.trace)
+        layer = 0 if args.layer is None else args.layer
+        trace.layer(layer)  # range check
+        # The trace decides how many experts there are and how many each token picks.
+        overrides.update({"model.num_experts": trace.num_experts, "model.top_k": trace.top_k,
+                          "placement.layer": layer})
+    elif args.layer is not None:
+        overrides["placement.layer"] = args.layer
+    return with_overrides(config, overrides), trace
+
+
+def _dispatchers(args: argparse.Namespace, config: Config) -> list[str]:
+    if not args.dispatcher:
+        return list(DISPATCHERS)
+    names = [n.strip() for n in args.dispatcher.split(",") if n.strip()]
+    bad = [n for n in names if n not in DISPATCHERS]
+    if bad:
+        raise ValueError(f"--dispatcher {bad} unknown: allowed {sorted(DISPATCHERS)}")
+    return names
+
+
+def _relaunch_under_torchrun(world: int) -> int:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+           "-m", "c2r_comm", *sys.argv[1:]]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")  # ranks share the machine's cores
+    return subprocess.call(cmd, env=env)
+
+
+def run(args: argparse.Namespace) -> int:
+    config, trace = resolve_config(args)
+    names = _dispatchers(args, config)
+    world = config.parallel.world_size
+    if world > 1 and read_launch_env(os.environ) is None:
+        return _relaunch_under_torchrun(world)
+
+    ctx = init_distributed(config.run.timeout_s, config.run.device)
+    try:
+        config.check_world_size(ctx.world_size)
+        groups = build_process_groups(_topology(config), config.run.timeout_s)
+        records = bench_all(config, trace, names, groups, ctx.device, show=ctx.rank == 0)
+        if ctx.rank == 0:
+            print(describe(config, trace, args))
+            print(format_table(records))
+            if args.json:
+                write_json(records, args.json)
+                print(f"wrote {args.json}")
+    finally:
+        shutdown()
+    return 0
+
+
+def _topology(config: Config) -> Topology:
+    return Topology(config.parallel.nodes, config.parallel.gpus_per_node)
+
+
+def bench_all(config: Config, trace: Optional[RoutingTrace], names: list[str], groups, device: torch.device,
+              show: bool) -> list[BenchRecord]:
+    run, m = config.run, config.model
+    dtype = DTYPES[run.dtype]
+    g = torch.Generator().manual_seed(run.seed * 7919 + groups.rank)
+    x_TD = torch.randn(run.tokens_per_rank, m.hidden_size, generator=g).to(device, dtype)
+    grad_TD = torch.randn(run.tokens_per_rank, m.hidden_size, generator=g).to(device, dtype)
+    routing, routing_desc = None, f"{config.routing.kind} router"
+    if trace is not None:
+        layer = config.placement.layer
+        idx = torch.from_numpy(trace.rank_block(layer, groups.rank, run.tokens_per_rank)).to(device)
+        # Traces record no gate weights: every chosen expert gets 1/k.
+        routing = (idx, torch.full(idx.shape, 1.0 / m.top_k, device=device, dtype=torch.float32))
+        routing_desc = f"trace layer {layer}"
+    placement = os.path.basename(config.placement.plan) if config.placement.plan else "contiguous"
+    records = []
+    for name in names:
+        layer = build_moe_layer(config, groups, device, dispatcher=name)
+        meas = measure_layer(layer, x_TD, grad_TD, run.warmup_iters, run.iters, routing, groups.ep,
+                             label=f"{name:>12}", show_progress=show)
+        records.append(BenchRecord(name, placement, routing_desc, str(groups.topology), config.to_dict(), meas))
+    return records
+
+
+def describe(config: Config, trace: Optional[RoutingTrace], args: argparse.Namespace) -> str:
+    m, r = config.model, config.run
+    src = f"trace {args.trace} layer {config.placement.layer}" if trace is not None else f"{config.routing.kind} router"
+    return (f"c2r-comm bench: topology {config.parallel.nodes}x{config.parallel.gpus_per_node}, "
+            f"{m.num_experts} experts top-{m.top_k}, hidden {m.hidden_size}, ffn {m.ffn_hidden_size}, "
+            f"{r.tokens_per_rank} tokens/rank, {r.dtype}, routing from {src}, "
+            f"{r.iters} timed iters after {r.warmup_iters} warm-up")

@@ -1,0 +1,72 @@
+"""MoELayer = router + dispatcher + local experts (+ optional shared expert).
+
+One token's path: router picks k experts -> dispatcher sends it once per destination (rank or node)
+-> local experts compute -> combine sums locally and returns one partial per destination -> the
+source adds the partials. See docs/architecture.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from c2r_comm.config import Config
+from c2r_comm.dispatch import DispatchHandle, Dispatcher, build_dispatcher
+from c2r_comm.experts import GroupedExperts, SharedExpert
+from c2r_comm.plan import PlacementPlan, load_layer_plan
+from c2r_comm.routing.factory import build_router
+from c2r_comm.routing.router import RouterOutput, TopKRouter
+from c2r_comm.topology import ProcessGroups
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class MoEOutput:
+    out_TD: torch.Tensor
+    aux_loss: torch.Tensor  # router's weighted auxiliary losses (zero for trace-driven routing)
+    handle: DispatchHandle
+    routing: Optional[RouterOutput] = None
+
+
+class MoELayer(nn.Module):
+    def __init__(self, router: TopKRouter, dispatcher: Dispatcher, experts: GroupedExperts,
+                 shared_expert: Optional[SharedExpert] = None):
+        super().__init__()
+        if experts.num_local_experts != dispatcher.num_local_experts:
+            raise ValueError(f"experts hold {experts.num_local_experts} local experts, the dispatcher's plan "
+                             f"puts {dispatcher.num_local_experts} on each rank")
+        self.router, self.dispatcher, self.experts, self.shared_expert = router, dispatcher, experts, shared_expert
+
+    def forward_routed(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> MoEOutput:
+        """The layer with routing given (from a router or a recorded trace)."""
+        batch, handle = self.dispatcher.dispatch(x_TD, topk_idx_TK, topk_weight_TK)
+        out_TD = self.dispatcher.combine(self.experts(batch.x_PD, batch.tokens_per_expert), handle)
+        if self.shared_expert is not None:
+            out_TD = out_TD + self.shared_expert(x_TD)
+        return MoEOutput(out_TD, x_TD.new_zeros((), dtype=torch.float32), handle)
+
+    def forward(self, x_TD: torch.Tensor) -> MoEOutput:
+        routing = self.router(x_TD)
+        out = self.forward_routed(x_TD, routing.topk_idx_TK, routing.topk_weight_TK)
+        return MoEOutput(out.out_TD, routing.aux_loss, out.handle, routing)
+
+
+def build_moe_layer(config: Config, groups: ProcessGroups, device: torch.device,
+                    dispatcher: Optional[str] = None, plan: Optional[PlacementPlan] = None) -> MoELayer:
+    """A layer from a validated config; every rank must call it together (plan check is collective)."""
+    m, run = config.model, config.run
+    if plan is None:
+        plan = load_layer_plan(config.placement.plan, config.placement.layer, groups.topology, m.num_experts)
+    dtype = DTYPES[run.dtype]
+    torch.manual_seed(run.seed)  # replicated router: same gate on every rank
+    router = build_router(m, config.routing, plan, groups.topology, config.placement.layer).to(device)
+    disp = build_dispatcher(dispatcher or config.dispatcher, plan, groups, m.hidden_size)
+    experts = GroupedExperts.for_rank(plan, groups.rank, m.hidden_size, m.ffn_hidden_size, run.seed, dtype, device)
+    shared = None
+    if m.num_shared_experts:
+        ffn = m.num_shared_experts * (m.shared_ffn_hidden_size or m.ffn_hidden_size)
+        shared = SharedExpert(m.hidden_size, ffn, run.seed, dtype).to(device)
+    return MoELayer(router.to(dtype=dtype), disp, experts, shared)

@@ -1,0 +1,92 @@
+"""Bad input on ONE rank raises a clear error on EVERY rank before any data moves; nothing hangs."""
+from __future__ import annotations
+
+import pytest
+import torch
+from ranks import run_ranks
+
+from c2r_comm.dispatch import InputError, build_dispatcher
+from c2r_comm.experts import GroupedExperts
+from c2r_comm.plan import PlacementPlan
+from c2r_comm.topology import Topology, build_process_groups
+
+E, D, K, T = 8, 4, 2, 5
+
+
+def _inputs(rank: int):
+    g = torch.Generator().manual_seed(rank)
+    return torch.randn(T, D, generator=g), torch.randint(0, E, (T, K), generator=g), torch.rand(T, K, generator=g)
+
+
+FAULTS = [("id_too_large", "out of range"), ("id_negative", "out of range"), ("shape", "shapes"),
+          ("hidden", "hidden size")]
+
+
+def _bad_input_worker(rank, world, dispatcher):
+    groups = build_process_groups(Topology(1, world), timeout_s=30)
+    disp = build_dispatcher(dispatcher, PlacementPlan.contiguous(E, world), groups, D)
+    return [_one_fault(rank, disp, fault) for fault, _ in FAULTS]
+
+
+def _one_fault(rank, disp, fault):
+    x, idx, w = _inputs(rank)
+    if rank == 1:  # only one rank is wrong
+        if fault == "id_too_large":
+            idx[0, 0] = E
+        elif fault == "id_negative":
+            idx[2, 1] = -1
+        elif fault == "shape":
+            idx = idx[:-1]
+        elif fault == "hidden":
+            x = torch.randn(T, D + 1)
+    try:
+        disp.dispatch(x, idx, w)
+        raised = None
+    except InputError as exc:
+        raised = str(exc)
+    # The group is still usable: a good dispatch goes through afterwards.
+    x, idx, w = _inputs(rank)
+    experts = GroupedExperts.for_rank(disp.plan, rank, D, 6)
+    batch, handle = disp.dispatch(x, idx, w)
+    out = disp.combine(experts(batch.x_PD, batch.tokens_per_expert), handle)
+    return raised, tuple(out.shape)
+
+
+@pytest.mark.parametrize("dispatcher", ["alltoall", "dedup"])
+def test_bad_input_raises_on_every_rank(dispatcher):
+    per_rank = run_ranks(2, _bad_input_worker, dispatcher, timeout_s=60)
+    for i, (fault, words) in enumerate(FAULTS):
+        results = [r[i] for r in per_rank]
+        for rank, (raised, shape) in enumerate(results):
+            assert raised is not None, f"rank {rank} did not raise for {fault}"
+            assert "rank 1" in raised and words in raised, raised
+            assert shape == (T, D)
+        assert "allowed 0..7" in results[1][0] or fault not in ("id_too_large", "id_negative")
+
+
+def _plan_mismatch_worker(rank, world):
+    groups = build_process_groups(Topology(1, world), timeout_s=30)
+    plan = PlacementPlan.contiguous(E, world) if rank == 0 else PlacementPlan.random(E, world, seed=3)
+    try:
+        build_dispatcher("dedup", plan, groups, D)
+    except InputError as exc:
+        return str(exc)
+    return None
+
+
+def test_plans_that_differ_across_ranks_are_refused_everywhere():
+    for msg in run_ranks(2, _plan_mismatch_worker, timeout_s=60):
+        assert msg is not None and "placement plan" in msg and "differs across ranks" in msg
+
+
+def _world_mismatch_worker(rank, world):
+    try:
+        build_process_groups(Topology(2, 2), timeout_s=30)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def test_topology_that_does_not_match_the_world_is_refused():
+    for msg in run_ranks(2, _world_mismatch_worker, timeout_s=60):
+        assert msg is not None and "world size" in msg
