@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 # command name -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS = {
     "bench": ("c2r_comm.cli.bench_cmd", "time forward+backward of a MoE layer per dispatcher and count bytes sent"),
+    "profile": ("c2r_comm.cli.profile_cmd", "co-activation stats of a routing trace: load CV, breadth, E[GPUs/token]"),
 }
 
 

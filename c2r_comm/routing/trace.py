@@ -21,6 +21,8 @@ class RoutingTrace:
 
     def __post_init__(self) -> None:
         ids = np.asarray(self.expert_ids)
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
         if ids.ndim != 3:
             raise ValueError(f"expert_ids must be [tokens, layers, k], got shape {ids.shape}")
         offs = np.asarray(self.prompt_offsets, dtype=np.int64)
@@ -62,6 +64,8 @@ class RoutingTrace:
         return RoutingTrace(self.expert_ids[lo:hi], self.prompt_offsets[idx.start: idx.stop + 1] - lo, self.num_experts)
 
     def select_layers(self, layers: Sequence[int]) -> "RoutingTrace":
+        if len(layers) == 0:
+            raise ValueError(f"select_layers needs at least one layer of 0..{self.num_layers - 1}")
         for l in layers:
             self.layer(l)  # range check with a clear message
         return RoutingTrace(self.expert_ids[:, list(layers), :], self.prompt_offsets, self.num_experts)
@@ -75,6 +79,8 @@ class RoutingTrace:
 
     def rank_block(self, layer: int, rank: int, tokens_per_rank: int) -> np.ndarray:
         """Rows dealt to `rank` in order: rank r takes the r-th block of `tokens_per_rank` rows."""
+        if rank < 0 or tokens_per_rank < 0:
+            raise ValueError(f"rank ({rank}) and tokens_per_rank ({tokens_per_rank}) must be >= 0")
         lo, hi = rank * tokens_per_rank, (rank + 1) * tokens_per_rank
         if hi > self.num_tokens:
             raise ValueError(f"the trace has {self.num_tokens} tokens; rank {rank} needs rows {lo}:{hi}")
@@ -97,7 +103,9 @@ class RoutingTrace:
         return cls(ids, offs, num_experts)
 
     def save(self, path: str | Path) -> None:
-        np.savez_compressed(path, expert_ids=self.expert_ids.astype(np.int16 if self.num_experts > 255 else np.uint8),
+        # Smallest dtype that holds every id (int16 alone would wrap above 32767 experts).
+        dtype = np.uint8 if self.num_experts <= 256 else np.int16 if self.num_experts <= 32768 else np.int32
+        np.savez_compressed(path, expert_ids=self.expert_ids.astype(dtype),
                             prompt_offsets=self.prompt_offsets, num_experts=np.int64(self.num_experts))
 
     # ---- synthetic ----------------------------------------------------------------------------
@@ -111,7 +119,11 @@ class RoutingTrace:
         Experts are shuffled into clusters per layer, so contiguous placement does not see them.
         in_cluster=1 with clusters of >= top_k experts gives "clean" clusters a planner must recover.
         """
-        if num_experts % num_clusters or top_k > num_experts:
+        if num_tokens < 0 or top_k < 1 or num_layers < 1 or tokens_per_prompt < 1 or not 0 <= in_cluster <= 1:
+            raise ValueError(f"need num_tokens >= 0 ({num_tokens}), top_k >= 1 ({top_k}), num_layers >= 1 "
+                             f"({num_layers}), tokens_per_prompt >= 1 ({tokens_per_prompt}) and "
+                             f"0 <= in_cluster <= 1 ({in_cluster})")
+        if num_clusters < 1 or num_experts % num_clusters or top_k > num_experts:
             raise ValueError(f"need num_experts ({num_experts}) divisible by num_clusters ({num_clusters}) "
                              f"and top_k ({top_k}) <= num_experts")
         rng = np.random.default_rng(seed)
