@@ -5,12 +5,14 @@ from c2r_comm.dispatch.alltoall import AllToAllDispatcher
 from c2r_comm.dispatch.base import CommStats, DispatchHandle, Dispatcher, ExpertBatch
 from c2r_comm.dispatch.comm import InputError
 from c2r_comm.dispatch.dedup import DedupDispatcher
+from c2r_comm.dispatch.hierarchical import HierarchicalDispatcher
 from c2r_comm.plan import PlacementPlan
 from c2r_comm.topology import ProcessGroups
 
 DISPATCHERS: dict[str, type[Dispatcher]] = {
     AllToAllDispatcher.name: AllToAllDispatcher,
     DedupDispatcher.name: DedupDispatcher,
+    HierarchicalDispatcher.name: HierarchicalDispatcher,
 }
 
 
@@ -21,4 +23,4 @@ def build_dispatcher(name: str, plan: PlacementPlan, groups: ProcessGroups, hidd
 
 
 __all__ = ["AllToAllDispatcher", "CommStats", "DedupDispatcher", "DispatchHandle", "Dispatcher", "ExpertBatch",
-           "InputError", "build_dispatcher", "DISPATCHERS"]
+           "HierarchicalDispatcher", "InputError", "build_dispatcher", "DISPATCHERS"]
