@@ -5,7 +5,7 @@ for the whole world (expert-weight gradients sum over all ranks' tokens) without
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch

@@ -2,7 +2,6 @@
 placement changes nothing but where experts live."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 from ranks import run_ranks
 

@@ -1,1 +1,2 @@
-"""placement."""
+"""Expert placement: metrics (metrics.py), planners (planners.plan_layer), whole-trace planning
+(trace_plan.plan_trace); see docs/placement.md."""

@@ -39,6 +39,25 @@ def expected_distinct_groups(ids_TK: np.ndarray, group_of_expert: np.ndarray) ->
     return float(d.mean()) if d.size else float("nan")
 
 
+def pair_counts(ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Flattened [E*E] co-activation counts of one batch (zero diagonal), on the ids' device.
+
+    Ordered pairs (a, b) of slots with a != b: each unordered expert pair counts once per direction,
+    so the matrix is symmetric.
+    """
+    E, K = num_experts, ids_TK.shape[1]
+    pair_TKK = ids_TK[:, :, None] * E + ids_TK[:, None, :]
+    off_diag_KK = ~torch.eye(K, dtype=torch.bool, device=ids_TK.device)
+    return torch.bincount(pair_TKK[:, off_diag_KK].reshape(-1), minlength=E * E)
+
+
+def coactivation_counts(ids_TK: np.ndarray, num_experts: int) -> np.ndarray:
+    """[E, E] int64: tokens selecting both i and j (i != j), for a whole [tokens, k] array."""
+    ids = torch.as_tensor(np.asarray(ids_TK, dtype=np.int64))
+    check_expert_ids(ids, num_experts)
+    return pair_counts(ids, num_experts).reshape(num_experts, num_experts).numpy()
+
+
 @dataclass(frozen=True)
 class CollaborationStats:
     """Accumulated counts; all arrays int64, layers are 0-based trace layer indices."""
@@ -206,10 +225,7 @@ class CollaborationProfiler:
             self._state(self._device if self._device is not None else ids_TK.device)
         ids_TK = ids_TK.to(self._device, torch.long)
         E = self.num_experts
-        # Ordered pairs (a, b) of slots with a != b: each unordered expert pair counts once per direction.
-        pair_TKK = ids_TK[:, :, None] * E + ids_TK[:, None, :]
-        off_diag_KK = ~torch.eye(K, dtype=torch.bool, device=self._device)
-        self._counts_LP[layer] += torch.bincount(pair_TKK[:, off_diag_KK].reshape(-1), minlength=E * E)
+        self._counts_LP[layer] += pair_counts(ids_TK, E)
         self._loads_LE[layer] += torch.bincount(ids_TK.reshape(-1), minlength=E)
         self._tokens_L[layer] += ids_TK.shape[0]
         if self._gpu_of is not None and ids_TK.shape[0]:

@@ -1,0 +1,83 @@
+"""Placement metrics on a set of tokens: the objective every planner and the benchmark share.
+
+All "distinct" counts go through plan.distinct_per_token. Remote counts need each token's source
+rank; by default tokens are dealt to ranks in order (rank r takes the r-th contiguous block, block
+sizes differing by at most one), the way a data-parallel batch is split.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+
+from c2r_comm.plan import PlacementPlan, distinct_per_token, expert_to_node
+from c2r_comm.topology import Topology
+
+
+@dataclass(frozen=True)
+class PlacementMetrics:
+    tokens: int
+    gpus_per_token: float  # E[distinct GPUs a token's experts live on]
+    nodes_per_token: float  # E[distinct nodes]
+    remote_gpus_per_token: float  # E[distinct GPUs other than the token's source GPU]
+    remote_nodes_per_token: float  # E[distinct nodes other than the token's source node]
+    gpu_load_max_over_mean: float  # token load = (token, expert) assignments a GPU's experts compute
+    node_load_max_over_mean: float
+    experts_per_gpu: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def expert_loads(ids_TK: np.ndarray, num_experts: int) -> np.ndarray:
+    """[experts] number of (token, expert) assignments per expert."""
+    return np.bincount(np.asarray(ids_TK, dtype=np.int64).reshape(-1), minlength=num_experts)
+
+
+def dealt_source_ranks(num_tokens: int, world_size: int) -> np.ndarray:
+    """Rank r gets the r-th contiguous block of tokens (np.array_split sizes)."""
+    return (np.arange(num_tokens, dtype=np.int64) * world_size) // max(num_tokens, 1)
+
+
+def _holds(group_of_expert: np.ndarray, ids_TK: np.ndarray, group_T: np.ndarray) -> np.ndarray:
+    return (group_of_expert[ids_TK] == group_T[:, None]).any(axis=1)
+
+
+def _max_over_mean(loads: np.ndarray) -> float:
+    mean = loads.mean()
+    return float(loads.max() / mean) if mean > 0 else float("nan")
+
+
+def placement_metrics(plan: PlacementPlan, topology: Topology, ids_TK: np.ndarray,
+                      source_rank_T: Optional[np.ndarray] = None) -> PlacementMetrics:
+    """Metrics of `plan` for tokens `ids_TK` [tokens, k]; `source_rank_T` [tokens] defaults to dealt."""
+    ids_TK = np.asarray(ids_TK, dtype=np.int64)
+    if ids_TK.ndim != 2:
+        raise ValueError(f"ids_TK must be [tokens, k], got shape {ids_TK.shape}")
+    topology.check_world_size(plan.world_size)
+    E, T = plan.num_experts, ids_TK.shape[0]
+    if ids_TK.size and (ids_TK.min() < 0 or ids_TK.max() >= E):
+        raise ValueError(f"expert ids must lie in 0..{E - 1} (the plan's experts), found {ids_TK.min()}..{ids_TK.max()}")
+    if T == 0:
+        raise ValueError("placement metrics need at least one token, got 0")
+    if source_rank_T is None:
+        source_rank_T = dealt_source_ranks(T, plan.world_size)
+    source_rank_T = np.asarray(source_rank_T, dtype=np.int64)
+    if source_rank_T.shape != (T,) or source_rank_T.min() < 0 or source_rank_T.max() >= plan.world_size:
+        raise ValueError(f"source_rank_T must be [{T}] ranks in 0..{plan.world_size - 1}, got shape "
+                         f"{source_rank_T.shape} with values {source_rank_T.min()}..{source_rank_T.max()}")
+    rank_E = np.asarray(plan.expert_to_rank, dtype=np.int64)
+    node_E = expert_to_node(plan, topology)
+    gpus_T = distinct_per_token(rank_E, ids_TK)
+    nodes_T = distinct_per_token(node_E, ids_TK)
+    source_node_T = source_rank_T // topology.gpus_per_node
+    remote_gpus_T = gpus_T - _holds(rank_E, ids_TK, source_rank_T)
+    remote_nodes_T = nodes_T - _holds(node_E, ids_TK, source_node_T)
+    load_R = np.bincount(rank_E, weights=expert_loads(ids_TK, E), minlength=plan.world_size)
+    load_N = load_R.reshape(topology.nodes, topology.gpus_per_node).sum(axis=1)
+    return PlacementMetrics(
+        tokens=int(T), gpus_per_token=float(gpus_T.mean()), nodes_per_token=float(nodes_T.mean()),
+        remote_gpus_per_token=float(remote_gpus_T.mean()), remote_nodes_per_token=float(remote_nodes_T.mean()),
+        gpu_load_max_over_mean=_max_over_mean(load_R), node_load_max_over_mean=_max_over_mean(load_N),
+        experts_per_gpu=plan.experts_per_rank)

@@ -1,0 +1,66 @@
+"""PNG of a placement: per-GPU token load bars, the co-activation heatmap ordered by the plan, and
+E[distinct GPUs per token] per layer. matplotlib is optional (`pip install c2r-comm[plot]`)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from c2r_comm.placement.metrics import PlacementMetrics, expert_loads
+from c2r_comm.routing.collaboration import coactivation_counts
+from c2r_comm.plan import PlacementPlan
+from c2r_comm.topology import Topology
+
+
+def matplotlib_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401, PLC0415
+    except ImportError:
+        return False
+    return True
+
+
+def save_placement_png(path: str | Path, layer: int, plans: Mapping[str, PlacementPlan], eval_ids_TK: np.ndarray,
+                       topology: Topology, per_layer: Mapping[str, Sequence[tuple[int, PlacementMetrics]]],
+                       method: str) -> None:
+    """plans: method -> plan of `layer`; per_layer: method -> [(layer, eval metrics)] for the line plot."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    E = plans[method].num_experts
+    load_E = expert_loads(eval_ids_TK, E)
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.2))
+    ax = axes[0]
+    width = 0.8 / len(plans)
+    for i, (name, plan) in enumerate(plans.items()):
+        load_R = np.bincount(np.asarray(plan.expert_to_rank), weights=load_E, minlength=plan.world_size)
+        ax.bar(np.arange(plan.world_size) + (i - (len(plans) - 1) / 2) * width, load_R / load_R.mean(), width,
+               label=name)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set(title=f"layer {layer}: per-GPU token load / mean (eval)", xlabel="GPU (rank)", ylabel="load / mean")
+    ax.legend(fontsize=8)
+
+    ax = axes[1]
+    plan = plans[method]
+    order = [e for experts in plan.rank_experts for e in experts]
+    counts = coactivation_counts(eval_ids_TK, E).astype(np.float64)[np.ix_(order, order)]
+    ax.imshow(np.log1p(counts), cmap="viridis")
+    per = plan.experts_per_rank
+    for b in range(per, E, per):
+        node_edge = (b // per) % topology.gpus_per_node == 0
+        ax.axhline(b - 0.5, color="w" if node_edge else "r", lw=1.4 if node_edge else 0.6)
+        ax.axvline(b - 0.5, color="w" if node_edge else "r", lw=1.4 if node_edge else 0.6)
+    ax.set(title=f"layer {layer}: log(1 + co-activations), experts ordered by {method} plan",
+           xlabel="expert (by rank, slot)", ylabel="expert (by rank, slot)")
+
+    ax = axes[2]
+    for name, rows in per_layer.items():
+        ax.plot([l for l, _ in rows], [m.gpus_per_token for _, m in rows], marker="o", ms=3, label=name)
+    ax.set(title="E[distinct GPUs per token] (eval)", xlabel="trace layer", ylabel="GPUs per token")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
