@@ -20,7 +20,7 @@ from c2r_comm.bootstrap import init_distributed, read_launch_env, shutdown
 from c2r_comm.config import Config, load_config, parse_topology, with_overrides
 from c2r_comm.dispatch import DISPATCHERS
 from c2r_comm.layer import DTYPES, build_moe_layer
-from c2r_comm.routing.trace import RoutingTrace
+from c2r_comm.routing.trace import RoutingTrace, parse_range
 from c2r_comm.topology import Topology, build_process_groups
 
 # flag -> dotted config field it overrides
@@ -39,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dispatcher", help=f"comma list of {sorted(DISPATCHERS)} (default: all)")
     p.add_argument("--trace", help="routing trace .npz; routing comes from it instead of the router")
     p.add_argument("--layer", type=int, default=None, help="0-based trace layer index (also the plan's layer)")
+    p.add_argument("--prompts", default=None,
+                   help="A:B trace prompts (0-based, slice style) to deal tokens from, e.g. held-out 800:999")
     p.add_argument("--json", help="write one record per dispatcher (with the resolved config) here")
     for flag in OVERRIDES:
         kind = int if flag in ("tokens_per_rank", "iters", "warmup_iters", "seed", "hidden_size",
@@ -55,6 +57,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Optional[RoutingTr
     trace = None
     if args.trace:
         trace = RoutingTrace.load(args.trace)
+        if args.prompts:
+            trace = trace.select_prompts(*parse_range(args.prompts))
         layer = 0 if args.layer is None else args.layer
         trace.layer(layer)  # range check
         # The trace decides how many experts there are and how many each token picks.
@@ -136,7 +140,9 @@ def bench_all(config: Config, trace: Optional[RoutingTrace], names: list[str], g
 
 def describe(config: Config, trace: Optional[RoutingTrace], args: argparse.Namespace) -> str:
     m, r = config.model, config.run
-    src = f"trace {args.trace} layer {config.placement.layer}" if trace is not None else f"{config.routing.kind} router"
+    src = f"{config.routing.kind} router"
+    if trace is not None:
+        src = f"trace {args.trace} layer {config.placement.layer}" + (f" prompts {args.prompts}" if args.prompts else "")
     return (f"c2r-comm bench: topology {config.parallel.nodes}x{config.parallel.gpus_per_node}, "
             f"{m.num_experts} experts top-{m.top_k}, hidden {m.hidden_size}, ffn {m.ffn_hidden_size}, "
             f"{r.tokens_per_rank} tokens/rank, {r.dtype}, routing from {src}, "

@@ -105,3 +105,23 @@ def check_same_on_all_ranks(values: Sequence[int], what: str, group: Any) -> Non
     if any(r != rows[0] for r in rows):
         detail = ", ".join(f"rank {r}: {v}" for r, v in enumerate(rows))
         raise InputError(f"{what} differs across ranks ({detail}); every rank must use the same one")
+
+
+def metadata_dtype(max_value: int) -> torch.dtype:
+    """Narrowest signed int holding -1..max_value: per-choice slot ids travel in it (bytes count)."""
+    return torch.int16 if max_value < 2 ** 15 else torch.int32
+
+
+def as_bytes(ids_RK: torch.Tensor) -> torch.Tensor:
+    """[R, K] ints -> [R, K * itemsize] uint8 view: gloo has no int16, every backend moves bytes."""
+    if ids_RK.numel() == 0:  # empty tensors may carry strides that view() refuses
+        return torch.empty(ids_RK.shape[0], ids_RK.shape[1] * ids_RK.element_size(), dtype=torch.uint8,
+                           device=ids_RK.device)
+    return ids_RK.contiguous().view(torch.uint8)
+
+
+def from_bytes(bytes_RB: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if bytes_RB.numel() == 0:
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        return torch.empty(bytes_RB.shape[0], bytes_RB.shape[1] // itemsize, dtype=dtype, device=bytes_RB.device)
+    return bytes_RB.contiguous().view(dtype)

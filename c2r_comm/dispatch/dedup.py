@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from c2r_comm.dispatch.base import DispatchHandle, Dispatcher, ExpertBatch, check_combine_input, stats_from_splits
-from c2r_comm.dispatch.comm import all_to_all, all_to_all_plain, exchange_counts
+from c2r_comm.dispatch.comm import (all_to_all, all_to_all_plain, as_bytes, exchange_counts, from_bytes,
+                                    metadata_dtype)
 from c2r_comm.dispatch.layout import expand_to_slots, group_layout
 
 
@@ -25,12 +26,13 @@ class DedupHandle(DispatchHandle):
 
 
 def slot_metadata(topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor, token_of_row_R: torch.Tensor,
-                  member_RK: torch.Tensor, slot_of_expert: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  member_RK: torch.Tensor, slot_of_expert: torch.Tensor,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the destination's local slot of each of the token's choices (-1 if elsewhere), and
     the matching routing weights (0 elsewhere)."""
     slot_RK = torch.where(member_RK, slot_of_expert[topk_idx_TK.long().index_select(0, token_of_row_R)], -1)
     weight_RK = topk_weight_TK.index_select(0, token_of_row_R) * member_RK
-    return slot_RK.to(torch.int32), weight_RK
+    return slot_RK.to(dtype), weight_RK
 
 
 class DedupDispatcher(Dispatcher):
@@ -48,8 +50,10 @@ class DedupDispatcher(Dispatcher):
         recv_splits = exchange_counts(counts, status, self.groups.ep, detail)[:, 0].tolist()
         send_splits = layout.counts_G.tolist()
 
-        slot_RK, weight_RK = slot_metadata(topk_idx_TK, topk_weight_TK, layout.token_of_row_R, layout.member_RK, e2s)
-        recv_slot = all_to_all_plain(slot_RK, recv_splits, send_splits, self.groups.ep)
+        slot_RK, weight_RK = slot_metadata(topk_idx_TK, topk_weight_TK, layout.token_of_row_R, layout.member_RK, e2s,
+                                           metadata_dtype(self.num_local_experts))
+        recv_slot = from_bytes(all_to_all_plain(as_bytes(slot_RK), recv_splits, send_splits, self.groups.ep),
+                               slot_RK.dtype)
         recv_x, recv_w = all_to_all([x_TD.index_select(0, layout.token_of_row_R), weight_RK],
                                     recv_splits, send_splits, self.groups.ep)
         expansion = expand_to_slots(recv_slot, self.num_local_experts)

@@ -18,7 +18,8 @@ import torch.distributed as dist
 
 from c2r_comm.dispatch.base import (CommStats, DispatchHandle, Dispatcher, ExpertBatch, check_combine_input,
                                     stats_from_splits)
-from c2r_comm.dispatch.comm import all_to_all, all_to_all_plain, exchange_counts
+from c2r_comm.dispatch.comm import (all_to_all, all_to_all_plain, as_bytes, exchange_counts, from_bytes,
+                                    metadata_dtype)
 from c2r_comm.dispatch.layout import expand_to_slots, group_layout
 from c2r_comm.dispatch.p2p import messages_sent, sparse_exchange
 from c2r_comm.plan import PlacementPlan
@@ -83,7 +84,8 @@ class HierarchicalDispatcher(Dispatcher):
         # Per-choice code on its node: local GPU * L + slot; -1 for choices on other nodes.
         idx = topk_idx_TK.long()
         code_TK = ((e2r % G) * L + e2s)[idx]
-        code_RK = torch.where(nodes.member_RK, code_TK.index_select(0, nodes.token_of_row_R), -1).to(torch.int32)
+        meta = metadata_dtype(G * L)
+        code_RK = torch.where(nodes.member_RK, code_TK.index_select(0, nodes.token_of_row_R), -1).to(meta)
         weight_RK = topk_weight_TK.index_select(0, nodes.token_of_row_R) * nodes.member_RK
         own = (nodes.group_of_row_R == me_node).nonzero(as_tuple=True)[0]
         cross = (nodes.group_of_row_R != me_node).nonzero(as_tuple=True)[0]  # node order = rail peer order
@@ -94,8 +96,9 @@ class HierarchicalDispatcher(Dispatcher):
         send_A = counts_W2[list(self.rail_peers), 0].tolist()
         recv_A = recv_W2[list(self.rail_peers), 0].tolist()
         recv_x, recv_w, recv_code = sparse_exchange(
-            [x_TD.index_select(0, token_of_cross), weight_RK.index_select(0, cross), code_RK.index_select(0, cross)],
-            send_A, recv_A, self.rail_peers, self.groups.ep)
+            [x_TD.index_select(0, token_of_cross), weight_RK.index_select(0, cross),
+             as_bytes(code_RK.index_select(0, cross))], send_A, recv_A, self.rail_peers, self.groups.ep)
+        recv_code = from_bytes(recv_code, meta)
 
         # Stage B: fan rows (own rows for this node, then arrivals) -> one row per destination GPU.
         fan_x = torch.cat([x_TD.index_select(0, token_of_own), recv_x])
@@ -104,11 +107,11 @@ class HierarchicalDispatcher(Dispatcher):
         gpus = group_layout(fan_code.long() + 1, self._group_of_code(device), G + 1)
         rows_B = int(gpus.counts_G[:G].sum())  # dummy-group rows (choices elsewhere) sort last: drop them
         fan_of_row, member_RK = gpus.token_of_row_R[:rows_B], gpus.member_RK[:rows_B]
-        slot_RK = torch.where(member_RK, fan_code.index_select(0, fan_of_row) % L, -1).to(torch.int32)
+        slot_RK = torch.where(member_RK, fan_code.index_select(0, fan_of_row) % L, -1).to(meta)
         weight_B = fan_w.index_select(0, fan_of_row) * member_RK
         send_B = gpus.counts_G[:G].tolist()
         recv_B = recv_W2[:, 1].reshape(N, G).sum(0).tolist()  # from forwarder i: sources on rail i
-        recv_slot = all_to_all_plain(slot_RK, recv_B, send_B, self.groups.node)
+        recv_slot = from_bytes(all_to_all_plain(as_bytes(slot_RK), recv_B, send_B, self.groups.node), meta)
         recv_xb, recv_wb = all_to_all([fan_x.index_select(0, fan_of_row), weight_B], recv_B, send_B, self.groups.node)
         expansion = expand_to_slots(recv_slot, L)
 
