@@ -42,8 +42,12 @@ def test_main_job_runs_and_reports_every_dispatcher(tmp_path):
 @pytest.mark.skipif(not TRACE.is_file(), reason="needs ../shared/traces (beside the repo)")
 def test_trace_driven_counts_match_an_independent_count(tmp_path):
     tokens = 128
-    _, records = _bench(tmp_path, "--trace", str(TRACE), "--layer", "12", "--topology", "1x4",
-                        "--tokens-per-rank", str(tokens), "--dispatcher", "alltoall,dedup")
+    proc, records = _bench(tmp_path, "--trace", str(TRACE), "--layer", "12,13", "--topology", "1x4",
+                           "--tokens-per-rank", str(tokens), "--dispatcher", "alltoall,dedup")
+    assert [(r["layer"], r["dispatcher"]) for r in records] == [(12, "alltoall"), (12, "dedup"), (13, "alltoall"),
+                                                                (13, "dedup")]
+    assert "cross-node vs alltoall" in proc.stdout  # the per-dispatcher summary over layers
+    records = [r for r in records if r["layer"] == 12]
     ids = np.load(TRACE)["expert_ids"][: 4 * tokens, 12, :].astype(np.int64)
     e2r = np.asarray(PlacementPlan.contiguous(64, 4).expert_to_rank)
     src = np.repeat(np.arange(4), tokens)
@@ -56,8 +60,13 @@ def test_trace_driven_counts_match_an_independent_count(tmp_path):
     assert by["dedup"]["measurement"]["dispatch"]["rows_cross_node"] == 0
 
 
-def test_bad_flag_value_fails_before_launch(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "c2r_comm", "bench", "--topology", "3x3"], cwd=REPO,
+@pytest.mark.parametrize("flags, words", [
+    (["--topology", "3x3"], ["model.num_experts", "multiple"]),
+    (["--layer", "0,1"], ["--layer", "several layers need --trace"]),
+    (["--dispatcher", "magic"], ["--dispatcher", "allowed"]),
+])
+def test_bad_flag_value_fails_before_launch(flags, words):
+    proc = subprocess.run([sys.executable, "-m", "c2r_comm", "bench", *flags], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2
-    assert "model.num_experts" in proc.stderr and "multiple" in proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert all(w in proc.stderr for w in words), proc.stderr

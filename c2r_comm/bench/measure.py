@@ -47,6 +47,7 @@ class BenchRecord:
     topology: str
     config: dict
     measurement: Measurement
+    layer: Optional[int] = None  # trace layer the routing came from (None: the router)
 
     @property
     def tokens(self) -> int:

@@ -9,17 +9,37 @@ from c2r_comm.bench.measure import BenchRecord
 
 
 def format_table(records: Sequence[BenchRecord]) -> str:
-    head = ("| dispatcher | placement | copies/token off-rank | same-node | cross-node | MB sent/iter "
+    with_layer = any(r.layer is not None for r in records)
+    head = (("| layer " if with_layer else "") + "| dispatcher | placement | copies/token off-rank | same-node | cross-node | MB sent/iter "
             "| cross-node MB | fwd ms p50 (p10-p90) | bwd ms p50 (p10-p90) |")
     rule = "|" + "|".join("---" for _ in range(head.count("|") - 1)) + "|"
     rows = [head, rule]
     for r in records:
         f, b = r.measurement.forward, r.measurement.backward
         rows.append(
-            f"| {r.dispatcher} | {r.placement} | {r.per_token(r.dispatch.rows_off_rank):.3f} "
+            (f"| {r.layer} " if with_layer else "") + f"| {r.dispatcher} | {r.placement} | {r.per_token(r.dispatch.rows_off_rank):.3f} "
             f"| {r.per_token(r.dispatch.rows_same_node):.3f} | {r.per_token(r.dispatch.rows_cross_node):.3f} "
             f"| {r.mb_sent:.2f} | {r.cross_node_mb:.2f} "
             f"| {f.median_ms:.2f} ({f.p10_ms:.2f}-{f.p90_ms:.2f}) | {b.median_ms:.2f} ({b.p10_ms:.2f}-{b.p90_ms:.2f}) |")
+    return "\n".join(rows)
+
+
+def format_summary(records: Sequence[BenchRecord]) -> str:
+    """Per dispatcher over all benchmarked layers: mean copies per token, summed MB, and cross-node
+    bytes relative to the baseline (alltoall) when it ran."""
+    by: dict[str, list[BenchRecord]] = {}
+    for r in records:
+        by.setdefault(r.dispatcher, []).append(r)
+    base = sum(r.cross_node_mb for r in by.get("alltoall", []))
+    rows = ["| dispatcher | layers | copies/token off-rank | same-node | cross-node | MB sent (sum) "
+            "| cross-node MB (sum) | cross-node vs alltoall |", "|---|---|---|---|---|---|---|---|"]
+    for name, rs in by.items():
+        mean = lambda f: sum(f(r) for r in rs) / len(rs)  # noqa: E731
+        ratio = f"{sum(r.cross_node_mb for r in rs) / base:.3f}" if base > 0 else "-"
+        rows.append(f"| {name} | {len(rs)} | {mean(lambda r: r.per_token(r.dispatch.rows_off_rank)):.3f} "
+                    f"| {mean(lambda r: r.per_token(r.dispatch.rows_same_node)):.3f} "
+                    f"| {mean(lambda r: r.per_token(r.dispatch.rows_cross_node)):.3f} "
+                    f"| {sum(r.mb_sent for r in rs):.2f} | {sum(r.cross_node_mb for r in rs):.2f} | {ratio} |")
     return "\n".join(rows)
 
 

@@ -15,9 +15,9 @@ from typing import Optional
 import torch
 
 from c2r_comm.bench.measure import BenchRecord, measure_layer
-from c2r_comm.bench.report import format_table, write_json
+from c2r_comm.bench.report import format_summary, format_table, write_json
 from c2r_comm.bootstrap import init_distributed, read_launch_env, shutdown
-from c2r_comm.config import Config, load_config, parse_topology, with_overrides
+from c2r_comm.config import Config, ConfigError, load_config, parse_topology, with_overrides
 from c2r_comm.dispatch import DISPATCHERS
 from c2r_comm.layer import DTYPES, build_moe_layer
 from c2r_comm.routing.trace import RoutingTrace, parse_range
@@ -38,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topology", help="NODESxGPUS_PER_NODE, e.g. 1x4 or 2x4")
     p.add_argument("--dispatcher", help=f"comma list of {sorted(DISPATCHERS)} (default: all)")
     p.add_argument("--trace", help="routing trace .npz; routing comes from it instead of the router")
-    p.add_argument("--layer", type=int, default=None, help="0-based trace layer index (also the plan's layer)")
+    p.add_argument("--layer", default=None,
+                   help="0-based trace layer index (also the plan's layer); with --trace also 'all' or a comma list")
     p.add_argument("--prompts", default=None,
                    help="A:B trace prompts (0-based, slice style) to deal tokens from, e.g. held-out 800:999")
     p.add_argument("--json", help="write one record per dispatcher (with the resolved config) here")
@@ -49,7 +50,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("--" + flag.replace("_", "-"), type=kind, default=None, help=f"overrides {OVERRIDES[flag]}")
 
 
-def resolve_config(args: argparse.Namespace) -> tuple[Config, Optional[RoutingTrace]]:
+def parse_layers(text: Optional[str], num_layers: Optional[int]) -> list[int]:
+    """'12' | '0,3,5' | 'all' (with a trace) -> layer indices; None -> [0]."""
+    if text is None:
+        return [0]
+    if text == "all" and num_layers is not None:
+        return list(range(num_layers))
+    try:
+        layers = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        layers = []
+    allowed = "a 0-based layer index, a comma list" + (" or 'all'" if num_layers is not None else "")
+    if not layers or (num_layers is None and len(layers) > 1):
+        raise ConfigError("--layer", text, allowed + (" (several layers need --trace)" if num_layers is None else ""))
+    if num_layers is not None:
+        bad = [l for l in layers if not 0 <= l < num_layers]
+        if bad:
+            raise ConfigError("--layer", text, f"indices 0..{num_layers - 1} of the trace's layer axis")
+    return layers
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[Config, Optional[RoutingTrace], list[int]]:
     config = load_config(args.config) if args.config else Config()
     overrides = {field: getattr(args, flag) for flag, field in OVERRIDES.items()}
     if args.topology:
@@ -59,14 +80,12 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Optional[RoutingTr
         trace = RoutingTrace.load(args.trace)
         if args.prompts:
             trace = trace.select_prompts(*parse_range(args.prompts))
-        layer = 0 if args.layer is None else args.layer
-        trace.layer(layer)  # range check
         # The trace decides how many experts there are and how many each token picks.
-        overrides.update({"model.num_experts": trace.num_experts, "model.top_k": trace.top_k,
-                          "placement.layer": layer})
-    elif args.layer is not None:
-        overrides["placement.layer"] = args.layer
-    return with_overrides(config, overrides), trace
+        overrides.update({"model.num_experts": trace.num_experts, "model.top_k": trace.top_k})
+    layers = parse_layers(args.layer, trace.num_layers if trace is not None else None)
+    if args.layer is not None:
+        overrides["placement.layer"] = layers[0]
+    return with_overrides(config, overrides), trace, layers
 
 
 def _dispatchers(args: argparse.Namespace, config: Config) -> list[str]:
@@ -88,7 +107,7 @@ def _relaunch_under_torchrun(world: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    config, trace = resolve_config(args)
+    config, trace, layers = resolve_config(args)
     names = _dispatchers(args, config)
     world = config.parallel.world_size
     if world > 1 and read_launch_env(os.environ) is None:
@@ -98,10 +117,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         config.check_world_size(ctx.world_size)
         groups = build_process_groups(_topology(config), config.run.timeout_s)
-        records = bench_all(config, trace, names, groups, ctx.device, show=ctx.rank == 0)
+        records = [r for layer in layers for r in
+                   bench_all(with_overrides(config, {"placement.layer": layer}), trace, names, groups, ctx.device,
+                             show=ctx.rank == 0)]
         if ctx.rank == 0:
-            print(describe(config, trace, args))
+            print(describe(config, trace, layers, args))
             print(format_table(records))
+            if len(layers) > 1:
+                print(format_summary(records))
             if args.json:
                 write_json(records, args.json)
                 print(f"wrote {args.json}")
@@ -121,28 +144,31 @@ def bench_all(config: Config, trace: Optional[RoutingTrace], names: list[str], g
     g = torch.Generator().manual_seed(run.seed * 7919 + groups.rank)
     x_TD = torch.randn(run.tokens_per_rank, m.hidden_size, generator=g).to(device, dtype)
     grad_TD = torch.randn(run.tokens_per_rank, m.hidden_size, generator=g).to(device, dtype)
-    routing, routing_desc = None, f"{config.routing.kind} router"
+    routing, routing_desc, trace_layer = None, f"{config.routing.kind} router", None
     if trace is not None:
-        layer = config.placement.layer
-        idx = torch.from_numpy(trace.rank_block(layer, groups.rank, run.tokens_per_rank)).to(device)
+        trace_layer = config.placement.layer
+        idx = torch.from_numpy(trace.rank_block(trace_layer, groups.rank, run.tokens_per_rank)).to(device)
         # Traces record no gate weights: every chosen expert gets 1/k.
         routing = (idx, torch.full(idx.shape, 1.0 / m.top_k, device=device, dtype=torch.float32))
-        routing_desc = f"trace layer {layer}"
+        routing_desc = f"trace layer {trace_layer}"
     placement = os.path.basename(config.placement.plan) if config.placement.plan else "contiguous"
     records = []
     for name in names:
         layer = build_moe_layer(config, groups, device, dispatcher=name)
+        label = f"{name:>12}" + (f" layer {trace_layer:>2}" if trace_layer is not None else "")
         meas = measure_layer(layer, x_TD, grad_TD, run.warmup_iters, run.iters, routing, groups.ep,
-                             label=f"{name:>12}", show_progress=show)
-        records.append(BenchRecord(name, placement, routing_desc, str(groups.topology), config.to_dict(), meas))
+                             label=label, show_progress=show)
+        records.append(BenchRecord(name, placement, routing_desc, str(groups.topology), config.to_dict(), meas,
+                                   trace_layer))
     return records
 
 
-def describe(config: Config, trace: Optional[RoutingTrace], args: argparse.Namespace) -> str:
+def describe(config: Config, trace: Optional[RoutingTrace], layers: list[int], args: argparse.Namespace) -> str:
     m, r = config.model, config.run
     src = f"{config.routing.kind} router"
     if trace is not None:
-        src = f"trace {args.trace} layer {config.placement.layer}" + (f" prompts {args.prompts}" if args.prompts else "")
+        which = f"layer {layers[0]}" if len(layers) == 1 else f"{len(layers)} layers"
+        src = f"trace {args.trace} {which}" + (f" prompts {args.prompts}" if args.prompts else "")
     return (f"c2r-comm bench: topology {config.parallel.nodes}x{config.parallel.gpus_per_node}, "
             f"{m.num_experts} experts top-{m.top_k}, hidden {m.hidden_size}, ffn {m.ffn_hidden_size}, "
             f"{r.tokens_per_rank} tokens/rank, {r.dtype}, routing from {src}, "
