@@ -127,6 +127,7 @@ class PlanFile:
         }
 
     def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(self.to_json(), indent=1))
 
     @classmethod

@@ -25,8 +25,14 @@ def _bench(tmp_path, *extra):
     return proc, json.loads(out.read_text())
 
 
-def test_main_job_runs_and_reports_every_dispatcher(tmp_path):
-    proc, records = _bench(tmp_path)
+def test_readme_main_job_runs_and_reports_every_dispatcher(tmp_path):
+    """`bash launch/demo.sh` exactly as the README says, at a small size (extra flags go to bench)."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(["bash", "launch/demo.sh", "--iters", "2", "--warmup-iters", "1", "--tokens-per-rank", "64",
+                           "--hidden-size", "32", "--ffn-hidden-size", "48", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = json.loads(out.read_text())
     names = [r["dispatcher"] for r in records]
     assert names[:2] == ["alltoall", "dedup"]
     by = {r["dispatcher"]: r for r in records}
@@ -37,6 +43,14 @@ def test_main_job_runs_and_reports_every_dispatcher(tmp_path):
     assert by["dedup"]["config"]["parallel"]["gpus_per_node"] == 4
     for r in records:
         assert r["measurement"]["forward"]["median_ms"] > 0 and r["measurement"]["backward"]["median_ms"] > 0
+
+
+def test_single_process_world_runs_without_a_launcher(tmp_path):
+    proc, records = _bench(tmp_path, "--topology", "1x1", "--num-experts", "4", "--top-k", "2")
+    assert [r["dispatcher"] for r in records] == ["alltoall", "dedup", "hierarchical"]
+    for r in records:  # one rank: nothing leaves it
+        assert r["measurement"]["dispatch"]["rows_local"] == 64 * (2 if r["dispatcher"] == "alltoall" else 1)
+        assert r["copies_per_token_off_rank"] == 0
 
 
 @pytest.mark.skipif(not TRACE.is_file(), reason="needs ../shared/traces (beside the repo)")

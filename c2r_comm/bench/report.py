@@ -44,4 +44,5 @@ def format_summary(records: Sequence[BenchRecord]) -> str:
 
 
 def write_json(records: Sequence[BenchRecord], path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps([r.to_json() for r in records], indent=1))
