@@ -30,6 +30,7 @@ class LaunchEnv:
     world_size: int
     local_rank: int
     init_method: str
+    local_world_size: int = 1  # ranks on this machine
 
 
 def _free_port() -> int:
@@ -41,22 +42,29 @@ def _free_port() -> int:
 def read_launch_env(env: Mapping[str, str]) -> Optional[LaunchEnv]:
     """torchrun (RANK...) or Open MPI (OMPI_COMM_WORLD_*) with MASTER_ADDR/MASTER_PORT; None if neither."""
     if "RANK" in env and "WORLD_SIZE" in env:
-        return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "env://")
+        return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "env://",
+                         int(env.get("LOCAL_WORLD_SIZE", 1)))
     if "OMPI_COMM_WORLD_RANK" in env:
         if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
             raise ValueError("under mpirun, set MASTER_ADDR and MASTER_PORT (launch/mpirun.sh does this)")
         return LaunchEnv(int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
                          int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)),
-                         f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}")
+                         f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}",
+                         int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", 1)))
     return None
 
 
-def pick_device(requested: str, local_rank: int) -> torch.device:
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ValueError("run.device = 'cuda' but CUDA is not available: allowed 'cpu' or 'auto' here")
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        return torch.device("cuda", torch.cuda.current_device())
+def pick_device(requested: str, local_rank: int, local_world_size: int = 1) -> torch.device:
+    """'cuda': one GPU per local rank, or an error; 'auto': that if there are enough GPUs, else CPU
+    (gloo), e.g. the 4-rank CPU demo on a 1-GPU box; 'cpu': CPU."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    enough = gpus >= local_world_size >= 1
+    if requested == "cuda" and not enough:
+        raise ValueError(f"run.device = 'cuda' needs one GPU per local rank: {local_world_size} local ranks, "
+                         f"{gpus} GPUs; allowed 'cpu' or 'auto' (CPU when GPUs are short)")
+    if requested == "cuda" or (requested == "auto" and enough):
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
@@ -65,7 +73,7 @@ def init_distributed(timeout_s: float, device: str = "auto") -> DistContext:
     launch = read_launch_env(os.environ)
     if launch is None:  # a plain `python -m c2r_comm ...`: a world of one
         launch = LaunchEnv(0, 1, 0, f"tcp://127.0.0.1:{_free_port()}")
-    dev = pick_device(device, launch.local_rank)
+    dev = pick_device(device, launch.local_rank, launch.local_world_size)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method=launch.init_method, rank=launch.rank,

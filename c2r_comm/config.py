@@ -114,7 +114,7 @@ class RunConfig:
     warmup_iters: int = 2
     iters: int = 10
     timeout_s: float = 120.0
-    device: str = "auto"
+    device: str = "auto"  # auto: one GPU per local rank when there are enough (NCCL), else CPU (gloo)
 
     def __post_init__(self) -> None:
         _require(self.tokens_per_rank >= 0, "run.tokens_per_rank", self.tokens_per_rank, "an integer >= 0")

@@ -19,7 +19,8 @@ def _inputs(rank: int):
 
 
 FAULTS = [("id_too_large", "out of range"), ("id_negative", "out of range"), ("shape", "shapes"),
-          ("hidden", "hidden size")]
+          ("hidden", "hidden size"), ("int_x", "shapes or dtypes"), ("k_differs", "top-k / dtypes differ"),
+          ("dtype_differs", "top-k / dtypes differ")]
 
 
 def _bad_input_worker(rank, world, dispatcher):
@@ -39,6 +40,12 @@ def _one_fault(rank, disp, fault):
             idx = idx[:-1]
         elif fault == "hidden":
             x = torch.randn(T, D + 1)
+        elif fault == "int_x":
+            x = x.long()
+        elif fault == "k_differs":  # consistent on this rank, but k differs from the other ranks'
+            idx, w = torch.stack([torch.randperm(E)[:K + 1] for _ in range(T)]), torch.rand(T, K + 1)
+        elif fault == "dtype_differs":
+            x = x.double()
     try:
         disp.dispatch(x, idx, w)
         raised = None
@@ -59,7 +66,8 @@ def test_bad_input_raises_on_every_rank(dispatcher):
         results = [r[i] for r in per_rank]
         for rank, (raised, shape) in enumerate(results):
             assert raised is not None, f"rank {rank} did not raise for {fault}"
-            assert "rank 1" in raised and words in raised, raised
+            assert words in raised, raised
+            assert "rank 1" in raised
             assert shape == (T, D)
         assert "allowed 0..7" in results[1][0] or fault not in ("id_too_large", "id_negative")
 
@@ -90,3 +98,27 @@ def _world_mismatch_worker(rank, world):
 def test_topology_that_does_not_match_the_world_is_refused():
     for msg in run_ranks(2, _world_mismatch_worker, timeout_s=60):
         assert msg is not None and "world size" in msg
+
+
+def _bad_combine_worker(rank, world):
+    groups = build_process_groups(Topology(1, world), timeout_s=30)
+    out = {}
+    for name in ("alltoall", "dedup", "hierarchical"):
+        disp = build_dispatcher(name, PlacementPlan.contiguous(E, world), groups, D)
+        x, idx, w = _inputs(rank)
+        batch, handle = disp.dispatch(x, idx, w)
+        y = GroupedExperts.for_rank(disp.plan, rank, D, 6)(batch.x_PD, batch.tokens_per_expert)
+        if rank == 0:
+            y = y[:-1]  # a buggy expert on one rank only
+        try:
+            disp.combine(y, handle)
+            out[name] = None
+        except InputError as exc:
+            out[name] = str(exc)
+    return out
+
+
+def test_bad_combine_input_on_one_rank_raises_everywhere():
+    for rank, out in enumerate(run_ranks(2, _bad_combine_worker, timeout_s=60)):
+        for name, msg in out.items():
+            assert msg is not None and "rank 0: expert output shape" in msg, (rank, name, msg)

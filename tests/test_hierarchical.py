@@ -36,8 +36,8 @@ def _run_recording(rank: int, case: Case) -> dict:
 
 
 def _error_checks(rank: int) -> dict[str, str]:
-    """Bad plan / topology / groups raise on the ranks that try, before any collective: only odd
-    ranks try, so a collective inside the constructor would hang against the even ranks' barrier."""
+    """Bad plan / topology / groups on the odd ranks only: every rank raises (no rank is left waiting
+    in the constructor's agreement step), and the odd ranks say what is wrong."""
     groups = build_process_groups(Topology(2, 2), timeout_s=60)
     out: dict[str, str] = {}
     bad = {
@@ -49,13 +49,12 @@ def _error_checks(rank: int) -> dict[str, str]:
             PlacementPlan.contiguous(8, 4), ProcessGroups(Topology(1, 4), rank, groups.ep, groups.node, groups.rail,
                                                           groups.timeout), 8),
     }
-    if rank % 2:
-        for name, make in bad.items():
-            try:
-                make()
-                out[name] = "no error"
-            except ValueError as exc:
-                out[name] = str(exc)
+    for name, make in bad.items():
+        try:
+            make() if rank % 2 else HierarchicalDispatcher(PlacementPlan.contiguous(8, 4), groups, 8)
+            out[name] = "no error"
+        except InputError as exc:
+            out[name] = str(exc)
     dist.barrier()
     disp = HierarchicalDispatcher(PlacementPlan.contiguous(8, 4), groups, 8)
     idx = torch.zeros(3, 2, dtype=torch.int64)
@@ -183,6 +182,8 @@ def test_four_ranks_2x2_1x4_4x1_and_errors():
             assert h["tokens_per_expert"] == dd["tokens_per_expert"], (rank, cases[j])
         err = out["errors"]
         assert "rank 2: expert ids out of range" in err["bad_input"], (rank, err)
+        for name in ("plan_world", "topo_world", "node_group"):
+            assert "ranks [1, 3] found a problem" in err[name], (rank, err)
         if rank % 2:
             assert "8 experts on 8 ranks" in err["plan_world"] and "on 4 ranks" in err["plan_world"], err
             assert "topology 4x2 needs world size" in err["topo_world"], err

@@ -104,7 +104,10 @@ def measure_layer(layer: MoELayer, x_TD: torch.Tensor, grad_TD: torch.Tensor, wa
     for i in progress(range(warmup + iters), warmup + iters, label, enabled=show_progress):
         layer.zero_grad(set_to_none=True)
         x = x_TD.detach().requires_grad_()
-        dist.barrier(group=group)
+        if device.type == "cuda":  # NCCL barrier on this rank's own GPU
+            dist.barrier(group=group, device_ids=[device.index])
+        else:
+            dist.barrier(group=group)
         _sync(device)
         t0 = time.perf_counter()
         out = layer(x) if routing is None else layer.forward_routed(x, *routing)

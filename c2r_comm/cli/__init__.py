@@ -25,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # commands that relaunch themselves (bench under torchrun) pass these on
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except (ValueError, FileNotFoundError) as exc:

@@ -82,10 +82,20 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Optional[RoutingTr
             trace = trace.select_prompts(*parse_range(args.prompts))
         # The trace decides how many experts there are and how many each token picks.
         overrides.update({"model.num_experts": trace.num_experts, "model.top_k": trace.top_k})
+    elif args.prompts:
+        raise ConfigError("--prompts", args.prompts, "only together with --trace")
     layers = parse_layers(args.layer, trace.num_layers if trace is not None else None)
     if args.layer is not None:
         overrides["placement.layer"] = layers[0]
-    return with_overrides(config, overrides), trace, layers
+    config = with_overrides(config, overrides)
+    if trace is not None:
+        # Checked here, before any rank starts: a short trace would fail on the last ranks only.
+        most = trace.num_tokens // config.parallel.world_size
+        if config.run.tokens_per_rank > most:
+            raise ConfigError("--tokens-per-rank", config.run.tokens_per_rank,
+                              f"at most {most}: the selected trace has {trace.num_tokens} tokens for "
+                              f"{config.parallel.world_size} ranks")
+    return config, trace, layers
 
 
 def _dispatchers(args: argparse.Namespace, config: Config) -> list[str]:
@@ -98,9 +108,9 @@ def _dispatchers(args: argparse.Namespace, config: Config) -> list[str]:
     return names
 
 
-def _relaunch_under_torchrun(world: int) -> int:
+def _relaunch_under_torchrun(world: int, argv: list[str]) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-           "-m", "c2r_comm", *sys.argv[1:]]
+           "-m", "c2r_comm", *argv]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # ranks share the machine's cores
     return subprocess.call(cmd, env=env)
@@ -111,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     names = _dispatchers(args, config)
     world = config.parallel.world_size
     if world > 1 and read_launch_env(os.environ) is None:
-        return _relaunch_under_torchrun(world)
+        return _relaunch_under_torchrun(world, args.argv)
 
     ctx = init_distributed(config.run.timeout_s, config.run.device)
     try:
@@ -121,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
                    bench_all(with_overrides(config, {"placement.layer": layer}), trace, names, groups, ctx.device,
                              show=ctx.rank == 0)]
         if ctx.rank == 0:
-            print(describe(config, trace, layers, args))
+            print(describe(config, trace, layers, args) + f", {ctx.backend} on {ctx.device.type}")
             print(format_table(records))
             if len(layers) > 1:
                 print(format_summary(records))
@@ -158,8 +168,8 @@ def bench_all(config: Config, trace: Optional[RoutingTrace], names: list[str], g
         label = f"{name:>12}" + (f" layer {trace_layer:>2}" if trace_layer is not None else "")
         meas = measure_layer(layer, x_TD, grad_TD, run.warmup_iters, run.iters, routing, groups.ep,
                              label=label, show_progress=show)
-        records.append(BenchRecord(name, placement, routing_desc, str(groups.topology), config.to_dict(), meas,
-                                   trace_layer))
+        resolved = with_overrides(config, {"dispatcher": name}).to_dict()
+        records.append(BenchRecord(name, placement, routing_desc, str(groups.topology), resolved, meas, trace_layer))
     return records
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from c2r_comm.dispatch.base import (DispatchHandle, Dispatcher, ExpertBatch, check_combine_input,
+from c2r_comm.dispatch.base import (DispatchHandle, Dispatcher, ExpertBatch,
                                     stats_from_splits)
 from c2r_comm.dispatch.comm import all_to_all, exchange_counts
 
@@ -51,7 +51,8 @@ class AllToAllDispatcher(Dispatcher):
             K = topk_idx_TK.shape[1]
         else:
             counts_WL = torch.zeros(W, L, dtype=torch.int64, device=device)
-        recv_counts_WL = exchange_counts(counts_WL, status, self.groups.ep, detail)
+        recv_counts_WL = exchange_counts(counts_WL, status, self.groups.ep, detail,
+                                        agree=self.agreed_values(x_TD, topk_idx_TK, topk_weight_TK))
 
         send_splits = counts_WL.sum(1).tolist()
         recv_splits = recv_counts_WL.sum(1).tolist()
@@ -70,7 +71,7 @@ class AllToAllDispatcher(Dispatcher):
         return ExpertBatch(recv_x.index_select(0, expert_order), tokens_per_expert), handle
 
     def combine(self, expert_out_PD, handle: AllToAllHandle):
-        check_combine_input(expert_out_PD, handle)
+        self.check_combine(expert_out_PD, handle)
         # Undo the slot grouping (scatter back to arrival order), then the exchange.
         back = torch.zeros_like(expert_out_PD).index_copy(0, handle.expert_order_P, expert_out_PD)
         (rows_RD,) = all_to_all([back], handle.send_splits, handle.recv_splits, self.groups.ep)

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from c2r_comm.dispatch.comm import InputError, check_same_on_all_ranks
+from c2r_comm.dispatch.comm import agree_on_status, check_same_on_all_ranks
 from c2r_comm.plan import PlacementPlan
 from c2r_comm.topology import ProcessGroups, Topology
 
@@ -82,6 +82,13 @@ class DispatchHandle:
     combine_stats: CommStats
 
 
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    return _DTYPES.index(dtype) if dtype in _DTYPES else 99
+
+
 def validate_input(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
                    hidden_size: int, num_experts: int) -> tuple[int, Optional[str]]:
     """Local checks only (no collective): a status code for the count exchange and a message."""
@@ -89,8 +96,13 @@ def validate_input(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK
             or topk_idx_TK.shape[0] != x_TD.shape[0]:
         return 1, (f"need x_TD [T, D], topk_idx_TK [T, K], topk_weight_TK [T, K]; got {tuple(x_TD.shape)}, "
                    f"{tuple(topk_idx_TK.shape)}, {tuple(topk_weight_TK.shape)}")
-    if topk_idx_TK.dtype not in (torch.int64, torch.int32) or not topk_weight_TK.is_floating_point():
-        return 1, f"topk_idx_TK must be int64/int32 and topk_weight_TK float; got {topk_idx_TK.dtype}, {topk_weight_TK.dtype}"
+    if topk_idx_TK.dtype not in (torch.int64, torch.int32) or not topk_weight_TK.is_floating_point() \
+            or not x_TD.is_floating_point():
+        return 1, (f"x_TD must be float, topk_idx_TK int64/int32 and topk_weight_TK float; got {x_TD.dtype}, "
+                   f"{topk_idx_TK.dtype}, {topk_weight_TK.dtype}")
+    if not x_TD.device == topk_idx_TK.device == topk_weight_TK.device:
+        return 1, (f"x_TD, topk_idx_TK and topk_weight_TK must be on one device; got {x_TD.device}, "
+                   f"{topk_idx_TK.device}, {topk_weight_TK.device}")
     if x_TD.shape[1] != hidden_size:
         return 3, f"x_TD has hidden size {x_TD.shape[1]}, the dispatcher was built for {hidden_size}"
     if topk_idx_TK.numel():
@@ -107,16 +119,27 @@ class Dispatcher(ABC):
 
     def __init__(self, plan: PlacementPlan, groups: ProcessGroups, hidden_size: int):
         world = dist.get_world_size(groups.ep)
-        groups.topology.check_world_size(world)
-        plan.check_matches(plan.num_experts, world, what="expert-parallel group")
         self.plan, self.groups, self.hidden_size = plan, groups, hidden_size
         self.topology = groups.topology
         self.rank = dist.get_rank(groups.ep)
         self.world_size = world
+        # Local problems are not raised here but agreed on with the plan check below, so a rank
+        # with a wrong plan or topology makes every rank raise instead of leaving them waiting.
         # Plans that differ across ranks would silently scramble tokens: refuse them up front.
-        check_same_on_all_ranks([plan.fingerprint(), hidden_size], "placement plan / hidden size", groups.ep)
+        check_same_on_all_ranks([plan.fingerprint(), hidden_size], "placement plan / hidden size", groups.ep,
+                                local_problem=self._setup_problem(plan, groups))
         self._e2r: dict[torch.device, torch.Tensor] = {}
         self._e2s: dict[torch.device, torch.Tensor] = {}
+
+    def _setup_problem(self, plan: PlacementPlan, groups: ProcessGroups) -> Optional[str]:
+        """What is wrong with this rank's set-up (None if nothing); subclasses add their checks."""
+        world = dist.get_world_size(groups.ep)
+        try:
+            groups.topology.check_world_size(world)
+            plan.check_matches(plan.num_experts, world, what="expert-parallel group")
+        except ValueError as exc:
+            return str(exc)
+        return None
 
     @property
     def num_local_experts(self) -> int:
@@ -141,10 +164,16 @@ class Dispatcher(ABC):
     def _check(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> tuple[int, Optional[str]]:
         return validate_input(x_TD, topk_idx_TK, topk_weight_TK, self.hidden_size, self.plan.num_experts)
 
+    @staticmethod
+    def agreed_values(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> tuple[int, ...]:
+        """Values every rank must share for the exchanges to line up: k and the payload dtypes."""
+        k = topk_idx_TK.shape[1] if topk_idx_TK.dim() == 2 else -1
+        return k, dtype_code(x_TD.dtype), dtype_code(topk_weight_TK.dtype)
 
-def check_combine_input(expert_out_PD: torch.Tensor, handle: DispatchHandle) -> None:
-    rows = sum(handle.tokens_per_expert)
-    if expert_out_PD.dim() != 2 or expert_out_PD.shape[0] != rows or expert_out_PD.shape[1] != handle.hidden_size:
-        # Local and deterministic: every rank that passed dispatch has the same handle shapes.
-        raise InputError(f"combine needs expert_out [{rows}, {handle.hidden_size}] (the dispatched rows), "
-                         f"got {tuple(expert_out_PD.shape)}")
+    def check_combine(self, expert_out_PD: torch.Tensor, handle: DispatchHandle) -> None:
+        """Every rank agrees on the combine input before the return exchange (one tiny all_gather)."""
+        rows = sum(handle.tokens_per_expert)
+        ok = expert_out_PD.dim() == 2 and expert_out_PD.shape[0] == rows and expert_out_PD.shape[1] == handle.hidden_size
+        detail = None if ok else (f"combine needs expert_out [{rows}, {handle.hidden_size}] (the dispatched rows), "
+                                  f"got {tuple(expert_out_PD.shape)}")
+        agree_on_status(0 if ok else 4, self.groups.ep, "combine input", detail)

@@ -20,6 +20,7 @@ STATUS_MESSAGES = {
     1: "x_TD / topk_idx_TK / topk_weight_TK shapes or dtypes are inconsistent",
     2: "expert ids out of range (negative or >= num_experts)",
     3: "hidden size differs from the dispatcher's",
+    4: "expert output shape does not match the dispatched rows",
 }
 
 
@@ -68,42 +69,73 @@ def all_to_all_plain(t: torch.Tensor, out_splits: Sequence[int], in_splits: Sequ
     return out
 
 
-def exchange_counts(send_counts_WC: torch.Tensor, status: int, group: Any,
-                    status_detail: Optional[str] = None) -> torch.Tensor:
+def _collective_device(group: Any) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _raise_rejected(what: str, statuses: Sequence[int], my_status: int, me: int, detail: Optional[str]) -> None:
+    bad = {r: s for r, s in enumerate(statuses) if s}
+    lines = [f"rank {r}: {STATUS_MESSAGES.get(s, f'status {s}')}" for r, s in sorted(bad.items())]
+    if my_status and detail:
+        lines.append(f"this rank ({me}): {detail}")
+    raise InputError(f"{what} rejected on every rank before any data was sent:\n  " + "\n  ".join(lines))
+
+
+def exchange_counts(send_counts_WC: torch.Tensor, status: int, group: Any, status_detail: Optional[str] = None,
+                    agree: Sequence[int] = ()) -> torch.Tensor:
     """Send row `w` of send_counts_WC (int64 [peers, C]) to peer w; return what each peer sent us.
 
-    A nonzero `status` (STATUS_MESSAGES) on any rank makes every rank raise InputError here.
+    Each row also carries this rank's `status` (STATUS_MESSAGES) and the `agree` values (e.g. top-k,
+    dtype code) that must be equal everywhere; a nonzero status or a mismatch on any rank makes every
+    rank raise InputError here, before any data moves.
     """
     W, C = send_counts_WC.shape
-    packed = torch.cat([send_counts_WC.to(torch.int64),
-                        torch.full((W, 1), status, dtype=torch.int64, device=send_counts_WC.device)], dim=1)
+    extra = torch.tensor([status, *agree], dtype=torch.int64, device=send_counts_WC.device).expand(W, -1)
+    packed = torch.cat([send_counts_WC.to(torch.int64), extra], dim=1)
     recv = torch.empty_like(packed)
     dist.all_to_all_single(recv, packed, group=group)
     recv = recv.cpu()
     statuses = recv[:, C].tolist()
-    if status or any(statuses):
-        me = dist.get_rank(group)
-        bad = {r: s for r, s in enumerate(statuses) if s}
-        if status:
-            bad[me] = status
-        lines = [f"rank {r}: {STATUS_MESSAGES.get(s, f'status {s}')}" for r, s in sorted(bad.items())]
-        if status_detail:
-            lines.append(f"this rank ({me}): {status_detail}")
-        raise InputError("dispatch input rejected on every rank before any data was sent:\n  " + "\n  ".join(lines))
+    me = dist.get_rank(group)
+    if any(statuses):
+        _raise_rejected("dispatch input", statuses, status, me, status_detail)
+    values = [tuple(v) for v in recv[:, C + 1:].tolist()]
+    if any(v != values[0] for v in values):
+        detail = ", ".join(f"rank {r}: {list(v)}" for r, v in enumerate(values))
+        raise InputError(f"top-k / dtypes differ across ranks ({detail}); every rank must dispatch the same k and "
+                         "dtypes (x, topk_weight)")
     return recv[:, :C]
 
 
-def check_same_on_all_ranks(values: Sequence[int], what: str, group: Any) -> None:
-    """Gather a few int64 values from every rank and raise on all ranks if any differ."""
-    mine = torch.tensor(list(values), dtype=torch.int64)
+def agree_on_status(status: int, group: Any, what: str, detail: Optional[str] = None) -> None:
+    """One tiny all_gather so a problem found on one rank raises on all of them (never a hang)."""
     world = dist.get_world_size(group)
-    backend = dist.get_backend(group)
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    device = _collective_device(group)
+    gathered = [torch.empty(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(gathered, torch.tensor([status], dtype=torch.int64, device=device), group=group)
+    statuses = [int(g.item()) for g in gathered]
+    if any(statuses):
+        _raise_rejected(what, statuses, status, dist.get_rank(group), detail)
+
+
+def check_same_on_all_ranks(values: Sequence[int], what: str, group: Any, local_problem: Optional[str] = None) -> None:
+    """Gather a few int64 values (and a local-problem flag) from every rank; raise on all ranks if any
+    rank has a problem or the values differ."""
+    mine = torch.tensor([int(local_problem is not None), *values], dtype=torch.int64)
+    world = dist.get_world_size(group)
+    device = _collective_device(group)
     gathered = [torch.empty_like(mine, device=device) for _ in range(world)]
     dist.all_gather(gathered, mine.to(device), group=group)
     rows = [g.cpu().tolist() for g in gathered]
-    if any(r != rows[0] for r in rows):
-        detail = ", ".join(f"rank {r}: {v}" for r, v in enumerate(rows))
+    me = dist.get_rank(group)
+    if any(r[0] for r in rows):
+        bad = [r for r, row in enumerate(rows) if row[0]]
+        mine_text = f"; this rank ({me}): {local_problem}" if local_problem else ""
+        raise InputError(f"dispatcher set-up rejected on every rank: ranks {bad} found a problem{mine_text}")
+    if any(r[1:] != rows[0][1:] for r in rows):
+        detail = ", ".join(f"rank {r}: {v[1:]}" for r, v in enumerate(rows))
         raise InputError(f"{what} differs across ranks ({detail}); every rank must use the same one")
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from c2r_comm.dispatch.base import DispatchHandle, Dispatcher, ExpertBatch, check_combine_input, stats_from_splits
+from c2r_comm.dispatch.base import DispatchHandle, Dispatcher, ExpertBatch, stats_from_splits
 from c2r_comm.dispatch.comm import (all_to_all, all_to_all_plain, as_bytes, exchange_counts, from_bytes,
                                     metadata_dtype)
 from c2r_comm.dispatch.layout import expand_to_slots, group_layout
@@ -47,7 +47,8 @@ class DedupDispatcher(Dispatcher):
             counts = layout.counts_G.unsqueeze(1)
         else:
             counts = torch.zeros(W, 1, dtype=torch.int64, device=device)
-        recv_splits = exchange_counts(counts, status, self.groups.ep, detail)[:, 0].tolist()
+        recv_splits = exchange_counts(counts, status, self.groups.ep, detail,
+                                     agree=self.agreed_values(x_TD, topk_idx_TK, topk_weight_TK))[:, 0].tolist()
         send_splits = layout.counts_G.tolist()
 
         slot_RK, weight_RK = slot_metadata(topk_idx_TK, topk_weight_TK, layout.token_of_row_R, layout.member_RK, e2s,
@@ -71,7 +72,7 @@ class DedupDispatcher(Dispatcher):
         return ExpertBatch(recv_x.index_select(0, expansion.row_of_pair_P), expansion.tokens_per_expert), handle
 
     def combine(self, expert_out_PD, handle: DedupHandle):
-        check_combine_input(expert_out_PD, handle)
+        self.check_combine(expert_out_PD, handle)
         weighted = expert_out_PD * handle.weight_of_pair_P.to(expert_out_PD.dtype).unsqueeze(1)
         # Local reduction: one partial per received row, i.e. per (token, source rank).
         partial = expert_out_PD.new_zeros(sum(handle.recv_splits), handle.hidden_size)

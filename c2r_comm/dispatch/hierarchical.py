@@ -12,11 +12,12 @@ forwarder sums its node's partials per row, and one partial per (token, node) cr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from c2r_comm.dispatch.base import (CommStats, DispatchHandle, Dispatcher, ExpertBatch, check_combine_input,
+from c2r_comm.dispatch.base import (CommStats, DispatchHandle, Dispatcher, ExpertBatch,
                                     stats_from_splits)
 from c2r_comm.dispatch.comm import (all_to_all, all_to_all_plain, as_bytes, exchange_counts, from_bytes,
                                     metadata_dtype)
@@ -46,19 +47,23 @@ class HierarchicalDispatcher(Dispatcher):
 
     def __init__(self, plan: PlacementPlan, groups: ProcessGroups, hidden_size: int):
         topo = groups.topology
-        # Local checks before the base class's collective plan check: a node group that does not
-        # match the topology would scramble stage B silently.
-        topo.check_world_size(dist.get_world_size(groups.ep))
-        if dist.get_world_size(groups.node) != topo.gpus_per_node or \
-                dist.get_rank(groups.node) != topo.local_index_of(dist.get_rank(groups.ep)):
-            raise ValueError(f"node process group (size {dist.get_world_size(groups.node)}, rank "
-                             f"{dist.get_rank(groups.node)}) does not match topology {topo} for ep rank "
-                             f"{dist.get_rank(groups.ep)}; build the groups with build_process_groups")
         super().__init__(plan, groups, hidden_size)
         self.node_index, self.local_index = topo.node_of(self.rank), topo.local_index_of(self.rank)
         self.node_ranks = tuple(topo.ranks_on_node(self.node_index))
         self.rail_peers = tuple(topo.rank_of(n, self.local_index) for n in range(topo.nodes) if n != self.node_index)
         self._code_group: dict[torch.device, torch.Tensor] = {}
+
+    def _setup_problem(self, plan: PlacementPlan, groups: ProcessGroups) -> Optional[str]:
+        problem = super()._setup_problem(plan, groups)
+        if problem is None:
+            topo, node = groups.topology, groups.node
+            # A node group that does not match the topology would scramble stage B silently.
+            if dist.get_world_size(node) != topo.gpus_per_node or \
+                    dist.get_rank(node) != topo.local_index_of(dist.get_rank(groups.ep)):
+                problem = (f"node process group (size {dist.get_world_size(node)}, rank {dist.get_rank(node)}) does "
+                           f"not match topology {topo} for ep rank {dist.get_rank(groups.ep)}; build the groups "
+                           "with build_process_groups")
+        return problem
 
     def _group_of_code(self, device: torch.device) -> torch.Tensor:
         """Stage B grouping of a choice code + 1: 0 (not on this node) -> dummy group G, else its GPU."""
@@ -79,7 +84,8 @@ class HierarchicalDispatcher(Dispatcher):
             # the destination sums over its forwarders' rails to know its stage B receive splits.
             counts_W2[list(self.rail_peers), 0] = nodes.counts_G[[topo.node_of(p) for p in self.rail_peers]]
             counts_W2[:, 1] = group_layout(topk_idx_TK, e2r, W).counts_G
-        recv_W2 = exchange_counts(counts_W2, status, self.groups.ep, detail)  # raises on bad input everywhere
+        recv_W2 = exchange_counts(counts_W2, status, self.groups.ep, detail,  # raises on bad input everywhere
+                                 agree=self.agreed_values(x_TD, topk_idx_TK, topk_weight_TK))
 
         # Per-choice code on its node: local GPU * L + slot; -1 for choices on other nodes.
         idx = topk_idx_TK.long()
@@ -131,7 +137,7 @@ class HierarchicalDispatcher(Dispatcher):
         return ExpertBatch(recv_xb.index_select(0, expansion.row_of_pair_P), expansion.tokens_per_expert), handle
 
     def combine(self, expert_out_PD, handle: HierarchicalHandle):
-        check_combine_input(expert_out_PD, handle)
+        self.check_combine(expert_out_PD, handle)
         D = handle.hidden_size
         weighted = expert_out_PD * handle.weight_of_pair_P.to(expert_out_PD.dtype).unsqueeze(1)
         # One partial per stage B row, i.e. per (token, forwarding GPU), back inside the node.

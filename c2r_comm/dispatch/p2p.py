@@ -19,13 +19,14 @@ def _exchange(tensors: Sequence[torch.Tensor], send_counts: Sequence[int], recv_
     outs = [t.new_empty((sum(recv_counts),) + tuple(t.shape[1:])) for t in tensors]
     ins = [t.contiguous() for t in tensors]
     ops, s_off, r_off = [], 0, 0
-    for peer, ns, nr in zip(peers, send_counts, recv_counts):
+    for group_peer, ns, nr in zip(peers, send_counts, recv_counts):
+        peer = dist.get_global_rank(group, group_peer)  # P2POp's `peer` is global on every torch >= 2.4
         # One tag per tensor keeps several messages to the same peer matched on any backend.
         for tag, (t, o) in enumerate(zip(ins, outs)):
             if ns:
-                ops.append(dist.P2POp(dist.isend, t.narrow(0, s_off, ns), group=group, group_peer=peer, tag=tag))
+                ops.append(dist.P2POp(dist.isend, t.narrow(0, s_off, ns), peer, group=group, tag=tag))
             if nr:
-                ops.append(dist.P2POp(dist.irecv, o.narrow(0, r_off, nr), group=group, group_peer=peer, tag=tag))
+                ops.append(dist.P2POp(dist.irecv, o.narrow(0, r_off, nr), peer, group=group, tag=tag))
         s_off, r_off = s_off + ns, r_off + nr
     if ops:  # batch_isend_irecv refuses an empty list; a rank with nothing to do skips it
         for work in dist.batch_isend_irecv(ops):

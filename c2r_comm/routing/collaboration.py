@@ -244,8 +244,10 @@ class CollaborationProfiler:
     def all_reduce(self, group: Any = None) -> None:
         """Sum counts over the ranks of `group` with one all_reduce. Collective: every rank calls it."""
         if self._counts_LP is None:
-            raise ValueError("all_reduce before any update: every rank must update at least once "
-                             "(an update with 0 tokens is fine) so all ranks agree on k and device")
+            # A rank that saw no tokens still joins (raising here would leave the others waiting).
+            default = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
+                else torch.device("cpu")
+            self._state(self._device or default)
         parts = [self._counts_LP, self._loads_LE, self._tokens_L[:, None], self._gpu_sum_L[:, None],
                  self._node_sum_L[:, None]]
         packed = torch.cat([p.reshape(self.num_layers, -1) for p in parts], dim=1)
