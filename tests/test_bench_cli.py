@@ -78,6 +78,10 @@ def test_trace_driven_counts_match_an_independent_count(tmp_path):
     (["--topology", "3x3"], ["model.num_experts", "multiple"]),
     (["--layer", "0,1"], ["--layer", "several layers need --trace"]),
     (["--dispatcher", "magic"], ["--dispatcher", "allowed"]),
+    (["--prompts", "0:10"], ["--prompts", "only together with --trace"]),
+    pytest.param(["--trace", str(TRACE), "--topology", "1x4", "--prompts", "800:999", "--tokens-per-rank", "5000"],
+                 ["--tokens-per-rank", "at most 4011"],
+                 marks=pytest.mark.skipif(not TRACE.is_file(), reason="needs ../shared/traces")),
 ])
 def test_bad_flag_value_fails_before_launch(flags, words):
     proc = subprocess.run([sys.executable, "-m", "c2r_comm", "bench", *flags], cwd=REPO,
