@@ -8,11 +8,11 @@ import pytest
 
 from c2r_comm.placement import hypergraph as hypergraph_mod
 from c2r_comm.placement.hypergraph import PartitionSettings, resolve_partitioner
-from c2r_comm.placement.metrics import expert_loads, placement_metrics
+from c2r_comm.placement.metrics import expert_loads, placement_metrics, rank_loads
 from c2r_comm.placement.occult import occult_greedy_ranks
 from c2r_comm.routing.collaboration import coactivation_counts
 from c2r_comm.placement.planners import BASELINES, METHODS, PlannerOptions, plan_layer
-from c2r_comm.placement.refine import balance_load, improve_by_swaps, rank_loads
+from c2r_comm.placement.refine import balance_load, improve_by_swaps
 from c2r_comm.placement.swap_cost import SwapCost, topology_levels
 from c2r_comm.placement.token_hypergraph import TokenHypergraph
 from c2r_comm.plan import PlacementPlan

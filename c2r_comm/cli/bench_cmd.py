@@ -20,7 +20,7 @@ from c2r_comm.bootstrap import init_distributed, read_launch_env, shutdown
 from c2r_comm.config import Config, ConfigError, load_config, parse_topology, with_overrides
 from c2r_comm.dispatch import DISPATCHERS
 from c2r_comm.layer import DTYPES, build_moe_layer
-from c2r_comm.routing.trace import RoutingTrace, parse_range
+from c2r_comm.routing.trace import RoutingTrace, parse_layers, parse_range
 from c2r_comm.topology import Topology, build_process_groups
 
 # flag -> dotted config field it overrides
@@ -50,26 +50,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("--" + flag.replace("_", "-"), type=kind, default=None, help=f"overrides {OVERRIDES[flag]}")
 
 
-def parse_layers(text: Optional[str], num_layers: Optional[int]) -> list[int]:
-    """'12' | '0,3,5' | 'all' (with a trace) -> layer indices; None -> [0]."""
-    if text is None:
-        return [0]
-    if text == "all" and num_layers is not None:
-        return list(range(num_layers))
-    try:
-        layers = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        layers = []
-    allowed = "a 0-based layer index, a comma list" + (" or 'all'" if num_layers is not None else "")
-    if not layers or (num_layers is None and len(layers) > 1):
-        raise ConfigError("--layer", text, allowed + (" (several layers need --trace)" if num_layers is None else ""))
-    if num_layers is not None:
-        bad = [l for l in layers if not 0 <= l < num_layers]
-        if bad:
-            raise ConfigError("--layer", text, f"indices 0..{num_layers - 1} of the trace's layer axis")
-    return layers
-
-
 def resolve_config(args: argparse.Namespace) -> tuple[Config, Optional[RoutingTrace], list[int]]:
     config = load_config(args.config) if args.config else Config()
     overrides = {field: getattr(args, flag) for flag, field in OVERRIDES.items()}
@@ -84,7 +64,12 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Optional[RoutingTr
         overrides.update({"model.num_experts": trace.num_experts, "model.top_k": trace.top_k})
     elif args.prompts:
         raise ConfigError("--prompts", args.prompts, "only together with --trace")
-    layers = parse_layers(args.layer, trace.num_layers if trace is not None else None)
+    if trace is not None:
+        layers = parse_layers(args.layer or "0", trace.num_layers, flag="--layer")
+    elif args.layer is None or args.layer.strip().isdigit():
+        layers = [int(args.layer or 0)]
+    else:
+        raise ConfigError("--layer", args.layer, "one 0-based layer index (several layers need --trace)")
     if args.layer is not None:
         overrides["placement.layer"] = layers[0]
     config = with_overrides(config, overrides)

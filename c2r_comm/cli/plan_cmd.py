@@ -14,7 +14,7 @@ from c2r_comm.placement.hypergraph import PARTITIONERS, PartitionSettings
 from c2r_comm.placement.planners import METHODS, PlannerOptions
 from c2r_comm.placement.trace_plan import TracePlanResult, plan_trace
 from c2r_comm.progress import ProgressBar
-from c2r_comm.routing.trace import RoutingTrace, parse_range
+from c2r_comm.routing.trace import RoutingTrace, parse_layers, parse_range
 from c2r_comm.topology import Topology
 
 
@@ -39,19 +39,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--png", default=None, help="PNG to write (default: --out with .png)")
     p.add_argument("--no-png", action="store_true")
     p.add_argument("--png-layer", type=int, default=None, help="trace layer drawn in the PNG (default: first)")
-
-
-def parse_layers(text: str, num_layers: int) -> list[int]:
-    if text.strip() == "all":
-        return list(range(num_layers))
-    try:
-        layers = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--layers {text!r} is invalid: allowed 'all' or comma-separated integers") from None
-    bad = [l for l in layers if not 0 <= l < num_layers]
-    if bad or not layers:
-        raise ValueError(f"--layers {text!r} is invalid: allowed indices 0..{num_layers - 1} (got {bad or 'none'})")
-    return layers
 
 
 def _prompt_ranges(args: argparse.Namespace, num_prompts: int) -> tuple[tuple, tuple]:

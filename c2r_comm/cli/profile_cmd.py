@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Optional
 
 import numpy as np
 
 from c2r_comm.config import parse_topology
 from c2r_comm.plan import PlacementPlan, PlanFile
 from c2r_comm.routing.collaboration import CollaborationProfiler, CollaborationStats
-from c2r_comm.routing.trace import RoutingTrace, parse_range
+from c2r_comm.routing.trace import RoutingTrace, parse_layers, parse_range
 from c2r_comm.topology import Topology
 
 SYNTHETIC = dict(num_tokens=16384, num_experts=64, top_k=6, num_layers=4, num_clusters=8, in_cluster=0.8,
@@ -39,26 +38,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="trace layer index of the heatmap (default: the first profiled layer)")
     p.add_argument("--plan", default=None, help="plan JSON (c2r-comm plan) whose placement orders the heatmap's "
                                                 "experts (default: contiguous)")
-
-
-def parse_layers(text: Optional[str], num_layers: int) -> list[int]:
-    if text is None:
-        return list(range(num_layers))
-    layers: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if ":" in part:
-            lo, hi = parse_range(part)
-            layers.extend(range(num_layers)[slice(lo, hi)])
-        elif part.lstrip("-").isdigit():
-            layers.append(int(part))
-        else:
-            raise ValueError(f"--layers {text!r} is invalid: allowed comma-separated integers or A:B ranges")
-    if not layers:
-        raise ValueError(f"--layers {text!r} selects no layer of {num_layers}")
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"--layers {text!r} names a layer twice: allowed each layer at most once")
-    return layers
 
 
 def profile_trace(trace: RoutingTrace, topology: Topology, batch_tokens: int) -> CollaborationStats:
@@ -117,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--topology {args.topology} has {topology.world_size} GPUs, which do not split "
                          f"{trace.num_experts} experts equally: allowed a world size dividing {trace.num_experts}")
     trace = trace.select_prompts(*parse_range(args.prompts))
-    layers = parse_layers(args.layers, trace.num_layers)
+    layers = parse_layers(args.layers or "all", trace.num_layers)
     trace = trace.select_layers(layers)
     stats = dataclasses.replace(profile_trace(trace, topology, args.batch_tokens), layer_ids=np.asarray(layers))
     print(f"{source}: {trace.num_prompts} prompts, {trace.num_tokens} tokens, {trace.num_experts} experts, "

@@ -35,6 +35,11 @@ def expert_loads(ids_TK: np.ndarray, num_experts: int) -> np.ndarray:
     return np.bincount(np.asarray(ids_TK, dtype=np.int64).reshape(-1), minlength=num_experts)
 
 
+def rank_loads(load_E: np.ndarray, rank_of_expert: np.ndarray, world_size: int) -> np.ndarray:
+    """[ranks] summed load of the experts each rank hosts."""
+    return np.bincount(np.asarray(rank_of_expert), weights=np.asarray(load_E, dtype=np.float64), minlength=world_size)
+
+
 def dealt_source_ranks(num_tokens: int, world_size: int) -> np.ndarray:
     """Rank r gets the r-th contiguous block of tokens (np.array_split sizes)."""
     return (np.arange(num_tokens, dtype=np.int64) * world_size) // max(num_tokens, 1)
@@ -74,7 +79,7 @@ def placement_metrics(plan: PlacementPlan, topology: Topology, ids_TK: np.ndarra
     source_node_T = source_rank_T // topology.gpus_per_node
     remote_gpus_T = gpus_T - _holds(rank_E, ids_TK, source_rank_T)
     remote_nodes_T = nodes_T - _holds(node_E, ids_TK, source_node_T)
-    load_R = np.bincount(rank_E, weights=expert_loads(ids_TK, E), minlength=plan.world_size)
+    load_R = rank_loads(expert_loads(ids_TK, E), rank_E, plan.world_size)
     load_N = load_R.reshape(topology.nodes, topology.gpus_per_node).sum(axis=1)
     return PlacementMetrics(
         tokens=int(T), gpus_per_token=float(gpus_T.mean()), nodes_per_token=float(nodes_T.mean()),

@@ -7,7 +7,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from c2r_comm.placement.metrics import PlacementMetrics, expert_loads
+from c2r_comm.placement.metrics import PlacementMetrics, expert_loads, rank_loads
 from c2r_comm.routing.collaboration import coactivation_counts
 from c2r_comm.plan import PlacementPlan
 from c2r_comm.topology import Topology
@@ -36,7 +36,7 @@ def save_placement_png(path: str | Path, layer: int, plans: Mapping[str, Placeme
     ax = axes[0]
     width = 0.8 / len(plans)
     for i, (name, plan) in enumerate(plans.items()):
-        load_R = np.bincount(np.asarray(plan.expert_to_rank), weights=load_E, minlength=plan.world_size)
+        load_R = rank_loads(load_E, plan.expert_to_rank, plan.world_size)
         ax.bar(np.arange(plan.world_size) + (i - (len(plans) - 1) / 2) * width, load_R / load_R.mean(), width,
                label=name)
     ax.axhline(1.0, color="k", lw=0.8)

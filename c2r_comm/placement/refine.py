@@ -13,6 +13,7 @@ from typing import Optional
 
 import numpy as np
 
+from c2r_comm.placement.metrics import rank_loads
 from c2r_comm.placement.swap_cost import SwapCost
 
 _EPS = 1e-9
@@ -30,10 +31,6 @@ class BalanceResult:
     objective_before: float  # SwapCost objective on the fit tokens
     objective_after: float
     message: str
-
-
-def rank_loads(load_E: np.ndarray, rank_of_expert: np.ndarray, world_size: int) -> np.ndarray:
-    return np.bincount(np.asarray(rank_of_expert), weights=np.asarray(load_E, dtype=np.float64), minlength=world_size)
 
 
 def _max_over_mean(loads_R: np.ndarray) -> float:

@@ -165,3 +165,24 @@ def parse_range(text: Optional[str]) -> tuple[Optional[int], Optional[int]]:
         return tuple(int(p) if p.strip() else None for p in parts)  # type: ignore[return-value]
     except ValueError:
         raise ValueError(f"range {text!r} is invalid: allowed 'A:B' with integers, either end may be empty") from None
+
+
+def parse_layers(text: str, num_layers: int, flag: str = "--layers") -> list[int]:
+    """'all' | comma list of 0-based indices and A:B ranges -> layer indices (checked, no repeats)."""
+    if text.strip() == "all":
+        return list(range(num_layers))
+    layers: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        if ":" in part:
+            layers.extend(range(num_layers)[slice(*parse_range(part))])
+        elif part.lstrip("-").isdigit():
+            layers.append(int(part))
+        elif part:
+            raise ValueError(f"{flag} {text!r} is invalid: allowed 'all' or comma-separated indices and A:B ranges")
+    bad = [l for l in layers if not 0 <= l < num_layers]
+    if bad or not layers:
+        what = f" (layer {bad[0]} is out of range)" if bad else " (selects no layer)"
+        raise ValueError(f"{flag} {text!r} is invalid: allowed indices 0..{num_layers - 1}{what}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"{flag} {text!r} names a layer twice: allowed each layer at most once")
+    return layers
