@@ -65,14 +65,17 @@ def test_plan_cli_writes_plan_table_and_png(tmp_path, trace, capsys):
     trace.save(trace_path)
     out = tmp_path / "p.json"
     rc = run_cli(["--trace", str(trace_path), "--topology", "2x2", "--method", "hypergraph", "--layers", "0,1",
-                  "--fit-prompts", "0:40", "--eval-prompts", "40:", "--out", str(out)])
+                  "--fit-prompts", "0:40", "--eval-prompts", "40:", "--polish-kicks", "2", "--out", str(out)])
     assert rc == 0
     printed = capsys.readouterr()
     assert "GPUs/token" in printed.out and "remote nodes" in printed.out and "occult" in printed.out
     assert " mean |" in printed.out
+    assert "on the fit tokens: worst layer" in printed.out and "met in 2/2 layers" in printed.out
     assert "2/2" in printed.err  # progress bar reached the end
     plan = PlanFile.load(out)
     assert sorted(plan.layers) == [0, 1] and plan.fit["fit_prompts"] == "0:40"
+    assert plan.fit["polish_kicks"] == 2
+    assert all(plan.metrics[layer]["fit_gpu_load_max_over_mean"] <= 1.10 + 1e-9 for layer in (0, 1))
     pytest.importorskip("matplotlib")
     assert out.with_suffix(".png").stat().st_size > 10_000
 

@@ -12,7 +12,7 @@ from c2r_comm.placement.metrics import expert_loads, placement_metrics, rank_loa
 from c2r_comm.placement.occult import occult_greedy_ranks
 from c2r_comm.routing.collaboration import coactivation_counts
 from c2r_comm.placement.planners import BASELINES, METHODS, PlannerOptions, plan_layer
-from c2r_comm.placement.refine import balance_load, improve_by_swaps
+from c2r_comm.placement.refine import balance_load, improve_by_swaps, polish_by_kicks
 from c2r_comm.placement.swap_cost import SwapCost, topology_levels
 from c2r_comm.placement.token_hypergraph import TokenHypergraph
 from c2r_comm.plan import PlacementPlan
@@ -147,6 +147,39 @@ def test_recovery_swaps_keep_the_load_bound_and_never_worsen():
     assert swaps > 0 and cost.objective(out) < cost.objective(start)
     assert rank_loads(load, out, 3).max() <= bound + 1e-9
     assert np.bincount(out).tolist() == [8, 8, 8]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_polish_escapes_swap_local_optima_and_keeps_the_load_bound(seed):
+    # Weak clusters: plain best-improvement swaps stop in a local optimum that kicks get out of.
+    ids = planted(num_experts=32, clusters=8, in_cluster=0.5, tokens=3000, seed=seed, zipf_a=0.7)
+    topo = Topology(1, 4)
+    load = expert_loads(ids, 32)
+    cost = SwapCost(TokenHypergraph.from_ids(ids, 32), topology_levels(topo, 4.0))
+    start = np.asarray(PlacementPlan.random(32, 4, seed).expert_to_rank)
+    bound = rank_loads(load, start, 4).max()
+    local, _ = improve_by_swaps(cost, start, load_E=load, load_bound=bound)
+    out, improved = polish_by_kicks(cost, start, kicks=10, seed=0, load_E=load, load_bound=bound)
+    assert improved >= 1 and cost.objective(out) < cost.objective(local)
+    assert rank_loads(load, out, 4).max() <= bound + 1e-9
+    assert np.bincount(out, minlength=4).tolist() == [8] * 4
+    again, _ = polish_by_kicks(cost, start, kicks=10, seed=0, load_E=load, load_bound=bound)
+    assert again.tolist() == out.tolist()  # deterministic for a seed
+
+
+def test_planner_polish_never_worsens_and_keeps_the_tolerance():
+    ids = planted(num_experts=32, clusters=8, in_cluster=0.5, tokens=3000, seed=2, zipf_a=0.9)
+    topo = Topology(2, 2)
+    cost = SwapCost(TokenHypergraph.from_ids(ids, 32), topology_levels(topo, 4.0))
+    plain = plan_layer("hypergraph", ids, 32, topo, PlannerOptions(load_tolerance=1.05))
+    polished = plan_layer("hypergraph", ids, 32, topo, PlannerOptions(load_tolerance=1.05, polish_kicks=8))
+    assert cost.objective(np.asarray(polished.plan.expert_to_rank)) <= cost.objective(np.asarray(plain.plan.expert_to_rank))
+    assert polished.balance.met and polished.balance.load_max_over_mean <= 1.05 + 1e-9
+    loads = rank_loads(expert_loads(ids, 32), np.asarray(polished.plan.expert_to_rank), 4)
+    assert polished.balance.load_max_over_mean == pytest.approx(loads.max() / loads.mean())
+    assert polished.balance.expert_to_rank == polished.plan.expert_to_rank
+    with pytest.raises(ValueError, match="polish_kicks = -1 is invalid"):
+        PlannerOptions(polish_kicks=-1)
 
 
 def test_occult_greedy_follows_the_published_steps():

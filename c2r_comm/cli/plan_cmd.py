@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="hypergraph: nodes first, then GPUs (auto: when nodes > 1)")
     p.add_argument("--inter-node-cost", type=float, default=4.0,
                    help="refinement: one more node per token costs this many more GPUs")
+    p.add_argument("--polish-kicks", type=int, default=0,
+                   help="iterated local search rounds on the exact objective after refinement (slower; 0: off)")
     p.add_argument("--partitioner", choices=PARTITIONERS, default="auto")
     p.add_argument("--ip-runs", type=int, default=1, help="Mt-KaHyPar initial-partitioning runs (preset: 20)")
     p.add_argument("--threads", type=int, default=2, help="Mt-KaHyPar threads")
@@ -100,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     hierarchical = {"auto": None, "yes": True, "no": False}[args.hierarchical]
     options = PlannerOptions(load_tolerance=args.load_tolerance, refine=not args.no_refine,
                              hierarchical=hierarchical, inter_node_cost=args.inter_node_cost, seed=args.seed,
+                             polish_kicks=args.polish_kicks,
                              partition=PartitionSettings(args.partitioner, args.seed, args.threads, args.ip_runs))
     fmt = lambda r: f"{'' if r[0] is None else r[0]}:{'' if r[1] is None else r[1]}"
     info = {"trace": str(args.trace), "fit_prompts": fmt(fit_range), "eval_prompts": fmt(eval_range)}
@@ -116,6 +119,11 @@ def run(args: argparse.Namespace) -> int:
              if r.plans[args.method].balance is not None and not r.plans[args.method].balance.met]
     for layer, msg in unmet:
         print(f"layer {layer}: {msg}")
+    balances = [r.plans[args.method].balance for r in result.reports if r.plans[args.method].balance is not None]
+    if balances:
+        print(f"{args.method} GPU load max/mean on the fit tokens: worst layer "
+              f"{max(b.load_max_over_mean for b in balances):.3f}, tolerance {args.load_tolerance:.3f} met in "
+              f"{sum(b.met for b in balances)}/{len(balances)} layers")
     partitioner = result.plan_file.fit.get("partitioner")
     print(f"planned {len(layers)} layers with {args.method} in {result.plan_seconds:.1f} s"
           + (f" (partitioner: {', '.join(partitioner)})" if partitioner else "")

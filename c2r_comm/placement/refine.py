@@ -1,6 +1,7 @@
 """Swap refinement: bring per-GPU token load within a tolerance at the least objective cost, then
-win back objective with swaps that keep the load bound; also the equal-size fix-up and the local
-search the planner falls back to without Mt-KaHyPar.
+win back objective with swaps that keep the load bound; an optional polish (iterated local search)
+after that; also the equal-size fix-up and the local search the planner falls back to without
+Mt-KaHyPar.
 
 Every step is a swap of two experts (or a single move only while sizes are unequal), so equal
 experts per GPU is kept. Per-GPU load <= tol x mean implies per-node load <= tol x mean as well
@@ -87,15 +88,20 @@ def balance_load(cost: SwapCost, load_E: np.ndarray, rank_of_expert: np.ndarray,
         rank_E, recovery_swaps = improve_by_swaps(cost, rank_E, load_E=load_E, load_bound=bound, max_swaps=limit)
         loads_R = rank_loads(load_E, rank_E, W)
         ratio = _max_over_mean(loads_R)
-    if met:
-        message = f"per-GPU load max/mean {ratio:.3f} <= tolerance {tolerance:.3f}"
-    else:
-        heaviest = float(load_E.max() / mean) if mean > 0 else 0.0
-        why = (f"one expert alone carries {heaviest:.2f} x the mean GPU load" if heaviest > tolerance
-               else "no swap lowers the heaviest GPU further without overloading another")
-        message = f"load tolerance {tolerance:.3f} not met: best per-GPU max/mean {ratio:.3f} ({why})"
     return BalanceResult(tuple(int(r) for r in rank_E), float(tolerance), ratio, before_ratio, met, balance_swaps,
-                         recovery_swaps, objective_before, cost.objective(rank_E), message)
+                         recovery_swaps, objective_before, cost.objective(rank_E),
+                         balance_message(load_E, ratio, tolerance, met, W))
+
+
+def balance_message(load_E: np.ndarray, ratio: float, tolerance: float, met: bool, world_size: int) -> str:
+    """What a BalanceResult says: the reached max/mean, and why when the tolerance was not met."""
+    if met:
+        return f"per-GPU load max/mean {ratio:.3f} <= tolerance {tolerance:.3f}"
+    mean = float(np.sum(load_E)) / world_size
+    heaviest = float(np.max(load_E) / mean) if mean > 0 else 0.0
+    why = (f"one expert alone carries {heaviest:.2f} x the mean GPU load" if heaviest > tolerance
+           else "no swap lowers the heaviest GPU further without overloading another")
+    return f"load tolerance {tolerance:.3f} not met: best per-GPU max/mean {ratio:.3f} ({why})"
 
 
 def _swap(rank_E: np.ndarray, loads_R: np.ndarray, load_E: np.ndarray, e: int, f: int) -> None:
@@ -130,6 +136,45 @@ def improve_by_swaps(cost: SwapCost, rank_of_expert: np.ndarray, load_E: Optiona
         _swap(rank_E, loads_R, load_E, int(e), int(f))
         swaps += 1
     return rank_E, swaps
+
+
+def polish_by_kicks(cost: SwapCost, rank_of_expert: np.ndarray, kicks: int, seed: int = 0,
+                    load_E: Optional[np.ndarray] = None, load_bound: Optional[float] = None,
+                    kick_swaps: int = 3) -> tuple[np.ndarray, int]:
+    """Iterated local search on the exact objective: from a swap-local optimum, apply `kick_swaps`
+    random swaps between different ranks (only swaps that keep every GPU <= load_bound), descend
+    with improve_by_swaps, keep the result when the objective fell. A partitioner's answer is
+    already a local optimum of its own moves; kicks get it out of the swap-neighbourhood's basins.
+    Returns (expert_to_rank, kicks that improved). Deterministic for a seed."""
+    if kicks < 0 or kick_swaps < 1:
+        raise ValueError(f"polish needs kicks >= 0 and kick_swaps >= 1, got {kicks} and {kick_swaps}")
+    W = cost.levels[0].num_groups
+    if load_bound is not None and load_E is None:
+        raise ValueError("polish_by_kicks: load_bound needs load_E")
+    load_E = np.zeros(len(rank_of_expert)) if load_E is None else np.asarray(load_E, dtype=np.float64)
+    best, _ = improve_by_swaps(cost, rank_of_expert, load_E=load_E, load_bound=load_bound)
+    best_value = cost.objective(best)
+    rng = np.random.default_rng(seed)
+    improved = 0
+    for _ in range(kicks):
+        trial = best.copy()
+        loads_R = rank_loads(load_E, trial, W)
+        done = 0
+        for e, f in rng.integers(0, len(trial), size=(32 * kick_swaps, 2)):
+            if done == kick_swaps:
+                break
+            a, b = trial[e], trial[f]
+            moved = load_E[e] - load_E[f]
+            if a == b or (load_bound is not None and max(loads_R[a] - moved, loads_R[b] + moved) > load_bound + _EPS):
+                continue
+            _swap(trial, loads_R, load_E, int(e), int(f))
+            done += 1
+        trial, _ = improve_by_swaps(cost, trial, load_E=load_E, load_bound=load_bound)
+        value = cost.objective(trial)
+        if value < best_value - 1e-6:
+            best, best_value = trial, value
+            improved += 1
+    return best, improved
 
 
 def equalize_group_sizes(cost: SwapCost, rank_of_expert: np.ndarray, size: int) -> np.ndarray:

@@ -65,7 +65,8 @@ def plan_trace(fit: RoutingTrace, evaluation: RoutingTrace, topology: Topology, 
     fit_doc = dict(fit_info or {})
     fit_doc.update(load_tolerance=options.load_tolerance, refine=options.refine, seed=options.seed,
                    hierarchical=(topology.nodes > 1 if options.hierarchical is None else options.hierarchical),
-                   inter_node_cost=options.inter_node_cost, partitioner=sorted(partitioners) or None,
+                   inter_node_cost=options.inter_node_cost, polish_kicks=options.polish_kicks,
+                   partitioner=sorted(partitioners) or None,
                    initial_partitioning_runs=options.partition.initial_partitioning_runs,
                    fit_tokens=fit.num_tokens, eval_tokens=evaluation.num_tokens, plan_seconds=round(plan_seconds, 3))
     plan_file = PlanFile(topology, fit.num_experts, plans, method, metrics_by_layer, fit_doc)
