@@ -5,7 +5,6 @@ give them (no refinement); hypergraph is followed by the load refinement.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -13,10 +12,10 @@ from typing import Optional
 import numpy as np
 
 from c2r_comm.placement.hypergraph import PartitionSettings, hypergraph_ranks
-from c2r_comm.placement.metrics import expert_loads, rank_loads
+from c2r_comm.placement.metrics import expert_loads
 from c2r_comm.placement.occult import normalised_coactivation, occult_greedy_ranks
 from c2r_comm.routing.collaboration import coactivation_counts
-from c2r_comm.placement.refine import BalanceResult, balance_load, balance_message, polish_by_kicks
+from c2r_comm.placement.refine import BalanceResult, balance_load, polish_by_kicks
 from c2r_comm.placement.swap_cost import SwapCost, topology_levels
 from c2r_comm.placement.token_hypergraph import TokenHypergraph
 from c2r_comm.plan import PlacementPlan
@@ -53,7 +52,6 @@ class LayerPlan:
     balance: Optional[BalanceResult]  # None for baselines or refine=False
     partitioner: Optional[str]  # 'mtkahypar' / 'local_search' for hypergraph, else None
     seconds: float
-    polish_improvements: int = 0  # kicks that lowered the objective (options.polish_kicks > 0)
 
 
 def _check_method(method: str) -> None:
@@ -86,25 +84,15 @@ def plan_layer(method: str, fit_ids_TK: np.ndarray, num_experts: int, topology: 
     else:
         hierarchical = topology.nodes > 1 if options.hierarchical is None else options.hierarchical
         rank_E, partitioner = hypergraph_ranks(hg, topology, options.partition, hierarchical)
-    balance, improvements = None, 0
+    balance = None
     if method not in BASELINES and (options.refine or options.polish_kicks):
         cost = SwapCost(hg, topology_levels(topology, options.inter_node_cost))
         if options.refine:
-            balance = balance_load(cost, load_E, rank_E, options.load_tolerance, recover=options.recover_objective)
+            balance = balance_load(cost, load_E, rank_E, options.load_tolerance, recover=options.recover_objective,
+                                   polish_kicks=options.polish_kicks, seed=options.seed)
             rank_E = np.asarray(balance.expert_to_rank)
-        if options.polish_kicks:
-            # Keep whatever load bound refinement reached (the tolerance, or its best when unmet).
-            bound = (max(options.load_tolerance * load_E.sum() / W, float(rank_loads(load_E, rank_E, W).max()))
-                     if balance is not None else None)
-            rank_E, improvements = polish_by_kicks(cost, rank_E, options.polish_kicks, options.seed,
-                                                   load_E=load_E, load_bound=bound)
-            if balance is not None:
-                loads_R = rank_loads(load_E, rank_E, W)
-                ratio = float(loads_R.max() / loads_R.mean()) if loads_R.mean() > 0 else 1.0
-                balance = dataclasses.replace(
-                    balance, expert_to_rank=tuple(int(r) for r in rank_E), load_max_over_mean=ratio,
-                    objective_after=cost.objective(rank_E),
-                    message=balance_message(load_E, ratio, balance.tolerance, balance.met, W))
+        else:  # --no-refine: polish without a load bound
+            rank_E, _ = polish_by_kicks(cost, rank_E, options.polish_kicks, options.seed)
     plan = PlacementPlan(tuple(int(r) for r in rank_E), W)
-    return LayerPlan(plan, method, balance, partitioner, time.perf_counter() - start, improvements)
+    return LayerPlan(plan, method, balance, partitioner, time.perf_counter() - start)
 

@@ -29,6 +29,7 @@ class BalanceResult:
     met: bool  # load_max_over_mean <= tolerance
     balance_swaps: int
     recovery_swaps: int
+    polish_improvements: int  # polish kicks that lowered the objective (0 without polish)
     objective_before: float  # SwapCost objective on the fit tokens
     objective_after: float
     message: str
@@ -40,14 +41,16 @@ def _max_over_mean(loads_R: np.ndarray) -> float:
 
 
 def balance_load(cost: SwapCost, load_E: np.ndarray, rank_of_expert: np.ndarray, tolerance: float = 1.10,
-                 recover: bool = True, max_recovery_swaps: Optional[int] = None) -> BalanceResult:
+                 recover: bool = True, max_recovery_swaps: Optional[int] = None, polish_kicks: int = 0,
+                 seed: int = 0) -> BalanceResult:
     """Swap experts until max/mean per-GPU load <= tolerance, each time taking the swap that costs
     the least objective per unit of load taken off the heaviest GPU; then (recover) apply improving
     swaps that keep every GPU under max(tolerance x mean, reached max).
 
     Each balance swap lowers the heaviest GPU and leaves its partner below the old maximum, so the
     sum of squared loads falls strictly and the loop ends. When no such swap exists, the result says
-    the tolerance was not met and why.
+    the tolerance was not met and why. With polish_kicks > 0, polish_by_kicks runs last under the
+    same bound.
     """
     if tolerance < 1.0:
         raise ValueError(f"load tolerance = {tolerance} is invalid: allowed a max/mean ratio >= 1.0")
@@ -82,26 +85,26 @@ def balance_load(cost: SwapCost, load_E: np.ndarray, rank_of_expert: np.ndarray,
     ratio = _max_over_mean(loads_R)
     met = ratio <= tolerance + _EPS
     recovery_swaps = 0
+    bound = max(target, float(loads_R.max()))  # recovery and polish keep every GPU under this
     if recover:
-        bound = max(target, float(loads_R.max()))
         limit = max_recovery_swaps if max_recovery_swaps is not None else 4 * len(rank_E)
         rank_E, recovery_swaps = improve_by_swaps(cost, rank_E, load_E=load_E, load_bound=bound, max_swaps=limit)
         loads_R = rank_loads(load_E, rank_E, W)
         ratio = _max_over_mean(loads_R)
-    return BalanceResult(tuple(int(r) for r in rank_E), float(tolerance), ratio, before_ratio, met, balance_swaps,
-                         recovery_swaps, objective_before, cost.objective(rank_E),
-                         balance_message(load_E, ratio, tolerance, met, W))
-
-
-def balance_message(load_E: np.ndarray, ratio: float, tolerance: float, met: bool, world_size: int) -> str:
-    """What a BalanceResult says: the reached max/mean, and why when the tolerance was not met."""
+    polish_improvements = 0
+    if polish_kicks:
+        rank_E, polish_improvements = polish_by_kicks(cost, rank_E, polish_kicks, seed, load_E=load_E, load_bound=bound)
+        loads_R = rank_loads(load_E, rank_E, W)
+        ratio = _max_over_mean(loads_R)
     if met:
-        return f"per-GPU load max/mean {ratio:.3f} <= tolerance {tolerance:.3f}"
-    mean = float(np.sum(load_E)) / world_size
-    heaviest = float(np.max(load_E) / mean) if mean > 0 else 0.0
-    why = (f"one expert alone carries {heaviest:.2f} x the mean GPU load" if heaviest > tolerance
-           else "no swap lowers the heaviest GPU further without overloading another")
-    return f"load tolerance {tolerance:.3f} not met: best per-GPU max/mean {ratio:.3f} ({why})"
+        message = f"per-GPU load max/mean {ratio:.3f} <= tolerance {tolerance:.3f}"
+    else:
+        heaviest = float(load_E.max() / mean) if mean > 0 else 0.0
+        why = (f"one expert alone carries {heaviest:.2f} x the mean GPU load" if heaviest > tolerance
+               else "no swap lowers the heaviest GPU further without overloading another")
+        message = f"load tolerance {tolerance:.3f} not met: best per-GPU max/mean {ratio:.3f} ({why})"
+    return BalanceResult(tuple(int(r) for r in rank_E), float(tolerance), ratio, before_ratio, met, balance_swaps,
+                         recovery_swaps, polish_improvements, objective_before, cost.objective(rank_E), message)
 
 
 def _swap(rank_E: np.ndarray, loads_R: np.ndarray, load_E: np.ndarray, e: int, f: int) -> None:
