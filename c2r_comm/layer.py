@@ -18,7 +18,7 @@ from c2r_comm.experts import GroupedExperts, SharedExpert
 from c2r_comm.plan import PlacementPlan, load_layer_plan
 from c2r_comm.routing.factory import build_router
 from c2r_comm.routing.router import RouterOutput, TopKRouter
-from c2r_comm.topology import ProcessGroups
+from c2r_comm.groups import ProcessGroups
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

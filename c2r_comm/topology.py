@@ -1,15 +1,12 @@
-"""Topology (nodes x GPUs per node), rank maps and the process groups dispatchers use.
+"""Topology (nodes x GPUs per node) and rank maps: pure geometry, no torch.distributed.
 
 Ranks are laid out node-major: rank r lives on node r // gpus_per_node with local index
-r % gpus_per_node, which is what torchrun and mpirun give with one process per GPU.
+r % gpus_per_node, which is what torchrun and mpirun give with one process per GPU. Process groups over these ranks
+live in `c2r_comm.groups`, so numpy-only code (planners, metrics) never imports torch.distributed.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import Any, Optional
-
-import torch.distributed as dist
 
 
 @dataclass(frozen=True)
@@ -52,47 +49,3 @@ class Topology:
 
     def __str__(self) -> str:
         return f"{self.nodes}x{self.gpus_per_node}"
-
-
-@dataclass(frozen=True)
-class ProcessGroups:
-    """The groups one rank takes part in; every group is created with the same timeout."""
-
-    topology: Topology
-    rank: int
-    ep: Any  # whole expert-parallel group
-    node: Any  # this rank's node
-    rail: Any  # this rank's same-local-index peers across nodes
-    timeout: timedelta
-
-    @property
-    def node_index(self) -> int:
-        return self.topology.node_of(self.rank)
-
-    @property
-    def local_index(self) -> int:
-        return self.topology.local_index_of(self.rank)
-
-
-def build_process_groups(topology: Topology, timeout_s: float, ep_group: Optional[Any] = None) -> ProcessGroups:
-    """Create node and rail groups. Collective: every rank of `ep_group` must call it together.
-
-    new_group() must be called by all ranks for every group in the same order, so we create all
-    node groups and all rail groups here and keep the ones this rank belongs to.
-    """
-    ep = ep_group if ep_group is not None else dist.group.WORLD
-    world = dist.get_world_size(ep)
-    topology.check_world_size(world)
-    rank = dist.get_rank(ep)
-    timeout = timedelta(seconds=timeout_s)
-    global_ranks = dist.get_process_group_ranks(ep)
-    my_node = my_rail = None
-    for n in range(topology.nodes):
-        g = dist.new_group([global_ranks[r] for r in topology.ranks_on_node(n)], timeout=timeout)
-        if n == topology.node_of(rank):
-            my_node = g
-    for i in range(topology.gpus_per_node):
-        g = dist.new_group([global_ranks[r] for r in topology.rail_ranks(i)], timeout=timeout)
-        if i == topology.local_index_of(rank):
-            my_rail = g
-    return ProcessGroups(topology=topology, rank=rank, ep=ep, node=my_node, rail=my_rail, timeout=timeout)

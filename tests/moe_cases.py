@@ -14,7 +14,8 @@ import torch.distributed as dist
 from c2r_comm.dispatch import build_dispatcher
 from c2r_comm.experts import GroupedExperts, init_expert_weights, reference_moe
 from c2r_comm.plan import PlacementPlan
-from c2r_comm.topology import Topology, build_process_groups
+from c2r_comm.groups import build_process_groups
+from c2r_comm.topology import Topology
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ from ranks import run_ranks
 from c2r_comm.dispatch import InputError, build_dispatcher
 from c2r_comm.experts import GroupedExperts
 from c2r_comm.plan import PlacementPlan
-from c2r_comm.topology import Topology, build_process_groups
+from c2r_comm.groups import build_process_groups
+from c2r_comm.topology import Topology
 
 E, D, K, T = 8, 4, 2, 5
 

@@ -12,7 +12,8 @@ from ranks import run_ranks
 
 from c2r_comm.dispatch import HierarchicalDispatcher, InputError
 from c2r_comm.plan import PlacementPlan
-from c2r_comm.topology import ProcessGroups, Topology, build_process_groups
+from c2r_comm.groups import ProcessGroups, build_process_groups
+from c2r_comm.topology import Topology
 
 TOL = 1e-10  # float64 end to end
 

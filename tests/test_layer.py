@@ -12,7 +12,8 @@ from c2r_comm.layer import build_moe_layer
 from c2r_comm.plan import PlacementPlan, PlanFile
 from c2r_comm.routing.collaboration import CollaborationProfiler
 from c2r_comm.routing.trace import RoutingTrace
-from c2r_comm.topology import Topology, build_process_groups
+from c2r_comm.groups import build_process_groups
+from c2r_comm.topology import Topology
 
 E, K, D, F, T = 8, 3, 16, 24, 10
 

@@ -21,7 +21,8 @@ from c2r_comm.config import Config, ConfigError, load_config, parse_topology, wi
 from c2r_comm.dispatch import DISPATCHERS
 from c2r_comm.layer import DTYPES, build_moe_layer
 from c2r_comm.routing.trace import RoutingTrace, parse_layers, parse_range
-from c2r_comm.topology import Topology, build_process_groups
+from c2r_comm.groups import build_process_groups
+from c2r_comm.topology import Topology
 
 # flag -> dotted config field it overrides
 OVERRIDES = {

@@ -7,7 +7,7 @@ from c2r_comm.dispatch.comm import InputError
 from c2r_comm.dispatch.dedup import DedupDispatcher
 from c2r_comm.dispatch.hierarchical import HierarchicalDispatcher
 from c2r_comm.plan import PlacementPlan
-from c2r_comm.topology import ProcessGroups
+from c2r_comm.groups import ProcessGroups
 
 DISPATCHERS: dict[str, type[Dispatcher]] = {
     AllToAllDispatcher.name: AllToAllDispatcher,

@@ -15,7 +15,8 @@ import torch.distributed as dist
 
 from c2r_comm.dispatch.comm import agree_on_status, check_same_on_all_ranks
 from c2r_comm.plan import PlacementPlan
-from c2r_comm.topology import ProcessGroups, Topology
+from c2r_comm.groups import ProcessGroups
+from c2r_comm.topology import Topology
 
 
 @dataclass(frozen=True)

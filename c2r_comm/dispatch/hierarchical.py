@@ -24,7 +24,7 @@ from c2r_comm.dispatch.comm import (all_to_all, all_to_all_plain, as_bytes, exch
 from c2r_comm.dispatch.layout import expand_to_slots, group_layout
 from c2r_comm.dispatch.p2p import messages_sent, sparse_exchange
 from c2r_comm.plan import PlacementPlan
-from c2r_comm.topology import ProcessGroups
+from c2r_comm.groups import ProcessGroups
 
 
 @dataclass(frozen=True)
