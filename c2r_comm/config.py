@@ -6,6 +6,7 @@ so a typo in a sweep fails once, up front, with a message a user can act on.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,25 @@ class ConfigError(ValueError):
 def _require(ok: bool, field_name: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(field_name, value, allowed)
+
+
+def top_t_range(num_experts: int, top_k: Optional[int] = None) -> tuple[int, int]:
+    """Allowed C2R Top-T as (lo, hi), both inclusive: max(1, top_k-1) <= top_t <= num_experts-1.
+
+    A token's top-1 expert plus its k-1 others come from the top-1's T collaborators, so T >= k-1;
+    self is never a collaborator, so T <= E-1. top_k=None means no top-k constraint (the profiler
+    derives lists before any model is chosen): 1 <= top_t <= num_experts-1.
+    """
+    return (1 if top_k is None else max(1, top_k - 1)), num_experts - 1
+
+
+def check_top_t(top_t: Any, num_experts: int, top_k: Optional[int] = None, field_name: str = "routing.top_t") -> int:
+    """The one Top-T range rule (see top_t_range); raises ConfigError naming field, value and range."""
+    lo, hi = top_t_range(num_experts, top_k)
+    bound = "1" if top_k is None else f"max(1, top_k-1) = {lo}"
+    ok = isinstance(top_t, numbers.Integral) and not isinstance(top_t, bool) and lo <= top_t <= hi
+    _require(ok, field_name, top_t, f"an integer {bound} <= top_t <= num_experts-1 = {hi}")
+    return int(top_t)
 
 
 DISPATCHERS = ("alltoall", "dedup", "hierarchical")
@@ -88,8 +108,8 @@ class RoutingConfig:
         _require(self.z_loss_weight >= 0, "routing.z_loss_weight", self.z_loss_weight, ">= 0")
         _require(self.level in ("gpu", "node"), "routing.level", self.level, "'gpu' or 'node'")
         if self.kind == "c2r":
-            _require(self.top_t is not None and self.top_t >= 1, "routing.top_t", self.top_t,
-                     "an integer >= 1 (required for kind=c2r)")
+            # Its range depends on the model: Config checks it (check_top_t), as does build_router.
+            _require(self.top_t is not None, "routing.top_t", self.top_t, "an integer (required for kind=c2r)")
             _require(self.collaborators is not None, "routing.collaborators", self.collaborators,
                      "a path to a profiler .npz (required for kind=c2r)")
         if self.kind == "device_constrained":
@@ -140,10 +160,7 @@ class Config:
         _require(self.model.num_experts % world == 0, "model.num_experts", self.model.num_experts,
                  f"a multiple of the number of ranks nodes*gpus_per_node = {world}")
         if self.routing.kind == "c2r":
-            _require(self.routing.top_t >= self.model.top_k - 1, "routing.top_t", self.routing.top_t,
-                     f"top_k-1 ({self.model.top_k - 1}) <= top_t <= num_experts-1 ({self.model.num_experts - 1})")
-            _require(self.routing.top_t <= self.model.num_experts - 1, "routing.top_t", self.routing.top_t,
-                     f"top_k-1 ({self.model.top_k - 1}) <= top_t <= num_experts-1 ({self.model.num_experts - 1})")
+            check_top_t(self.routing.top_t, self.model.num_experts, self.model.top_k)
 
     def check_world_size(self, world_size: int) -> None:
         """The launched world must be exactly nodes x gpus_per_node."""

@@ -61,8 +61,9 @@ def build_moe_layer(config: Config, groups: ProcessGroups, device: torch.device,
     if plan is None:
         plan = load_layer_plan(config.placement.plan, config.placement.layer, groups.topology, m.num_experts)
     dtype = DTYPES[run.dtype]
-    torch.manual_seed(run.seed)  # replicated router: same gate on every rank
-    router = build_router(m, config.routing, plan, groups.topology, config.placement.layer).to(device)
+    gate_rng = torch.Generator().manual_seed(run.seed)  # replicated router: same gate on every rank
+    router = build_router(m, config.routing, plan, groups.topology, config.placement.layer, generator=gate_rng)
+    router = router.to(device)
     disp = build_dispatcher(dispatcher or config.dispatcher, plan, groups, m.hidden_size)
     experts = GroupedExperts.for_rank(plan, groups.rank, m.hidden_size, m.ffn_hidden_size, run.seed, dtype, device)
     shared = None

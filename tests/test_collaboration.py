@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from c2r_comm.cli import profile_cmd
+from c2r_comm.config import ConfigError
 from c2r_comm.plan import PlacementPlan, distinct_per_token, expert_to_node
 from c2r_comm.routing.collaboration import CollaborationProfiler, CollaborationStats
 from c2r_comm.routing.trace import RoutingTrace
@@ -64,7 +65,7 @@ def test_collaborators_exclude_self_and_break_ties_by_id():
     assert lists.tolist() == [[1, 2, 3, 4], [3, 0, 2, 4], [0, 1, 3, 4], [1, 4, 0, 2], [3, 0, 1, 2]]
     assert stats.collaborators(2)[0].tolist() == lists[:, :2].tolist()
     for bad in (0, 5):
-        with pytest.raises(ValueError, match=f"top_t = {bad} is out of range"):
+        with pytest.raises(ConfigError, match=f"'routing.top_t' = {bad} is invalid"):
             stats.collaborators(bad)
 
 

@@ -99,3 +99,37 @@ def test_every_router_under_every_dispatcher_and_planned_placement(tmp_path):
             assert errs["out"] < 1e-5 and errs["grad_x"] < 1e-5, (rank, key, errs)
             if key[0] == "device_constrained":
                 assert errs["one_rank"], (rank, key)
+
+
+
+def _rng_worker(rank, world, collab_path):
+    groups = build_process_groups(Topology(1, world), timeout_s=60)
+    routings = {"topk": {"kind": "topk"}, "c2r": {"kind": "c2r", "top_t": 3, "collaborators": collab_path},
+                "device_constrained": {"kind": "device_constrained", "max_groups": 1}}
+    results = {}
+    for kind, routing in routings.items():
+        data = _config(world, routing).to_dict()
+        data["model"]["num_shared_experts"] = 1
+
+        def gate(seed):
+            data["run"]["seed"] = seed
+            layer = build_moe_layer(config_from_dict(data), groups, torch.device("cpu"))
+            return layer.router.gate.weight.detach().clone()
+
+        torch.manual_seed(1234)
+        before = torch.get_rng_state()
+        a, b, c = gate(3), gate(3), gate(4)
+        results[kind] = {"rng_unchanged": bool(torch.equal(before, torch.get_rng_state())),
+                         "same_seed_same_gate": bool(torch.equal(a, b)), "other_seed_other_gate": not torch.equal(a, c),
+                         "within_linear_init_bound": bool(a.abs().max() <= D ** -0.5)}
+    return results
+
+
+def test_build_leaves_global_rng_alone_and_gate_follows_run_seed(tmp_path):
+    prof = CollaborationProfiler(1, E)
+    prof.update_layers(RoutingTrace.synthetic(500, E, K, num_clusters=2, seed=1).expert_ids)
+    prof.stats().save(tmp_path / "collab.npz")
+    (res,) = run_ranks(1, _rng_worker, str(tmp_path / "collab.npz"))
+    assert set(res) == {"topk", "c2r", "device_constrained"}
+    for kind, checks in res.items():
+        assert all(checks.values()), (kind, checks)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from c2r_comm.placement.metrics import dealt_source_ranks, expert_loads, placement_metrics
+from c2r_comm.placement.metrics import dealt_source_ranks, expert_loads, max_over_mean, placement_metrics
+from c2r_comm.placement.refine import balance_load
 from c2r_comm.placement.swap_cost import SwapCost, topology_levels
 from c2r_comm.placement.token_hypergraph import TokenHypergraph
 from c2r_comm.plan import PlacementPlan
@@ -57,6 +58,18 @@ def test_dealt_source_ranks_are_contiguous_blocks():
     src = dealt_source_ranks(10, 4)
     assert src.tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 3, 3]
     assert (np.diff(src) >= 0).all() and np.bincount(src).max() - np.bincount(src).min() <= 1
+
+
+def test_max_over_mean_normal_and_all_zero_load():
+    assert max_over_mean(np.array([1, 2, 3, 6])) == pytest.approx(2.0)
+    assert max_over_mean(np.array([5, 5, 5])) == 1.0
+    assert max_over_mean(np.zeros(4)) == 1.0  # no load, no imbalance
+    assert max_over_mean(np.zeros(0)) == 1.0
+    # Refinement reports through the same function: an all-zero layer is balanced, tolerance met.
+    ids = np.array([[0, 1], [2, 3], [4, 5], [6, 7]])
+    cost = SwapCost(TokenHypergraph.from_ids(ids, 8), topology_levels(Topology(1, 4), 4.0))
+    res = balance_load(cost, np.zeros(8), np.arange(8) // 2, tolerance=1.10)
+    assert res.load_max_over_mean == res.load_max_over_mean_before == 1.0 and res.met
 
 
 def test_metrics_errors_name_the_problem():

@@ -139,9 +139,9 @@ def test_c2r_rejects_bad_collaborators():
         C2RRouter(4, E, K, good.flatten(), 4)
     with pytest.raises(ValueError, match="fewer than top_t"):
         C2RRouter(4, E, K, good, 5)
-    with pytest.raises(ValueError, match="top_t = 1 is out of range"):
+    with pytest.raises(ConfigError, match="'routing.top_t' = 1 is invalid"):
         C2RRouter(4, E, K, good, 1)  # T < k-1
-    with pytest.raises(ValueError, match="top_t = 8 is out of range"):
+    with pytest.raises(ConfigError, match="'routing.top_t' = 8 is invalid"):
         C2RRouter(4, E, K, torch.zeros(E, 8, dtype=torch.long), 8)
     bad = good.clone()
     bad[2, 0] = 8
@@ -233,3 +233,33 @@ def test_factory_errors(tmp_path, stats_file):
     with pytest.raises(ConfigError, match="routing.top_t"):
         config_from_dict({"model": {"num_experts": 16, "top_k": 4},
                           "routing": {"kind": "c2r", "top_t": 1, "collaborators": str(path)}})
+
+
+@pytest.mark.parametrize("K,T,ok", [(4, 2, False), (4, 3, True), (4, 15, True), (4, 16, False),
+                                    (2, 0, False), (2, 1, True), (1, 1, True), (1, 0, False)])
+def test_one_top_t_rule_and_error_at_config_factory_and_router(stats_file, K, T, ok):
+    """max(1, top_k-1) <= top_t <= num_experts-1 (16 experts here), the same ConfigError everywhere;
+    the profiler's lists know no top_k, so there only 1 <= top_t <= 15."""
+    path, stats = stats_file
+    model = ModelConfig(hidden_size=8, num_experts=16, top_k=K)
+    routing = RoutingConfig(kind="c2r", top_t=T, collaborators=str(path))
+    plan, topo = PlacementPlan.contiguous(16, 1), Topology(1, 1)
+    levels = {
+        "config": lambda: config_from_dict({"model": {"hidden_size": 8, "num_experts": 16, "top_k": K},
+                                            "routing": {"kind": "c2r", "top_t": T, "collaborators": str(path)}}),
+        "factory": lambda: build_router(model, routing, plan, topo, 0),
+        "router": lambda: C2RRouter(8, 16, K, all_partners(16), T),
+    }
+    for level, build in levels.items():
+        if ok:
+            build()
+            continue
+        with pytest.raises(ConfigError) as info:
+            build()
+        assert info.value.field_name == "routing.top_t" and info.value.value == T, level
+        assert "<= top_t <= num_experts-1 = 15" in info.value.allowed, level
+    if 1 <= T <= 15:
+        assert stats.collaborators(T).shape == (3, 16, T)
+    else:
+        with pytest.raises(ConfigError, match="'routing.top_t'"):
+            stats.collaborators(T)

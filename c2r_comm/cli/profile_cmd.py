@@ -12,6 +12,7 @@ import dataclasses
 import numpy as np
 
 from c2r_comm.config import parse_topology
+from c2r_comm.placement.plot import matplotlib_available, save_coactivation_png
 from c2r_comm.plan import PlacementPlan, PlanFile
 from c2r_comm.routing.collaboration import CollaborationProfiler, CollaborationStats
 from c2r_comm.routing.trace import RoutingTrace, parse_layers, parse_range
@@ -62,30 +63,10 @@ def format_table(stats: CollaborationStats, layers: list[int], nodes: int) -> st
     return "\n".join(rows)
 
 
-def write_heatmap(counts_EE: np.ndarray, plan: PlacementPlan, path: str, title: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # files only, never a display
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ValueError("--heatmap needs matplotlib, which is not installed: pip install 'c2r-comm[plot]'") from None
-    order = np.lexsort((np.arange(plan.num_experts), np.asarray(plan.expert_to_rank)))  # by rank, then id
-    fig, ax = plt.subplots(figsize=(7, 6))
-    im = ax.imshow(counts_EE[np.ix_(order, order)], cmap="viridis", interpolation="nearest")
-    for b in range(plan.experts_per_rank, plan.num_experts, plan.experts_per_rank):  # rank boundaries
-        ax.axhline(b - 0.5, color="white", lw=0.6)
-        ax.axvline(b - 0.5, color="white", lw=0.6)
-    ax.set_title(title)
-    ax.set_xlabel("expert (ordered by rank)")
-    ax.set_ylabel("expert (ordered by rank)")
-    fig.colorbar(im, ax=ax, label="tokens selecting both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def run(args: argparse.Namespace) -> int:
     topology = Topology(*parse_topology(args.topology))
+    if args.heatmap and not matplotlib_available():
+        raise ValueError("--heatmap needs matplotlib, which is not installed: pip install 'c2r-comm[plot]'")
     if args.synthetic:
         trace = RoutingTrace.synthetic(**SYNTHETIC)
         source = "synthetic"
@@ -111,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--heatmap-layer {hl} was not profiled: allowed one of {layers}")
         plan = (PlanFile.load(args.plan).plan_for_layer(hl, topology, trace.num_experts) if args.plan
                 else PlacementPlan.contiguous(trace.num_experts, topology.world_size))
-        write_heatmap(stats.counts_LEE[layers.index(hl)], plan, args.heatmap,
-                      f"co-activations, layer {hl} ({'plan ' + args.plan if args.plan else 'contiguous'})")
+        save_coactivation_png(args.heatmap, stats.counts_LEE[layers.index(hl)], plan, topology,
+                              f"co-activations, layer {hl} ({'plan ' + args.plan if args.plan else 'contiguous'})")
         print(f"wrote {args.heatmap}")
     return 0

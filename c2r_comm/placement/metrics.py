@@ -49,9 +49,15 @@ def _holds(group_of_expert: np.ndarray, ids_TK: np.ndarray, group_T: np.ndarray)
     return (group_of_expert[ids_TK] == group_T[:, None]).any(axis=1)
 
 
-def _max_over_mean(loads: np.ndarray) -> float:
-    mean = loads.mean()
-    return float(loads.max() / mean) if mean > 0 else float("nan")
+def max_over_mean(loads: np.ndarray) -> float:
+    """Imbalance of non-negative loads: max / mean, 1.0 = perfectly balanced.
+
+    All-zero (or empty) loads give 1.0: with no load there is no imbalance, and a tolerance check
+    `max_over_mean(loads) <= tol` (tol >= 1) holds, as it should for a layer no token reached.
+    """
+    loads = np.asarray(loads, dtype=np.float64)
+    mean = loads.mean() if loads.size else 0.0
+    return float(loads.max() / mean) if mean > 0 else 1.0
 
 
 def placement_metrics(plan: PlacementPlan, topology: Topology, ids_TK: np.ndarray,
@@ -84,5 +90,5 @@ def placement_metrics(plan: PlacementPlan, topology: Topology, ids_TK: np.ndarra
     return PlacementMetrics(
         tokens=int(T), gpus_per_token=float(gpus_T.mean()), nodes_per_token=float(nodes_T.mean()),
         remote_gpus_per_token=float(remote_gpus_T.mean()), remote_nodes_per_token=float(remote_nodes_T.mean()),
-        gpu_load_max_over_mean=_max_over_mean(load_R), node_load_max_over_mean=_max_over_mean(load_N),
+        gpu_load_max_over_mean=max_over_mean(load_R), node_load_max_over_mean=max_over_mean(load_N),
         experts_per_gpu=plan.experts_per_rank)

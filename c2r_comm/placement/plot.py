@@ -1,9 +1,10 @@
-"""PNG of a placement: per-GPU token load bars, the co-activation heatmap ordered by the plan, and
-E[distinct GPUs per token] per layer. matplotlib is optional (`pip install c2r-comm[plot]`)."""
+"""PNGs of a placement: the one co-activation heatmap renderer (`c2r-comm profile --heatmap` and the
+middle panel of `c2r-comm plan`'s PNG), and the plan PNG with per-GPU token load bars, that heatmap
+and E[distinct GPUs per token] per layer. matplotlib is optional (`pip install c2r-comm[plot]`)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -21,15 +22,50 @@ def matplotlib_available() -> bool:
     return True
 
 
+def _pyplot() -> Any:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")  # files only, never a display
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    return plt
+
+
+def draw_coactivation_heatmap(ax: Any, counts_EE: np.ndarray, plan: PlacementPlan, topology: Topology,
+                              title: str) -> None:
+    """log(1 + co-activations) [E, E] on `ax`, experts ordered by rank, then slot (plan.rank_experts):
+    a good plan shows heavy blocks on the diagonal. Red lines separate GPUs, white lines nodes."""
+    E = plan.num_experts
+    if np.shape(counts_EE) != (E, E):
+        raise ValueError(f"co-activation counts must be [{E}, {E}] for the plan's experts, got {np.shape(counts_EE)}")
+    order = [e for experts in plan.rank_experts for e in experts]
+    counts = np.asarray(counts_EE, dtype=np.float64)[np.ix_(order, order)]
+    im = ax.imshow(np.log1p(counts), cmap="viridis", interpolation="nearest")
+    per = plan.experts_per_rank
+    for b in range(per, E, per):
+        node_edge = (b // per) % topology.gpus_per_node == 0
+        ax.axhline(b - 0.5, color="w" if node_edge else "r", lw=1.4 if node_edge else 0.6)
+        ax.axvline(b - 0.5, color="w" if node_edge else "r", lw=1.4 if node_edge else 0.6)
+    ax.set(title=title, xlabel="expert (by rank, slot)", ylabel="expert (by rank, slot)")
+    ax.figure.colorbar(im, ax=ax, label="log(1 + tokens selecting both)")
+
+
+def save_coactivation_png(path: str | Path, counts_EE: np.ndarray, plan: PlacementPlan, topology: Topology,
+                          title: str) -> None:
+    """The heatmap of draw_coactivation_heatmap alone, as a PNG."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 6))
+    draw_coactivation_heatmap(ax, counts_EE, plan, topology, title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def save_placement_png(path: str | Path, layer: int, plans: Mapping[str, PlacementPlan], eval_ids_TK: np.ndarray,
                        topology: Topology, per_layer: Mapping[str, Sequence[tuple[int, PlacementMetrics]]],
                        method: str) -> None:
     """plans: method -> plan of `layer`; per_layer: method -> [(layer, eval metrics)] for the line plot."""
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
+    plt = _pyplot()
     E = plans[method].num_experts
     load_E = expert_loads(eval_ids_TK, E)
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.2))
@@ -43,18 +79,8 @@ def save_placement_png(path: str | Path, layer: int, plans: Mapping[str, Placeme
     ax.set(title=f"layer {layer}: per-GPU token load / mean (eval)", xlabel="GPU (rank)", ylabel="load / mean")
     ax.legend(fontsize=8)
 
-    ax = axes[1]
-    plan = plans[method]
-    order = [e for experts in plan.rank_experts for e in experts]
-    counts = coactivation_counts(eval_ids_TK, E).astype(np.float64)[np.ix_(order, order)]
-    ax.imshow(np.log1p(counts), cmap="viridis")
-    per = plan.experts_per_rank
-    for b in range(per, E, per):
-        node_edge = (b // per) % topology.gpus_per_node == 0
-        ax.axhline(b - 0.5, color="w" if node_edge else "r", lw=1.4 if node_edge else 0.6)
-        ax.axvline(b - 0.5, color="w" if node_edge else "r", lw=1.4 if node_edge else 0.6)
-    ax.set(title=f"layer {layer}: log(1 + co-activations), experts ordered by {method} plan",
-           xlabel="expert (by rank, slot)", ylabel="expert (by rank, slot)")
+    draw_coactivation_heatmap(axes[1], coactivation_counts(eval_ids_TK, E), plans[method], topology,
+                              f"layer {layer}: co-activations (eval), {method} order")
 
     ax = axes[2]
     for name, rows in per_layer.items():

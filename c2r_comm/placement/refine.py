@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from c2r_comm.placement.metrics import rank_loads
+from c2r_comm.placement.metrics import max_over_mean, rank_loads
 from c2r_comm.placement.swap_cost import SwapCost
 
 _EPS = 1e-9
@@ -33,11 +33,6 @@ class BalanceResult:
     objective_before: float  # SwapCost objective on the fit tokens
     objective_after: float
     message: str
-
-
-def _max_over_mean(loads_R: np.ndarray) -> float:
-    mean = loads_R.mean()
-    return float(loads_R.max() / mean) if mean > 0 else 1.0
 
 
 def balance_load(cost: SwapCost, load_E: np.ndarray, rank_of_expert: np.ndarray, tolerance: float = 1.10,
@@ -60,7 +55,7 @@ def balance_load(cost: SwapCost, load_E: np.ndarray, rank_of_expert: np.ndarray,
     loads_R = rank_loads(load_E, rank_E, W)
     mean = loads_R.mean()
     target = tolerance * mean
-    before_ratio, objective_before = _max_over_mean(loads_R), cost.objective(rank_E)
+    before_ratio, objective_before = max_over_mean(loads_R), cost.objective(rank_E)
     balance_swaps = 0
     while loads_R.max() > target + _EPS and mean > 0:
         h = int(np.argmax(loads_R))
@@ -82,7 +77,7 @@ def balance_load(cost: SwapCost, load_E: np.ndarray, rank_of_expert: np.ndarray,
         e = int(rows[i])
         _swap(rank_E, loads_R, load_E, e, int(f))
         balance_swaps += 1
-    ratio = _max_over_mean(loads_R)
+    ratio = max_over_mean(loads_R)
     met = ratio <= tolerance + _EPS
     recovery_swaps = 0
     bound = max(target, float(loads_R.max()))  # recovery and polish keep every GPU under this
@@ -90,12 +85,12 @@ def balance_load(cost: SwapCost, load_E: np.ndarray, rank_of_expert: np.ndarray,
         limit = max_recovery_swaps if max_recovery_swaps is not None else 4 * len(rank_E)
         rank_E, recovery_swaps = improve_by_swaps(cost, rank_E, load_E=load_E, load_bound=bound, max_swaps=limit)
         loads_R = rank_loads(load_E, rank_E, W)
-        ratio = _max_over_mean(loads_R)
+        ratio = max_over_mean(loads_R)
     polish_improvements = 0
     if polish_kicks:
         rank_E, polish_improvements = polish_by_kicks(cost, rank_E, polish_kicks, seed, load_E=load_E, load_bound=bound)
         loads_R = rank_loads(load_E, rank_E, W)
-        ratio = _max_over_mean(loads_R)
+        ratio = max_over_mean(loads_R)
     if met:
         message = f"per-GPU load max/mean {ratio:.3f} <= tolerance {tolerance:.3f}"
     else:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from c2r_comm.config import check_top_t
 from c2r_comm.plan import PlacementPlan, distinct_per_token, expert_to_node
 from c2r_comm.topology import Topology
 
@@ -109,8 +110,7 @@ class CollaborationStats:
     def collaborators(self, top_t: int) -> np.ndarray:
         """Top-T partners per expert [L, E, T], strongest first; self excluded; ties -> lower id."""
         E = self.num_experts
-        if not 1 <= top_t <= E - 1:
-            raise ValueError(f"top_t = {top_t} is out of range: allowed 1 <= top_t <= num_experts-1 = {E - 1}")
+        top_t = check_top_t(top_t, E)  # no top_k here: lists may serve any model, so 1..E-1
         key = self.counts_LEE.astype(np.float64)
         key[:, np.arange(E), np.arange(E)] = -1.0  # self ranks below every real partner, even count 0
         order = np.argsort(-key, axis=-1, kind="stable")  # stable: equal counts keep ascending id

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
-from c2r_comm.config import ConfigError, ModelConfig, RoutingConfig
+from c2r_comm.config import ConfigError, ModelConfig, RoutingConfig, check_top_t
 from c2r_comm.plan import PlacementPlan, expert_to_node
 from c2r_comm.routing.collaboration import CollaborationStats
 from c2r_comm.routing.router import C2RRouter, DeviceConstrainedRouter, TopKRouter
@@ -36,23 +37,22 @@ def load_collaborators(path: str | Path, layer: int, num_experts: int, top_t: in
     if stats.num_experts != num_experts:
         raise ValueError(f"{path} was profiled with {stats.num_experts} experts but the model has {num_experts}")
     row = stats.row_of_layer(layer)
-    if not 1 <= top_t <= num_experts - 1:
-        raise ConfigError("routing.top_t", top_t, f"1 <= top_t <= num_experts-1 ({num_experts - 1})")
-    return stats.collaborators(top_t)[row]
+    return stats.collaborators(top_t)[row]  # checks top_t (config.check_top_t)
 
 
 def build_router(model: ModelConfig, routing: RoutingConfig, plan: PlacementPlan, topology: Topology,
-                 layer: int) -> TopKRouter:
-    """The router for MoE layer `layer` (0-based trace layer index used for profiled lists)."""
+                 layer: int, generator: Optional[torch.Generator] = None) -> TopKRouter:
+    """The router for MoE layer `layer` (0-based trace layer index used for profiled lists).
+
+    generator: the gate's initial weights come from it alone, not torch's global RNG (see TopKRouter).
+    """
     common = dict(renormalize=routing.renormalize, noise_std=routing.noise_std,
-                  aux_loss_weight=routing.aux_loss_weight, z_loss_weight=routing.z_loss_weight)
+                  aux_loss_weight=routing.aux_loss_weight, z_loss_weight=routing.z_loss_weight, generator=generator)
     E, K = model.num_experts, model.top_k
     if routing.kind == "topk":
         return TopKRouter(model.hidden_size, E, K, **common)
     if routing.kind == "c2r":
-        if routing.top_t is None or not max(K - 1, 1) <= routing.top_t <= E - 1:
-            raise ConfigError("routing.top_t", routing.top_t,
-                              f"max(1, top_k-1) = {max(K - 1, 1)} <= top_t <= num_experts-1 = {E - 1}")
+        check_top_t(routing.top_t, E, K)  # before reading the file: a bad T fails the same way with any file
         if routing.collaborators is None:
             raise ConfigError("routing.collaborators", None, "a path to a profiler .npz (required for kind=c2r)")
         lists_ET = load_collaborators(routing.collaborators, layer, E, routing.top_t)

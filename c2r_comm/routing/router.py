@@ -4,10 +4,14 @@ Every router returns a `RouterOutput`; weights keep their autograd graph back to
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
+
+from c2r_comm.config import check_top_t
 
 
 @dataclass(frozen=True)
@@ -40,13 +44,23 @@ class TopKRouter(nn.Module):
     """Softmax over all experts, then the k largest; optional renormalisation and gate noise."""
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, renormalize: bool = True,
-                 noise_std: float = 0.0, aux_loss_weight: float = 0.0, z_loss_weight: float = 0.0):
+                 noise_std: float = 0.0, aux_loss_weight: float = 0.0, z_loss_weight: float = 0.0,
+                 generator: Optional[torch.Generator] = None):
+        """generator: draw the gate's initial weights from it alone (torch's global RNG is left as it was),
+        with nn.Linear's default distribution U(-1/sqrt(hidden_size), 1/sqrt(hidden_size)); None: nn.Linear's
+        own init from the global RNG."""
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must lie in 1..num_experts ({num_experts}), got {top_k}")
         self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
         self.noise_std, self.aux_loss_weight, self.z_loss_weight = noise_std, aux_loss_weight, z_loss_weight
-        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        if generator is None:
+            self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        else:
+            self.gate = nn.utils.skip_init(nn.Linear, hidden_size, num_experts, bias=False)  # no global draws
+            bound = 1.0 / math.sqrt(hidden_size)
+            with torch.no_grad():
+                self.gate.weight.uniform_(-bound, bound, generator=generator)
 
     def compute_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         logits_TE = self.gate(x_TD).float()
@@ -86,9 +100,7 @@ def check_collaborators(collaborators_ET: torch.Tensor, num_experts: int, top_k:
     if c.ndim != 2 or c.shape[0] != num_experts:
         raise ValueError(f"collaborator lists must have shape [num_experts={num_experts}, >= top_t], "
                          f"got {tuple(c.shape)}")
-    if not max(top_k - 1, 1) <= top_t <= num_experts - 1:
-        raise ValueError(f"top_t = {top_t} is out of range: allowed max(1, top_k-1) = {max(top_k - 1, 1)} "
-                         f"<= top_t <= num_experts-1 = {num_experts - 1}")
+    top_t = check_top_t(top_t, num_experts, top_k)
     if c.shape[1] < top_t:
         raise ValueError(f"collaborator lists have {c.shape[1]} partners per expert, fewer than top_t = {top_t}")
     c = c[:, :top_t].long().cpu()
