@@ -102,10 +102,11 @@ def test_topology_that_does_not_match_the_world_is_refused():
 
 
 def _bad_combine_worker(rank, world):
+    """With run.debug_checks every rank agrees on the combine input (one tiny all_gather)."""
     groups = build_process_groups(Topology(1, world), timeout_s=30)
     out = {}
     for name in ("alltoall", "dedup", "hierarchical"):
-        disp = build_dispatcher(name, PlacementPlan.contiguous(E, world), groups, D)
+        disp = build_dispatcher(name, PlacementPlan.contiguous(E, world), groups, D, debug_checks=True)
         x, idx, w = _inputs(rank)
         batch, handle = disp.dispatch(x, idx, w)
         y = GroupedExperts.for_rank(disp.plan, rank, D, 6)(batch.x_PD, batch.tokens_per_expert)
@@ -123,3 +124,40 @@ def test_bad_combine_input_on_one_rank_raises_everywhere():
     for rank, out in enumerate(run_ranks(2, _bad_combine_worker, timeout_s=60)):
         for name, msg in out.items():
             assert msg is not None and "rank 0: expert output shape" in msg, (rank, name, msg)
+
+
+def _local_combine_check_worker(rank, world):
+    """Without debug_checks, combine checks the expert output against the handle locally: no
+    collective of its own on a good call, and a clear error (naming the rank) before any
+    exchange on a bad one."""
+    import torch.distributed as dist
+
+    groups = build_process_groups(Topology(1, world), timeout_s=30)
+    out = {}
+    for name in ("alltoall", "dedup", "hierarchical"):
+        disp = build_dispatcher(name, PlacementPlan.contiguous(E, world), groups, D)
+        x, idx, w = _inputs(rank)
+        batch, handle = disp.dispatch(x, idx, w)
+        y = GroupedExperts.for_rank(disp.plan, rank, D, 6)(batch.x_PD, batch.tokens_per_expert)
+        calls = []
+        originals = {f: getattr(dist, f) for f in ("all_gather", "all_reduce", "broadcast")}
+        for f, orig in originals.items():
+            setattr(dist, f, lambda *a, _f=f, _o=orig, **k: (calls.append(_f), _o(*a, **k))[1])
+        try:
+            disp.combine(y, handle)
+            try:
+                disp.combine(y[:-1], handle)
+                out[name] = (calls, None)
+            except ValueError as exc:
+                out[name] = (calls, str(exc))
+        finally:
+            for f, orig in originals.items():
+                setattr(dist, f, orig)
+    return out
+
+
+def test_combine_check_is_local_without_debug_checks():
+    (out,) = run_ranks(1, _local_combine_check_worker, timeout_s=60)
+    for name, (calls, msg) in out.items():
+        assert calls == [], (name, calls)
+        assert msg is not None and "rank 0: combine needs expert_out" in msg, (name, msg)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from moe_cases import Case, run_cases
 from ranks import run_ranks
 
-from c2r_comm.dispatch.layout import expand_to_slots, group_layout
+from c2r_comm.dispatch.layout import distinct_counts, group_rows, pairs_by_slot
 
 
 @st.composite
@@ -26,30 +26,53 @@ def routings(draw):
 
 @settings(max_examples=150, deadline=None, derandomize=True)
 @given(routings())
-def test_group_layout_is_one_row_per_distinct_token_group(case):
+def test_group_rows_is_one_row_per_distinct_token_group(case):
     idx_TK, group_of_expert, G = case
-    layout = group_layout(idx_TK, group_of_expert, G)
+    group_TK = group_of_expert[idx_TK]
+    layout = group_rows(group_TK, G)
     want = sorted({(int(group_of_expert[e]), t) for t, row in enumerate(idx_TK.tolist()) for e in row})
-    got = list(zip(layout.group_of_row_R.tolist(), layout.token_of_row_R.tolist()))
+    n = int(layout.counts_G.sum())
+    assert n == len(want) and layout.group_of_row_R.shape[0] == idx_TK.numel()  # padded to T*K
+    got = list(zip(layout.group_of_row_R[:n].tolist(), layout.token_of_row_R[:n].tolist()))
     assert got == want  # distinct pairs, ordered by group then token
     for r, (g, t) in enumerate(got):
         assert layout.member_RK[r].tolist() == [int(group_of_expert[e]) == g for e in idx_TK[t].tolist()]
+    assert not layout.member_RK[n:].any()  # sentinel rows are nobody's
     assert layout.counts_G.tolist() == [sum(1 for gg, _ in want if gg == g) for g in range(G)]
+    assert distinct_counts(group_TK, G).tolist() == layout.counts_G.tolist()
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(routings(), st.data())
+def test_group_rows_skips_invalid_choices(case, data):
+    idx_TK, group_of_expert, G = case
+    valid = torch.tensor([[data.draw(st.booleans()) for _ in range(idx_TK.shape[1])] for _ in range(idx_TK.shape[0])],
+                         dtype=torch.bool).reshape(idx_TK.shape)
+    group_TK = group_of_expert[idx_TK]
+    layout = group_rows(group_TK, G, valid_TK=valid)
+    want = sorted({(int(group_TK[t, k]), t) for t in range(idx_TK.shape[0]) for k in range(idx_TK.shape[1])
+                   if valid[t, k]})
+    n = int(layout.counts_G.sum())
+    assert list(zip(layout.group_of_row_R[:n].tolist(), layout.token_of_row_R[:n].tolist())) == want
+    for r, (g, t) in enumerate(want):
+        assert layout.member_RK[r].tolist() == [bool(valid[t, k]) and int(group_TK[t, k]) == g
+                                                for k in range(idx_TK.shape[1])]
+    assert distinct_counts(group_TK, G, valid).tolist() == layout.counts_G.tolist()
 
 
 @settings(max_examples=150, deadline=None, derandomize=True)
 @given(st.integers(0, 15), st.integers(1, 6), st.integers(1, 5), st.data())
-def test_expand_to_slots_groups_every_valid_choice_once(rows, k, num_local, data):
-    slot_RK = torch.tensor([[data.draw(st.integers(-1, num_local - 1)) for _ in range(k)] for _ in range(rows)],
-                           dtype=torch.int16).reshape(rows, k)
-    exp = expand_to_slots(slot_RK, num_local)
+def test_pairs_by_slot_groups_every_valid_choice_once(rows, k, num_local, data):
+    slot_RK = torch.tensor([[data.draw(st.integers(-1, num_local)) for _ in range(k)] for _ in range(rows)],
+                           dtype=torch.int16).reshape(rows, k)  # -1 and num_local: not here
     flat = slot_RK.reshape(-1).long()
+    valid = [i for i, s in enumerate(flat.tolist()) if 0 <= s < num_local]
+    exp = pairs_by_slot(slot_RK, num_local, len(valid))
     chosen = exp.choice_of_pair_P.tolist()
-    assert sorted(chosen) == [i for i, s in enumerate(flat.tolist()) if s >= 0]  # each valid choice once
+    assert sorted(chosen) == valid  # each valid choice once
     slots = flat[exp.choice_of_pair_P].tolist()
     assert slots == sorted(slots)  # grouped by local expert
     assert exp.row_of_pair_P.tolist() == [c // k for c in chosen]
-    assert list(exp.tokens_per_expert) == [slots.count(s) for s in range(num_local)]
 
 
 def _random_cases(n: int, seed: int) -> list[Case]:

@@ -1,13 +1,19 @@
-"""Dispatchers: alltoall (baseline), dedup (one copy per rank), hierarchical (one copy per node)."""
+"""Dispatchers: alltoall (baseline), dedup (one copy per rank), hierarchical (one copy per node).
+
+Each runs as phases: layout (pure) -> exchange_counts (the one host sync) -> send / wait ->
+combine_start / wait; `dispatch()` and `combine()` compose them. See base.py.
+"""
 from __future__ import annotations
 
 from c2r_comm.dispatch.alltoall import AllToAllDispatcher
-from c2r_comm.dispatch.base import CommStats, DispatchHandle, Dispatcher, ExpertBatch
-from c2r_comm.dispatch.comm import InputError
+from c2r_comm.dispatch.base import DispatchHandle, Dispatcher, ExpertBatch, Route
+from c2r_comm.dispatch.comm import InputError, StatusCode
 from c2r_comm.dispatch.dedup import DedupDispatcher
+from c2r_comm.dispatch.exchange_plan import CommStats, ExchangePlan, traffic_stats, world_traffic
 from c2r_comm.dispatch.hierarchical import HierarchicalDispatcher
-from c2r_comm.plan import PlacementPlan
+from c2r_comm.dispatch.transport import Pending
 from c2r_comm.groups import ProcessGroups
+from c2r_comm.plan import PlacementPlan
 
 DISPATCHERS: dict[str, type[Dispatcher]] = {
     AllToAllDispatcher.name: AllToAllDispatcher,
@@ -16,11 +22,13 @@ DISPATCHERS: dict[str, type[Dispatcher]] = {
 }
 
 
-def build_dispatcher(name: str, plan: PlacementPlan, groups: ProcessGroups, hidden_size: int) -> Dispatcher:
+def build_dispatcher(name: str, plan: PlacementPlan, groups: ProcessGroups, hidden_size: int,
+                     debug_checks: bool = False) -> Dispatcher:
     if name not in DISPATCHERS:
         raise ValueError(f"dispatcher {name!r} is unknown: allowed {sorted(DISPATCHERS)}")
-    return DISPATCHERS[name](plan, groups, hidden_size)
+    return DISPATCHERS[name](plan, groups, hidden_size, debug_checks)
 
 
-__all__ = ["AllToAllDispatcher", "CommStats", "DedupDispatcher", "DispatchHandle", "Dispatcher", "ExpertBatch",
-           "HierarchicalDispatcher", "InputError", "build_dispatcher", "DISPATCHERS"]
+__all__ = ["AllToAllDispatcher", "CommStats", "DedupDispatcher", "DispatchHandle", "Dispatcher", "ExchangePlan",
+           "ExpertBatch", "HierarchicalDispatcher", "InputError", "Pending", "Route", "StatusCode",
+           "build_dispatcher", "DISPATCHERS", "traffic_stats", "world_traffic"]

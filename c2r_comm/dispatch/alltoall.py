@@ -2,7 +2,8 @@
 
 Equivalent to Megatron's AllToAll token dispatcher: permute by (destination rank, local expert),
 exchange, regroup the received rows by local expert; combine reverses this and the *source*
-applies the routing weights before summing a token's k rows.
+applies the routing weights before summing a token's k rows. Only token rows travel: the count
+exchange already says how many rows of each (source, slot) arrive, so no metadata is sent.
 """
 from __future__ import annotations
 
@@ -10,72 +11,95 @@ from dataclasses import dataclass
 
 import torch
 
-from c2r_comm.dispatch.base import (DispatchHandle, Dispatcher, ExpertBatch,
-                                    stats_from_splits)
-from c2r_comm.dispatch.comm import all_to_all, exchange_counts
+from c2r_comm.dispatch.base import DispatchHandle, Dispatcher, ExpertBatch, Route, RouteStage
+from c2r_comm.dispatch.comm import CountExchange
+from c2r_comm.dispatch.exchange_plan import ExchangePlan, StageTraffic
+from c2r_comm.dispatch.layout import bucket_counts, expert_offsets
+from c2r_comm.dispatch.transport import Exchange, Pending, link, scatter_rows
+
+
+@dataclass(frozen=True)
+class AllToAllPlan(ExchangePlan):
+    pair_order_R: torch.Tensor  # int64 [T*K]: flat (token, choice) index of each sent row, send order
+    token_of_row_R: torch.Tensor  # int64 [T*K]: source token of each sent row
 
 
 @dataclass(frozen=True)
 class AllToAllHandle(DispatchHandle):
-    send_splits: tuple[int, ...]  # rows to each rank
-    recv_splits: tuple[int, ...]  # rows from each rank
-    token_of_row_R: torch.Tensor  # source token of each sent row (send order)
-    weight_of_row_R: torch.Tensor  # routing weight of each sent row (differentiable)
     expert_order_P: torch.Tensor  # received row feeding expert-grouped row p
+    arrival_of_P: torch.Tensor  # inverse: expert-grouped row of each received row
 
 
-def group_received_by_slot(recv_counts_WL: torch.Tensor, device: torch.device) -> torch.Tensor:
+def group_received_by_slot(recv_counts_WL: torch.Tensor, total: int) -> torch.Tensor:
     """Rows arrive source-major then slot; return the permutation that makes them slot-major.
 
-    recv_counts_WL[src, slot] rows came from `src` for local `slot`, in that order.
+    recv_counts_WL[src, slot] rows came from `src` for local `slot`, in that order (device tensor;
+    `total` is its sum, known on the host, so nothing here waits for the device).
     """
     W, L = recv_counts_WL.shape
-    seg_slot = torch.arange(L, device=device).repeat(W)  # segment (src, slot) -> slot
-    row_slot = torch.repeat_interleave(seg_slot, recv_counts_WL.reshape(-1).to(device))
+    seg_slot = torch.arange(L, device=recv_counts_WL.device).repeat(W)  # segment (src, slot) -> slot
+    row_slot = torch.repeat_interleave(seg_slot, recv_counts_WL.reshape(-1), output_size=total)
     return torch.sort(row_slot, stable=True).indices
 
 
 class AllToAllDispatcher(Dispatcher):
     name = "alltoall"
 
-    def dispatch(self, x_TD, topk_idx_TK, topk_weight_TK):
-        status, detail = self._check(x_TD, topk_idx_TK, topk_weight_TK)
-        device, W, L = x_TD.device, self.world_size, self.num_local_experts
-        T = x_TD.shape[0] if status == 0 else 0
-        if status == 0:
-            e2r, e2s = self.expert_maps(device)
-            idx = topk_idx_TK.long().reshape(-1)
-            bucket = e2r[idx] * L + e2s[idx]  # (destination rank, local slot) of each pair
-            order = torch.sort(bucket, stable=True).indices
-            counts_WL = torch.bincount(bucket, minlength=W * L).reshape(W, L)
-            K = topk_idx_TK.shape[1]
-        else:
-            counts_WL = torch.zeros(W, L, dtype=torch.int64, device=device)
-        recv_counts_WL = exchange_counts(counts_WL, status, self.groups.ep, detail,
-                                        agree=self.agreed_values(x_TD, topk_idx_TK, topk_weight_TK))
-
-        send_splits = counts_WL.sum(1).tolist()
-        recv_splits = recv_counts_WL.sum(1).tolist()
-        token_of_row = torch.div(order, K, rounding_mode="floor")
-        (recv_x,) = all_to_all([x_TD.index_select(0, token_of_row)], recv_splits, send_splits, self.groups.ep)
-        expert_order = group_received_by_slot(recv_counts_WL, device)
-        tokens_per_expert = tuple(recv_counts_WL.sum(0).tolist())
-
+    def _layout(self, x_TD, topk_idx_TK, topk_weight_TK, status, status_detail, agree) -> AllToAllPlan:
+        W, L, device = self.world_size, self.num_local_experts, x_TD.device
+        e2r, e2s = self.expert_maps(device)
+        T, K = topk_idx_TK.shape
+        idx = topk_idx_TK.reshape(-1)
+        bucket = e2r[idx] * L + e2s[idx]  # (destination rank, local slot) of each pair
+        order = torch.sort(bucket, stable=True).indices
+        counts_WL = bucket_counts(bucket, W * L).reshape(W, L)
         row_bytes = x_TD.shape[1] * x_TD.element_size()
-        handle = AllToAllHandle(
-            num_tokens=T, hidden_size=x_TD.shape[1], tokens_per_expert=tokens_per_expert,
-            dispatch_stats=stats_from_splits(send_splits, row_bytes, self.rank, self.topology),
-            combine_stats=stats_from_splits(recv_splits, row_bytes, self.rank, self.topology),
-            send_splits=tuple(send_splits), recv_splits=tuple(recv_splits), token_of_row_R=token_of_row,
-            weight_of_row_R=topk_weight_TK.reshape(-1).index_select(0, order), expert_order_P=expert_order)
-        return ExpertBatch(recv_x.index_select(0, expert_order), tokens_per_expert), handle
+        stage = StageTraffic("all2all", (self.rank,) * W, counts_WL.sum(1), row_bytes, row_bytes)
+        return AllToAllPlan(self.name, self.rank, W, T, x_TD.shape[1], K, (stage,), counts_WL, status,
+                            status_detail, agree, order, torch.div(order, max(K, 1), rounding_mode="floor"))
 
-    def combine(self, expert_out_PD, handle: AllToAllHandle):
-        self.check_combine(expert_out_PD, handle)
-        # Undo the slot grouping (scatter back to arrival order), then the exchange.
-        back = torch.zeros_like(expert_out_PD).index_copy(0, handle.expert_order_P, expert_out_PD)
-        (rows_RD,) = all_to_all([back], handle.send_splits, handle.recv_splits, self.groups.ep)
-        weighted = rows_RD * handle.weight_of_row_R.to(rows_RD.dtype).unsqueeze(1)
-        out = expert_out_PD.new_zeros(handle.num_tokens, handle.hidden_size)
-        return out.index_add(0, handle.token_of_row_R, weighted)
+    def _route(self, plan: AllToAllPlan, counts: CountExchange) -> Route:
+        ex = Exchange(self.groups.ep, tuple(range(self.world_size)), tuple(counts.sent_WC.sum(1).tolist()),
+                      tuple(counts.recv_WC.sum(1).tolist()), sparse=False)
+        st = plan.stages[0]
+        return Route(plan, (RouteStage(ex, ex.peers, st.dispatch_row_bytes, st.combine_row_bytes),),
+                     tuple(counts.recv_WC.sum(0).tolist()), expert_offsets(counts.recv_device_WC.sum(0)), counts)
 
+    def send(self, x_TD, topk_weight_TK, route: Route) -> Pending:
+        plan: AllToAllPlan = route.plan
+        ex = route.stages[0].exchange
+        T = plan.num_tokens
+        token_of_row = plan.token_of_row_R[:ex.rows_sent]
+        send_RD = x_TD.detach().index_select(0, token_of_row)
+        recv_RD = send_RD.new_empty(ex.rows_received, plan.hidden_size)
+        works = ex.start(send_RD, recv_RD)
+
+        def finish() -> tuple[ExpertBatch, AllToAllHandle]:
+            (recv_x,) = link(ex, [recv_RD], [x_TD], lambda g: g[0],
+                             lambda back: (scatter_rows(back, token_of_row, T),))
+            expert_order = group_received_by_slot(route.counts.recv_device_WC, ex.rows_received)
+            arrival_of = torch.empty_like(expert_order)
+            arrival_of[expert_order] = torch.arange(expert_order.numel(), device=expert_order.device)
+            weight_of_row = topk_weight_TK.reshape(-1).index_select(0, plan.pair_order_R[:ex.rows_sent])
+            handle = AllToAllHandle(route, weight_of_row, self.rank, self.topology, expert_order, arrival_of)
+            return ExpertBatch(recv_x.index_select(0, expert_order), route.tokens_per_expert, route.offsets_E), handle
+
+        return Pending(works, finish, (send_RD, recv_RD))
+
+    def _combine_start(self, expert_out_PD, handle: AllToAllHandle) -> Pending:
+        ex = handle.route.stages[0].exchange.reversed()
+        T, D = handle.num_tokens, handle.hidden_size
+        # Back to arrival order (one gather), then the return trip.
+        send_RD = expert_out_PD.detach().index_select(0, handle.arrival_of_P)
+        recv_RD = send_RD.new_empty(ex.rows_received, D)
+        works = ex.start(send_RD, recv_RD)
+        plan: AllToAllPlan = handle.route.plan
+
+        def finish() -> torch.Tensor:
+            (rows_RD,) = link(ex, [recv_RD], [expert_out_PD], lambda g: g[0],
+                              lambda back: (back.index_select(0, handle.expert_order_P),))
+            weighted = rows_RD * handle.combine_weight.to(rows_RD.dtype).unsqueeze(1)
+            token_of_row = plan.token_of_row_R[:ex.rows_received]
+            return weighted.new_zeros(T, D).index_add(0, token_of_row, weighted)
+
+        return Pending(works, finish, (send_RD, recv_RD))

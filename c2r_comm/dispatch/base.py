@@ -1,22 +1,30 @@
-"""Dispatcher contract: dispatch() -> (ExpertBatch, handle); combine(expert_out, handle) -> out_TD.
+"""Dispatcher contract: a sequence of phases over one frozen per-call object.
 
-Dispatch and combine are built from differentiable gathers, all_to_alls and index_adds, so the
-backward of dispatch is exactly a combine over the same handle's splits and indices (and the
-backward of combine a dispatch): DeepEP's contract, with no hand-written backward to drift.
+    plan = d.layout(x_TD, topk_idx_TK, topk_weight_TK)   pure, no communication (ExchangePlan)
+    route = d.exchange_counts(plan)                      the one host sync; raises on bad input everywhere
+    batch, handle = d.send(x_TD, topk_weight_TK, route).wait()     async data exchange, then post-processing
+    out_TD = d.combine_start(expert_out_PD, handle).wait()          mirrors it
+
+`dispatch()` and `combine()` are these phases composed. The backward of dispatch is a combine
+over the same handle's exchanges (and vice versa): each exchange stage is one autograd Function
+(transport.link) whose backward runs the reverse exchange. Nothing per call lives on `self`, so
+several dispatches can be in flight before the first combine.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from c2r_comm.dispatch.comm import agree_on_status, check_same_on_all_ranks
-from c2r_comm.plan import PlacementPlan
+from c2r_comm.dispatch.comm import (CountExchange, StatusCode, agree_on_status, check_same_on_all_ranks,
+                                    exchange_counts)
+from c2r_comm.dispatch.exchange_plan import CommStats, ExchangePlan, stats_of_traffic
+from c2r_comm.dispatch.transport import Exchange, Pending
 from c2r_comm.groups import ProcessGroups
-from c2r_comm.topology import Topology
+from c2r_comm.plan import PlacementPlan
 
 
 @dataclass(frozen=True)
@@ -24,63 +32,77 @@ class ExpertBatch:
     """Rows this rank's experts must process, grouped by local expert slot."""
 
     x_PD: torch.Tensor  # [sum(tokens_per_expert), hidden]
-    tokens_per_expert: tuple[int, ...]  # [local experts]
+    tokens_per_expert: tuple[int, ...]  # [local experts], host ints from the count exchange
+    offsets_E: torch.Tensor  # int32 [local experts] cumulative end offsets, on x_PD's device (no sync)
 
 
 @dataclass(frozen=True)
-class CommStats:
-    """What one direction of one exchange sent, from the splits passed to the collectives."""
+class RouteStage:
+    """One data exchange of a dispatch with its counts, its peers as EP ranks and bytes per row."""
 
-    rows_local: int = 0  # kept on this rank (no link)
-    rows_same_node: int = 0
-    rows_cross_node: int = 0
-    bytes_same_node: int = 0
-    bytes_cross_node: int = 0
-    messages_same_node: int = 0  # non-empty point-to-point messages per link class
-    messages_cross_node: int = 0
-
-    def __add__(self, other: "CommStats") -> "CommStats":
-        return CommStats(*(a + b for a, b in zip(self.as_tuple(), other.as_tuple())))
-
-    def as_tuple(self) -> tuple[int, ...]:
-        return (self.rows_local, self.rows_same_node, self.rows_cross_node, self.bytes_same_node,
-                self.bytes_cross_node, self.messages_same_node, self.messages_cross_node)
-
-    @property
-    def rows_off_rank(self) -> int:
-        return self.rows_same_node + self.rows_cross_node
-
-    @property
-    def bytes_off_rank(self) -> int:
-        return self.bytes_same_node + self.bytes_cross_node
+    exchange: Exchange
+    ep_peers: tuple[int, ...]  # EP rank of each of exchange.peers
+    dispatch_row_bytes: int
+    combine_row_bytes: int
 
 
-def stats_from_splits(splits: Sequence[int], bytes_per_row: int, rank: int, topology: Topology,
-                      peers: Optional[Sequence[int]] = None) -> CommStats:
-    """Classify per-peer row counts by link; `peers` maps split index -> rank (default identity)."""
-    fields = dict(rows_local=0, rows_same_node=0, rows_cross_node=0, bytes_same_node=0, bytes_cross_node=0,
-                  messages_same_node=0, messages_cross_node=0)
-    for i, rows in enumerate(splits):
-        peer = peers[i] if peers is not None else i
-        if peer == rank:
-            fields["rows_local"] += rows
-            continue
-        cls = "same_node" if topology.same_node(peer, rank) else "cross_node"
-        fields[f"rows_{cls}"] += rows
-        fields[f"bytes_{cls}"] += rows * bytes_per_row
-        fields[f"messages_{cls}"] += int(rows > 0)
-    return CommStats(**fields)
+@dataclass(frozen=True)
+class Route:
+    """An ExchangePlan after the count exchange: every count of every stage, on the host."""
+
+    plan: ExchangePlan
+    stages: tuple[RouteStage, ...]
+    tokens_per_expert: tuple[int, ...]
+    offsets_E: torch.Tensor  # int32 [local experts], device
+    counts: CountExchange  # what the count exchange returned (host and device copies)
+
+    def stats(self, rank: int, topology) -> tuple[CommStats, CommStats]:
+        """(dispatch, combine) of what this rank itself puts on its links, from the counts it
+        passes to the collectives (combine sends back what dispatch received)."""
+        W = topology.world_size
+        d, c = CommStats(), CommStats()
+        for st in self.stages:
+            sent, back = [[0] * W for _ in range(W)], [[0] * W for _ in range(W)]
+            for peer, ns, nr in zip(st.ep_peers, st.exchange.send_counts, st.exchange.recv_counts):
+                sent[rank][peer] += ns
+                back[rank][peer] += nr
+            d = d + stats_of_traffic(sent, st.dispatch_row_bytes, topology)
+            c = c + stats_of_traffic(back, st.combine_row_bytes, topology)
+        return d, c
 
 
 @dataclass(frozen=True)
 class DispatchHandle:
-    """Everything combine (and backward) needs; subclasses add their layout tensors."""
+    """Everything combine (and backward) needs; subclasses add their index tensors."""
 
-    num_tokens: int
-    hidden_size: int
-    tokens_per_expert: tuple[int, ...]
-    dispatch_stats: CommStats
-    combine_stats: CommStats
+    route: Route
+    combine_weight: torch.Tensor  # routing weights combine applies (differentiable)
+    rank: int
+    topology: object
+
+    @property
+    def num_tokens(self) -> int:
+        return self.route.plan.num_tokens
+
+    @property
+    def hidden_size(self) -> int:
+        return self.route.plan.hidden_size
+
+    @property
+    def tokens_per_expert(self) -> tuple[int, ...]:
+        return self.route.tokens_per_expert
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.route.tokens_per_expert)
+
+    @property
+    def dispatch_stats(self) -> CommStats:
+        return self.route.stats(self.rank, self.topology)[0]
+
+    @property
+    def combine_stats(self) -> CommStats:
+        return self.route.stats(self.rank, self.topology)[1]
 
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -90,27 +112,27 @@ def dtype_code(dtype: torch.dtype) -> int:
     return _DTYPES.index(dtype) if dtype in _DTYPES else 99
 
 
-def validate_input(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
-                   hidden_size: int, num_experts: int) -> tuple[int, Optional[str]]:
-    """Local checks only (no collective): a status code for the count exchange and a message."""
+def check_input(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
+                hidden_size: int) -> tuple[StatusCode, Optional[str]]:
+    """Shape, dtype and device checks that need no device values (no host sync)."""
     if x_TD.dim() != 2 or topk_idx_TK.dim() != 2 or topk_weight_TK.shape != topk_idx_TK.shape \
             or topk_idx_TK.shape[0] != x_TD.shape[0]:
-        return 1, (f"need x_TD [T, D], topk_idx_TK [T, K], topk_weight_TK [T, K]; got {tuple(x_TD.shape)}, "
-                   f"{tuple(topk_idx_TK.shape)}, {tuple(topk_weight_TK.shape)}")
+        return StatusCode.BAD_SHAPE_OR_DTYPE, (
+            f"need x_TD [T, D], topk_idx_TK [T, K], topk_weight_TK [T, K]; got {tuple(x_TD.shape)}, "
+            f"{tuple(topk_idx_TK.shape)}, {tuple(topk_weight_TK.shape)}")
     if topk_idx_TK.dtype not in (torch.int64, torch.int32) or not topk_weight_TK.is_floating_point() \
             or not x_TD.is_floating_point():
-        return 1, (f"x_TD must be float, topk_idx_TK int64/int32 and topk_weight_TK float; got {x_TD.dtype}, "
-                   f"{topk_idx_TK.dtype}, {topk_weight_TK.dtype}")
+        return StatusCode.BAD_SHAPE_OR_DTYPE, (
+            f"x_TD must be float, topk_idx_TK int64/int32 and topk_weight_TK float; got {x_TD.dtype}, "
+            f"{topk_idx_TK.dtype}, {topk_weight_TK.dtype}")
     if not x_TD.device == topk_idx_TK.device == topk_weight_TK.device:
-        return 1, (f"x_TD, topk_idx_TK and topk_weight_TK must be on one device; got {x_TD.device}, "
-                   f"{topk_idx_TK.device}, {topk_weight_TK.device}")
+        return StatusCode.BAD_SHAPE_OR_DTYPE, (
+            f"x_TD, topk_idx_TK and topk_weight_TK must be on one device; got {x_TD.device}, "
+            f"{topk_idx_TK.device}, {topk_weight_TK.device}")
     if x_TD.shape[1] != hidden_size:
-        return 3, f"x_TD has hidden size {x_TD.shape[1]}, the dispatcher was built for {hidden_size}"
-    if topk_idx_TK.numel():
-        lo, hi = int(topk_idx_TK.min()), int(topk_idx_TK.max())
-        if lo < 0 or hi >= num_experts:
-            return 2, f"expert ids span {lo}..{hi}, allowed 0..{num_experts - 1}"
-    return 0, None
+        return StatusCode.HIDDEN_SIZE_MISMATCH, \
+            f"x_TD has hidden size {x_TD.shape[1]}, the dispatcher was built for {hidden_size}"
+    return StatusCode.OK, None
 
 
 class Dispatcher(ABC):
@@ -118,12 +140,13 @@ class Dispatcher(ABC):
 
     name: str = "base"
 
-    def __init__(self, plan: PlacementPlan, groups: ProcessGroups, hidden_size: int):
+    def __init__(self, plan: PlacementPlan, groups: ProcessGroups, hidden_size: int, debug_checks: bool = False):
         world = dist.get_world_size(groups.ep)
         self.plan, self.groups, self.hidden_size = plan, groups, hidden_size
         self.topology = groups.topology
         self.rank = dist.get_rank(groups.ep)
         self.world_size = world
+        self.debug_checks = debug_checks
         # Local problems are not raised here but agreed on with the plan check below, so a rank
         # with a wrong plan or topology makes every rank raise instead of leaving them waiting.
         # Plans that differ across ranks would silently scramble tokens: refuse them up front.
@@ -147,23 +170,78 @@ class Dispatcher(ABC):
         return self.plan.experts_per_rank
 
     def expert_maps(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(expert -> rank, expert -> local slot) as int64 tensors on `device`, cached."""
+        """(expert -> rank, expert -> local slot) as int64 tensors on `device`, cached (set-up data)."""
         if device not in self._e2r:
             self._e2r[device] = self.plan.rank_tensor(device)
             self._e2s[device] = self.plan.slot_tensor(device)
         return self._e2r[device], self._e2s[device]
 
+    # ---- phase 1: layout (pure) ---------------------------------------------------------------
+    def layout(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> ExchangePlan:
+        """What this rank will send in every stage; no communication and no host sync.
+
+        Bad input does not raise here (that would leave the other ranks waiting): it becomes a
+        status the count exchange carries, and the plan is laid out for zero tokens instead.
+        Expert ids out of range are found on the device and clamped for the layout.
+        """
+        status, detail = check_input(x_TD, topk_idx_TK, topk_weight_TK, self.hidden_size)
+        agree = self.agreed_values(x_TD, topk_idx_TK, topk_weight_TK)
+        E = self.plan.num_experts
+        if status != StatusCode.OK:
+            K = topk_idx_TK.shape[-1] if topk_idx_TK.dim() >= 1 and topk_idx_TK.shape[-1] else 1
+            device = x_TD.device
+            x_TD = torch.zeros(0, self.hidden_size, device=device)
+            topk_idx_TK = torch.zeros(0, K, dtype=torch.int64, device=device)
+            topk_weight_TK = torch.zeros(0, K, device=device)
+            status_t = torch.tensor(int(status), dtype=torch.int64, device=device)
+            return self._layout(x_TD, topk_idx_TK, topk_weight_TK, status_t, detail, agree)
+        idx = topk_idx_TK.long()
+        out_of_range = ((idx < 0) | (idx >= E)).any()
+        status_t = out_of_range.to(torch.int64) * int(StatusCode.EXPERT_ID_OUT_OF_RANGE)
+
+        def range_detail() -> str:  # only evaluated on the error path
+            return f"expert ids span {int(idx.min())}..{int(idx.max())}, allowed 0..{E - 1}"
+
+        return self._layout(x_TD, idx.clamp(0, E - 1), topk_weight_TK, status_t, range_detail, agree)
+
     @abstractmethod
+    def _layout(self, x_TD, topk_idx_TK, topk_weight_TK, status, status_detail, agree) -> ExchangePlan:
+        ...
+
+    # ---- phase 2: count exchange (the one host sync) ------------------------------------------
+    def exchange_counts(self, plan: ExchangePlan) -> Route:
+        counts = exchange_counts(plan.counts_WC, plan.status, self.groups.ep, plan.status_detail, plan.agree)
+        return self._route(plan, counts)
+
+    @abstractmethod
+    def _route(self, plan: ExchangePlan, counts: CountExchange) -> Route:
+        ...
+
+    # ---- phase 3: send / wait -----------------------------------------------------------------
+    @abstractmethod
+    def send(self, x_TD: torch.Tensor, topk_weight_TK: torch.Tensor,
+             route: Route) -> Pending[tuple[ExpertBatch, DispatchHandle]]:
+        ...
+
+    # ---- combine ------------------------------------------------------------------------------
+    @abstractmethod
+    def _combine_start(self, expert_out_PD: torch.Tensor, handle: DispatchHandle) -> Pending[torch.Tensor]:
+        ...
+
+    def combine_start(self, expert_out_PD: torch.Tensor, handle: DispatchHandle) -> Pending[torch.Tensor]:
+        """Check the expert output against the handle (local, no collective unless debug_checks),
+        then issue the return exchange."""
+        self.check_combine(expert_out_PD, handle)
+        return self._combine_start(expert_out_PD, handle)
+
+    # ---- blocking compositions ----------------------------------------------------------------
     def dispatch(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor,
                  topk_weight_TK: torch.Tensor) -> tuple[ExpertBatch, DispatchHandle]:
-        ...
+        route = self.exchange_counts(self.layout(x_TD, topk_idx_TK, topk_weight_TK))
+        return self.send(x_TD, topk_weight_TK, route).wait()
 
-    @abstractmethod
     def combine(self, expert_out_PD: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
-        ...
-
-    def _check(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> tuple[int, Optional[str]]:
-        return validate_input(x_TD, topk_idx_TK, topk_weight_TK, self.hidden_size, self.plan.num_experts)
+        return self.combine_start(expert_out_PD, handle).wait()
 
     @staticmethod
     def agreed_values(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> tuple[int, ...]:
@@ -172,9 +250,15 @@ class Dispatcher(ABC):
         return k, dtype_code(x_TD.dtype), dtype_code(topk_weight_TK.dtype)
 
     def check_combine(self, expert_out_PD: torch.Tensor, handle: DispatchHandle) -> None:
-        """Every rank agrees on the combine input before the return exchange (one tiny all_gather)."""
-        rows = sum(handle.tokens_per_expert)
+        """The expert output must have one row per dispatched row. Checked against the handle,
+        locally; with debug_checks every rank also agrees on it (one tiny all_gather) so a bad
+        rank makes all of them raise instead of leaving its peers in the return exchange."""
+        rows = handle.num_rows
         ok = expert_out_PD.dim() == 2 and expert_out_PD.shape[0] == rows and expert_out_PD.shape[1] == handle.hidden_size
         detail = None if ok else (f"combine needs expert_out [{rows}, {handle.hidden_size}] (the dispatched rows), "
                                   f"got {tuple(expert_out_PD.shape)}")
-        agree_on_status(0 if ok else 4, self.groups.ep, "combine input", detail)
+        if self.debug_checks:
+            agree_on_status(0 if ok else int(StatusCode.COMBINE_SHAPE_MISMATCH), self.groups.ep, "combine input",
+                            detail)
+        elif not ok:
+            raise ValueError(f"rank {self.rank}: {detail}")

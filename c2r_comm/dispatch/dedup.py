@@ -1,8 +1,9 @@
 """One row per (token, destination rank); partial sums come back one per (token, rank).
 
-The receiver expands each row to its local experts using the slot ids sent beside it, and after
-the experts it sums their weighted outputs per row, so the return trip also carries one row per
-(token, rank) instead of one per (token, expert).
+Each row travels as one packed message row: the token, its k routing weights and, per choice,
+the destination's local slot (-1 where that choice lives elsewhere). The receiver expands each
+row to its local experts by those slot ids; after the experts it sums their weighted outputs per
+row, so the return trip also carries one row per (token, rank) instead of one per (token, expert).
 """
 from __future__ import annotations
 
@@ -10,73 +11,116 @@ from dataclasses import dataclass
 
 import torch
 
-from c2r_comm.dispatch.base import DispatchHandle, Dispatcher, ExpertBatch, stats_from_splits
-from c2r_comm.dispatch.comm import (all_to_all, all_to_all_plain, as_bytes, exchange_counts, from_bytes,
-                                    metadata_dtype)
-from c2r_comm.dispatch.layout import expand_to_slots, group_layout
+from c2r_comm.dispatch.base import DispatchHandle, Dispatcher, ExpertBatch, Route, RouteStage
+from c2r_comm.dispatch.comm import CountExchange, metadata_dtype
+from c2r_comm.dispatch.exchange_plan import ExchangePlan, StageTraffic
+from c2r_comm.dispatch.layout import bucket_counts, expert_offsets, group_rows, pairs_by_slot
+from c2r_comm.dispatch.pack import RowFormat
+from c2r_comm.dispatch.transport import Exchange, Pending, link, scatter_rows
+
+
+def token_format(x_TD: torch.Tensor, topk_weight_TK: torch.Tensor, id_dtype: torch.dtype) -> RowFormat:
+    """Dispatch row: token, the token's k weights, a per-choice id (slot or node-local code)."""
+    K = topk_weight_TK.shape[1]
+    return RowFormat.of(x=(x_TD.dtype, x_TD.shape[1]), w=(topk_weight_TK.dtype, K), id=(id_dtype, K))
+
+
+def grad_format(fmt: RowFormat) -> RowFormat:
+    """Backward of a dispatch row: gradients of the token and of its weights."""
+    i, j = fmt.names.index("x"), fmt.names.index("w")
+    return RowFormat.of(x=(fmt.dtypes[i], fmt.widths[i]), w=(fmt.dtypes[j], fmt.widths[j]))
+
+
+def link_token_rows(ex: Exchange, fmt: RowFormat, recv_RB: torch.Tensor, x_TD: torch.Tensor,
+                    topk_weight_TK: torch.Tensor, token_of_row_R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Received (x, w) as a function of (x_TD, topk_weight_TK); backward returns their gradients
+    to the source rows and adds them up per token."""
+    gfmt, T = grad_format(fmt), x_TD.shape[0]
+    recv_x, recv_w = link(
+        ex, [fmt.view(recv_RB, "x"), fmt.view(recv_RB, "w")], [x_TD, topk_weight_TK],
+        lambda g: gfmt.pack_rows({"x": g[0], "w": g[1]}),
+        lambda back: (scatter_rows(gfmt.view(back, "x"), token_of_row_R, T),
+                      scatter_rows(gfmt.view(back, "w"), token_of_row_R, T)))
+    return recv_x, recv_w
+
+
+def weighted_partials(expert_out_PD: torch.Tensor, weight_P: torch.Tensor, row_of_pair_P: torch.Tensor,
+                      rows: int) -> torch.Tensor:
+    """Sum each received row's expert outputs with their routing weights: one partial per row."""
+    weighted = expert_out_PD * weight_P.to(expert_out_PD.dtype).unsqueeze(1)
+    return weighted.new_zeros(rows, expert_out_PD.shape[1]).index_add(0, row_of_pair_P, weighted)
+
+
+@dataclass(frozen=True)
+class DedupPlan(ExchangePlan):
+    token_of_row_R: torch.Tensor  # int64 [T*K] (real rows first): source token of each sent row
+    slot_RK: torch.Tensor  # [T*K, K] metadata_dtype: destination slot per choice, -1 elsewhere
+    row_format: RowFormat
 
 
 @dataclass(frozen=True)
 class DedupHandle(DispatchHandle):
-    send_splits: tuple[int, ...]
-    recv_splits: tuple[int, ...]
-    token_of_row_R: torch.Tensor  # source token of each sent row
     row_of_pair_P: torch.Tensor  # received row of each expert input row
-    weight_of_pair_P: torch.Tensor  # routing weight of each expert input row (differentiable)
-
-
-def slot_metadata(topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor, token_of_row_R: torch.Tensor,
-                  member_RK: torch.Tensor, slot_of_expert: torch.Tensor,
-                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: the destination's local slot of each of the token's choices (-1 if elsewhere), and
-    the matching routing weights (0 elsewhere)."""
-    slot_RK = torch.where(member_RK, slot_of_expert[topk_idx_TK.long().index_select(0, token_of_row_R)], -1)
-    weight_RK = topk_weight_TK.index_select(0, token_of_row_R) * member_RK
-    return slot_RK.to(dtype), weight_RK
 
 
 class DedupDispatcher(Dispatcher):
     name = "dedup"
 
-    def dispatch(self, x_TD, topk_idx_TK, topk_weight_TK):
-        status, detail = self._check(x_TD, topk_idx_TK, topk_weight_TK)
-        device, W = x_TD.device, self.world_size
-        if status == 0:
-            e2r, e2s = self.expert_maps(device)
-            layout = group_layout(topk_idx_TK, e2r, W)
-            counts = layout.counts_G.unsqueeze(1)
-        else:
-            counts = torch.zeros(W, 1, dtype=torch.int64, device=device)
-        recv_splits = exchange_counts(counts, status, self.groups.ep, detail,
-                                     agree=self.agreed_values(x_TD, topk_idx_TK, topk_weight_TK))[:, 0].tolist()
-        send_splits = layout.counts_G.tolist()
+    def _layout(self, x_TD, topk_idx_TK, topk_weight_TK, status, status_detail, agree) -> DedupPlan:
+        W, L, device = self.world_size, self.num_local_experts, x_TD.device
+        e2r, e2s = self.expert_maps(device)
+        T, K = topk_idx_TK.shape
+        rank_TK, slot_TK = e2r[topk_idx_TK], e2s[topk_idx_TK]
+        rows = group_rows(rank_TK, W)
+        pairs_WL = bucket_counts(rank_TK * L + slot_TK, W * L).reshape(W, L)
+        meta = metadata_dtype(L)
+        slot_RK = torch.where(rows.member_RK, slot_TK.index_select(0, rows.token_of_row_R), -1).to(meta)
+        fmt = token_format(x_TD, topk_weight_TK, meta)
+        stage = StageTraffic("all2all", (self.rank,) * W, rows.counts_G, fmt.row_bytes,
+                             x_TD.shape[1] * x_TD.element_size())
+        return DedupPlan(self.name, self.rank, W, T, x_TD.shape[1], K, (stage,),
+                         torch.cat([rows.counts_G.unsqueeze(1), pairs_WL], 1), status, status_detail, agree,
+                         rows.token_of_row_R, slot_RK, fmt)
 
-        slot_RK, weight_RK = slot_metadata(topk_idx_TK, topk_weight_TK, layout.token_of_row_R, layout.member_RK, e2s,
-                                           metadata_dtype(self.num_local_experts))
-        recv_slot = from_bytes(all_to_all_plain(as_bytes(slot_RK), recv_splits, send_splits, self.groups.ep),
-                               slot_RK.dtype)
-        recv_x, recv_w = all_to_all([x_TD.index_select(0, layout.token_of_row_R), weight_RK],
-                                    recv_splits, send_splits, self.groups.ep)
-        expansion = expand_to_slots(recv_slot, self.num_local_experts)
+    def _route(self, plan: DedupPlan, counts: CountExchange) -> Route:
+        ex = Exchange(self.groups.ep, tuple(range(self.world_size)), tuple(counts.sent_WC[:, 0].tolist()),
+                      tuple(counts.recv_WC[:, 0].tolist()), sparse=False)
+        st = plan.stages[0]
+        return Route(plan, (RouteStage(ex, ex.peers, st.dispatch_row_bytes, st.combine_row_bytes),),
+                     tuple(counts.recv_WC[:, 1:].sum(0).tolist()),
+                     expert_offsets(counts.recv_device_WC[:, 1:].sum(0)), counts)
 
-        K = topk_idx_TK.shape[1]
-        x_bytes = x_TD.shape[1] * x_TD.element_size()
-        meta_bytes = K * (slot_RK.element_size() + weight_RK.element_size())
-        handle = DedupHandle(
-            num_tokens=x_TD.shape[0], hidden_size=x_TD.shape[1], tokens_per_expert=expansion.tokens_per_expert,
-            dispatch_stats=stats_from_splits(send_splits, x_bytes + meta_bytes, self.rank, self.topology),
-            combine_stats=stats_from_splits(recv_splits, x_bytes, self.rank, self.topology),
-            send_splits=tuple(send_splits), recv_splits=tuple(recv_splits), token_of_row_R=layout.token_of_row_R,
-            row_of_pair_P=expansion.row_of_pair_P,
-            weight_of_pair_P=recv_w.reshape(-1).index_select(0, expansion.choice_of_pair_P))
-        return ExpertBatch(recv_x.index_select(0, expansion.row_of_pair_P), expansion.tokens_per_expert), handle
+    def send(self, x_TD, topk_weight_TK, route: Route) -> Pending:
+        plan: DedupPlan = route.plan
+        ex, fmt = route.stages[0].exchange, plan.row_format
+        R = ex.rows_sent
+        token_of_row = plan.token_of_row_R[:R]
+        send_RB = fmt.pack(R, x_TD.device, {"x": (x_TD, token_of_row), "w": (topk_weight_TK, token_of_row),
+                                            "id": plan.slot_RK[:R]})
+        recv_RB = fmt.empty(ex.rows_received, x_TD.device)
+        works = ex.start(send_RB, recv_RB)
 
-    def combine(self, expert_out_PD, handle: DedupHandle):
-        self.check_combine(expert_out_PD, handle)
-        weighted = expert_out_PD * handle.weight_of_pair_P.to(expert_out_PD.dtype).unsqueeze(1)
-        # Local reduction: one partial per received row, i.e. per (token, source rank).
-        partial = expert_out_PD.new_zeros(sum(handle.recv_splits), handle.hidden_size)
-        partial = partial.index_add(0, handle.row_of_pair_P, weighted)
-        (back_RD,) = all_to_all([partial], handle.send_splits, handle.recv_splits, self.groups.ep)
-        out = expert_out_PD.new_zeros(handle.num_tokens, handle.hidden_size)
-        return out.index_add(0, handle.token_of_row_R, back_RD)
+        def finish() -> tuple[ExpertBatch, DedupHandle]:
+            recv_x, recv_w = link_token_rows(ex, fmt, recv_RB, x_TD, topk_weight_TK, token_of_row)
+            pairs = pairs_by_slot(fmt.view(recv_RB, "id"), self.num_local_experts, sum(route.tokens_per_expert))
+            weight_P = recv_w.reshape(-1).index_select(0, pairs.choice_of_pair_P)
+            handle = DedupHandle(route, weight_P, self.rank, self.topology, pairs.row_of_pair_P)
+            x_PD = recv_x.index_select(0, pairs.row_of_pair_P)
+            return ExpertBatch(x_PD, route.tokens_per_expert, route.offsets_E), handle
+
+        return Pending(works, finish, (send_RB, recv_RB))
+
+    def _combine_start(self, expert_out_PD, handle: DedupHandle) -> Pending:
+        plan: DedupPlan = handle.route.plan
+        ex = handle.route.stages[0].exchange.reversed()
+        partial_RD = weighted_partials(expert_out_PD, handle.combine_weight, handle.row_of_pair_P, ex.rows_sent)
+        send_RD = partial_RD.detach()
+        recv_RD = send_RD.new_empty(ex.rows_received, handle.hidden_size)
+        works = ex.start(send_RD, recv_RD)
+
+        def finish() -> torch.Tensor:
+            (back_RD,) = link(ex, [recv_RD], [partial_RD], lambda g: g[0], lambda back: (back,))
+            token_of_row = plan.token_of_row_R[:ex.rows_received]
+            return back_RD.new_zeros(handle.num_tokens, handle.hidden_size).index_add(0, token_of_row, back_RD)
+
+        return Pending(works, finish, (send_RD, recv_RD))

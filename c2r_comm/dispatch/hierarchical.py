@@ -1,11 +1,15 @@
 """One copy per (token, destination node) across nodes, then one copy per destination GPU inside it.
 
-Stage A (cross node): the source sends each token once to every other node hosting one of its
-experts, to its rail peer there (same local index), with a per-choice code saying which local
-GPU and slot needs it. Only rail peers with rows exchange messages (sparse P2P).
-Stage B (inside the node): the rail peer ("forwarder") fans the rows it received, plus its own
-tokens' rows for its own node, out to the node's GPUs with one all_to_all_single on the node
-group, one row per (token, destination GPU), exactly like the flat dedup dispatcher.
+Stage A ("rail", cross node): the source sends each token once to every other node hosting one of
+its experts, to its rail peer there (same local index), as one packed row: token, k weights and
+a per-choice code (local GPU * L + slot on that node, -1 elsewhere). Only rail peers with rows
+exchange messages (sparse P2P).
+Stage B ("node"): the rail peer (forwarder) forwards the packed rows it received, and its own
+tokens' rows for its own node, unchanged to each GPU of the node that hosts one of the token's
+choices: one gather of byte rows and one all_to_all_single on the node group. The receiver keeps
+the choices whose code names its own local index.
+Every count of both stages is known after the one count exchange (a source tells its rail peer
+how many rows it will forward to each GPU of that node), so stage B needs no second host sync.
 Combine mirrors it: per-row weighted sums on the experts' GPU, the node all2all back, the
 forwarder sums its node's partials per row, and one partial per (token, node) crosses back.
 """
@@ -17,41 +21,48 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from c2r_comm.dispatch.base import (CommStats, DispatchHandle, Dispatcher, ExpertBatch,
-                                    stats_from_splits)
-from c2r_comm.dispatch.comm import (all_to_all, all_to_all_plain, as_bytes, exchange_counts, from_bytes,
-                                    metadata_dtype)
-from c2r_comm.dispatch.layout import expand_to_slots, group_layout
-from c2r_comm.dispatch.p2p import messages_sent, sparse_exchange
-from c2r_comm.plan import PlacementPlan
+from c2r_comm.dispatch.base import DispatchHandle, Dispatcher, ExpertBatch, Route, RouteStage
+from c2r_comm.dispatch.comm import CountExchange, metadata_dtype
+from c2r_comm.dispatch.dedup import grad_format, link_token_rows, token_format, weighted_partials
+from c2r_comm.dispatch.exchange_plan import ExchangePlan, StageTraffic
+from c2r_comm.dispatch.layout import bucket_counts, distinct_counts, expert_offsets, group_rows, pairs_by_slot
+from c2r_comm.dispatch.pack import RowFormat
+from c2r_comm.dispatch.transport import Exchange, Pending, link, scatter_rows
 from c2r_comm.groups import ProcessGroups
+from c2r_comm.plan import PlacementPlan
+
+
+@dataclass(frozen=True)
+class HierarchicalPlan(ExchangePlan):
+    token_of_row_R: torch.Tensor  # int64 [T*K]: node rows, other nodes (rail-peer order) then own node
+    code_RK: torch.Tensor  # [T*K, K] metadata_dtype: local GPU * L + slot on the row's node, -1 elsewhere
+    row_format: RowFormat
 
 
 @dataclass(frozen=True)
 class HierarchicalHandle(DispatchHandle):
-    rail_peers: tuple[int, ...]  # ep ranks of this rank's rail peers on the other nodes (node order)
-    cross_send_counts: tuple[int, ...]  # stage A rows to each rail peer
-    cross_recv_counts: tuple[int, ...]  # stage A rows from each rail peer
-    cross_messages_to: tuple[int, ...]  # rail peers stage A actually messaged (non-zero count)
-    node_send_splits: tuple[int, ...]  # stage B rows to each GPU of the node (by local index)
-    node_recv_splits: tuple[int, ...]  # stage B rows from each GPU of the node
-    token_of_own_R: torch.Tensor  # own tokens' rows for this node = first fan rows
     token_of_cross_R: torch.Tensor  # source token of each stage A row (send order)
+    token_of_own_R: torch.Tensor  # own tokens' rows for this node = the first fan rows
     fan_of_row_R: torch.Tensor  # fan row (own rows, then stage A arrivals) of each stage B row
     row_of_pair_P: torch.Tensor  # stage B received row of each expert input row
-    weight_of_pair_P: torch.Tensor  # routing weight of each expert input row (differentiable)
+    num_fan_rows: int
 
 
 class HierarchicalDispatcher(Dispatcher):
     name = "hierarchical"
 
-    def __init__(self, plan: PlacementPlan, groups: ProcessGroups, hidden_size: int):
+    def __init__(self, plan: PlacementPlan, groups: ProcessGroups, hidden_size: int, debug_checks: bool = False):
         topo = groups.topology
-        super().__init__(plan, groups, hidden_size)
+        super().__init__(plan, groups, hidden_size, debug_checks)
+        N, G = topo.nodes, topo.gpus_per_node
         self.node_index, self.local_index = topo.node_of(self.rank), topo.local_index_of(self.rank)
-        self.node_ranks = tuple(topo.ranks_on_node(self.node_index))
-        self.rail_peers = tuple(topo.rank_of(n, self.local_index) for n in range(topo.nodes) if n != self.node_index)
-        self._code_group: dict[torch.device, torch.Tensor] = {}
+        # Other nodes in rotated order (next node first), so this node's own rows sort last.
+        self.rail_peers = tuple(topo.rank_of((self.node_index + 1 + i) % N, self.local_index) for i in range(N - 1))
+        node_of_W = torch.arange(topo.world_size) // G
+        self._rotated_node_of_W = (node_of_W - self.node_index - 1) % N
+        self._node_of_W = node_of_W
+        self._is_rail_W = (torch.arange(topo.world_size) % G == self.local_index) & (node_of_W != self.node_index)
+        self._forwarder_of_dest = tuple(topo.rank_of(topo.node_of(d), self.local_index) for d in range(topo.world_size))
 
     def _setup_problem(self, plan: PlacementPlan, groups: ProcessGroups) -> Optional[str]:
         problem = super()._setup_problem(plan, groups)
@@ -65,94 +76,131 @@ class HierarchicalDispatcher(Dispatcher):
                            "with build_process_groups")
         return problem
 
-    def _group_of_code(self, device: torch.device) -> torch.Tensor:
-        """Stage B grouping of a choice code + 1: 0 (not on this node) -> dummy group G, else its GPU."""
-        if device not in self._code_group:
-            G, L = self.topology.gpus_per_node, self.num_local_experts
-            self._code_group[device] = torch.cat([torch.tensor([G]), torch.arange(G * L) // L]).to(device)
-        return self._code_group[device]
-
-    def dispatch(self, x_TD, topk_idx_TK, topk_weight_TK):
-        status, detail = self._check(x_TD, topk_idx_TK, topk_weight_TK)
-        device, W, L, topo = x_TD.device, self.world_size, self.num_local_experts, self.topology
-        N, G, me_node = topo.nodes, topo.gpus_per_node, self.node_index
-        counts_W2 = torch.zeros(W, 2, dtype=torch.int64, device=device)
-        if status == 0:
-            e2r, e2s = self.expert_maps(device)
-            nodes = group_layout(topk_idx_TK, torch.div(e2r, G, rounding_mode="floor"), N)  # (token, node) rows
-            # Column 0: stage A rows to each rail peer; column 1: distinct (token, GPU) pairs, which
-            # the destination sums over its forwarders' rails to know its stage B receive splits.
-            counts_W2[list(self.rail_peers), 0] = nodes.counts_G[[topo.node_of(p) for p in self.rail_peers]]
-            counts_W2[:, 1] = group_layout(topk_idx_TK, e2r, W).counts_G
-        recv_W2 = exchange_counts(counts_W2, status, self.groups.ep, detail,  # raises on bad input everywhere
-                                 agree=self.agreed_values(x_TD, topk_idx_TK, topk_weight_TK))
-
-        # Per-choice code on its node: local GPU * L + slot; -1 for choices on other nodes.
-        idx = topk_idx_TK.long()
-        code_TK = ((e2r % G) * L + e2s)[idx]
+    def _layout(self, x_TD, topk_idx_TK, topk_weight_TK, status, status_detail, agree) -> HierarchicalPlan:
+        topo, W, L, device = self.topology, self.world_size, self.num_local_experts, x_TD.device
+        N, G = topo.nodes, topo.gpus_per_node
+        e2r, e2s = self.expert_maps(device)
+        T, K = topk_idx_TK.shape
+        rank_TK = e2r[topk_idx_TK]
+        node_TK = torch.div(rank_TK, G, rounding_mode="floor")
+        rows = group_rows((node_TK - self.node_index - 1) % N, N)  # rotated: own node is group N-1
+        code_TK = (rank_TK % G) * L + e2s[topk_idx_TK]
         meta = metadata_dtype(G * L)
-        code_RK = torch.where(nodes.member_RK, code_TK.index_select(0, nodes.token_of_row_R), -1).to(meta)
-        weight_RK = topk_weight_TK.index_select(0, nodes.token_of_row_R) * nodes.member_RK
-        own = (nodes.group_of_row_R == me_node).nonzero(as_tuple=True)[0]
-        cross = (nodes.group_of_row_R != me_node).nonzero(as_tuple=True)[0]  # node order = rail peer order
-        token_of_own = nodes.token_of_row_R.index_select(0, own)
-        token_of_cross = nodes.token_of_row_R.index_select(0, cross)
+        code_RK = torch.where(rows.member_RK, code_TK.index_select(0, rows.token_of_row_R), -1).to(meta)
+        fmt = token_format(x_TD, topk_weight_TK, meta)
+        # Count exchange columns, per peer p: [0] stage A rows to p (p a rail peer; for p = this
+        # rank: its own node's rows), [1:1+G] rows p forwards for us to each GPU of p's node,
+        # [1+G] distinct (token, p) rows, [2+G:] (token, choice) pairs per slot of p.
+        per_rank_W = distinct_counts(rank_TK, W)
+        rotated = self._rotated_node_of_W.to(device)
+        col_a = torch.where(self._is_rail_W.to(device), rows.counts_G[rotated], 0)
+        col_a[self.rank] = rows.counts_G[N - 1]
+        counts_WC = torch.cat([col_a.unsqueeze(1), per_rank_W.reshape(N, G)[self._node_of_W.to(device)],
+                               per_rank_W.unsqueeze(1), bucket_counts(rank_TK * L + e2s[topk_idx_TK], W * L).reshape(W, L)], 1)
+        back_bytes = x_TD.shape[1] * x_TD.element_size()
+        rail_rows = torch.where(self._is_rail_W.to(device), col_a, 0)
+        stages = (StageTraffic("rail", (self.rank,) * W, rail_rows, fmt.row_bytes, back_bytes),
+                  StageTraffic("node", self._forwarder_of_dest, per_rank_W, fmt.row_bytes, back_bytes))
+        return HierarchicalPlan(self.name, self.rank, W, T, x_TD.shape[1], K, stages, counts_WC, status,
+                                status_detail, agree, rows.token_of_row_R, code_RK, fmt)
 
-        # Stage A: one copy per (token, remote node) to the rail peer there.
-        send_A = counts_W2[list(self.rail_peers), 0].tolist()
-        recv_A = recv_W2[list(self.rail_peers), 0].tolist()
-        recv_x, recv_w, recv_code = sparse_exchange(
-            [x_TD.index_select(0, token_of_cross), weight_RK.index_select(0, cross),
-             as_bytes(code_RK.index_select(0, cross))], send_A, recv_A, self.rail_peers, self.groups.ep)
-        recv_code = from_bytes(recv_code, meta)
+    def _route(self, plan: HierarchicalPlan, counts: CountExchange) -> Route:
+        topo, G = self.topology, self.topology.gpus_per_node
+        sent, recv = counts.sent_WC, counts.recv_WC
+        ex_a = Exchange(self.groups.ep, self.rail_peers, tuple(sent[list(self.rail_peers), 0].tolist()),
+                        tuple(recv[list(self.rail_peers), 0].tolist()), sparse=True)
+        node_ranks = topo.ranks_on_node(self.node_index)
+        forwarded = recv[list(self.rail_peers), 1:1 + G].sum(0) if self.rail_peers else torch.zeros(G, dtype=torch.int64)
+        send_b = sent[node_ranks, 1 + G] + forwarded  # own rows for each GPU here + rail peers' rows
+        # from forwarder i: the rows of every source on rail i that are meant for this rank
+        recv_b = recv[:, 1 + G].reshape(topo.nodes, G).sum(0)
+        ex_b = Exchange(self.groups.node, tuple(range(G)), tuple(send_b.tolist()), tuple(recv_b.tolist()),
+                        sparse=False)
+        a, b = plan.stages
+        stages = (RouteStage(ex_a, self.rail_peers, a.dispatch_row_bytes, a.combine_row_bytes),
+                  RouteStage(ex_b, tuple(node_ranks), b.dispatch_row_bytes, b.combine_row_bytes))
+        return Route(plan, stages, tuple(recv[:, 2 + G:].sum(0).tolist()),
+                     expert_offsets(counts.recv_device_WC[:, 2 + G:].sum(0)), counts)
 
-        # Stage B: fan rows (own rows for this node, then arrivals) -> one row per destination GPU.
-        fan_x = torch.cat([x_TD.index_select(0, token_of_own), recv_x])
-        fan_w = torch.cat([weight_RK.index_select(0, own), recv_w])
-        fan_code = torch.cat([code_RK.index_select(0, own), recv_code])
-        gpus = group_layout(fan_code.long() + 1, self._group_of_code(device), G + 1)
-        rows_B = int(gpus.counts_G[:G].sum())  # dummy-group rows (choices elsewhere) sort last: drop them
-        fan_of_row, member_RK = gpus.token_of_row_R[:rows_B], gpus.member_RK[:rows_B]
-        slot_RK = torch.where(member_RK, fan_code.index_select(0, fan_of_row) % L, -1).to(meta)
-        weight_B = fan_w.index_select(0, fan_of_row) * member_RK
-        send_B = gpus.counts_G[:G].tolist()
-        recv_B = recv_W2[:, 1].reshape(N, G).sum(0).tolist()  # from forwarder i: sources on rail i
-        recv_slot = from_bytes(all_to_all_plain(as_bytes(slot_RK), recv_B, send_B, self.groups.node), meta)
-        recv_xb, recv_wb = all_to_all([fan_x.index_select(0, fan_of_row), weight_B], recv_B, send_B, self.groups.node)
-        expansion = expand_to_slots(recv_slot, L)
+    def send(self, x_TD, topk_weight_TK, route: Route) -> Pending:
+        plan: HierarchicalPlan = route.plan
+        fmt, device, T = plan.row_format, x_TD.device, plan.num_tokens
+        ex_a, ex_b = route.stages[0].exchange, route.stages[1].exchange
+        r_cross, r_own = ex_a.rows_sent, int(route.counts.sent_WC[self.rank, 0])
+        r_nodes, r_arrived = r_cross + r_own, ex_a.rows_received
+        token_of_node_row = plan.token_of_row_R[:r_nodes]
+        # One buffer: rows for other nodes (stage A sends), own node's rows, stage A arrivals.
+        # Own rows + arrivals are contiguous: the "fan" rows stage B forwards from.
+        buf_RB = fmt.empty(r_nodes + r_arrived, device)
+        fmt.pack_into(buf_RB.narrow(0, 0, r_nodes), {"x": (x_TD, token_of_node_row),
+                                                     "w": (topk_weight_TK, token_of_node_row),
+                                                     "id": plan.code_RK[:r_nodes]})
+        works = ex_a.start(buf_RB.narrow(0, 0, r_cross), buf_RB.narrow(0, r_nodes, r_arrived))
+        token_of_cross, token_of_own = token_of_node_row[:r_cross], token_of_node_row[r_cross:]
 
-        K = topk_idx_TK.shape[1]
-        x_bytes = x_TD.shape[1] * x_TD.element_size()
-        meta_bytes = K * (code_RK.element_size() + weight_RK.element_size())
-        handle = HierarchicalHandle(
-            num_tokens=x_TD.shape[0], hidden_size=x_TD.shape[1], tokens_per_expert=expansion.tokens_per_expert,
-            dispatch_stats=self._stats(send_A, send_B, x_bytes + meta_bytes),
-            combine_stats=self._stats(recv_A, recv_B, x_bytes),
-            rail_peers=self.rail_peers, cross_send_counts=tuple(send_A), cross_recv_counts=tuple(recv_A),
-            cross_messages_to=messages_sent(send_A, self.rail_peers),
-            node_send_splits=tuple(send_B), node_recv_splits=tuple(recv_B),
-            token_of_own_R=token_of_own, token_of_cross_R=token_of_cross, fan_of_row_R=fan_of_row,
-            row_of_pair_P=expansion.row_of_pair_P,
-            weight_of_pair_P=recv_wb.reshape(-1).index_select(0, expansion.choice_of_pair_P))
-        return ExpertBatch(recv_xb.index_select(0, expansion.row_of_pair_P), expansion.tokens_per_expert), handle
+        def finish() -> tuple[ExpertBatch, HierarchicalHandle]:
+            arrived_RB = buf_RB.narrow(0, r_nodes, r_arrived)
+            arr_x, arr_w = link_token_rows(ex_a, fmt, arrived_RB, x_TD, topk_weight_TK, token_of_cross)
+            fan_RB = buf_RB.narrow(0, r_cross, r_own + r_arrived)
+            num_fan = r_own + r_arrived
+            code_FK = fmt.view(fan_RB, "id").long()
+            L, G = self.num_local_experts, self.topology.gpus_per_node
+            here = code_FK >= 0
+            gpu_FK = torch.where(here, torch.div(code_FK, L, rounding_mode="floor"), 0)
+            fan_of_row = group_rows(gpu_FK, G, valid_TK=here).token_of_row_R[:ex_b.rows_sent]
+            send_RB = fan_RB.index_select(0, fan_of_row)  # forward packed rows unchanged
+            recv_RB = fmt.empty(ex_b.rows_received, device)
+            for work in ex_b.start(send_RB, recv_RB):
+                work.wait()
+            recv_x, recv_w = self._link_stage_b(ex_b, fmt, recv_RB, x_TD, topk_weight_TK, arr_x, arr_w,
+                                                fan_of_row, token_of_own, num_fan)
+            code_RK = fmt.view(recv_RB, "id").long()
+            mine = (code_RK >= 0) & (torch.div(code_RK, L, rounding_mode="floor") == self.local_index)
+            pairs = pairs_by_slot(torch.where(mine, code_RK % L, L), L, sum(route.tokens_per_expert))
+            weight_P = recv_w.reshape(-1).index_select(0, pairs.choice_of_pair_P)
+            handle = HierarchicalHandle(route, weight_P, self.rank, self.topology, token_of_cross, token_of_own,
+                                        fan_of_row, pairs.row_of_pair_P, num_fan)
+            return ExpertBatch(recv_x.index_select(0, pairs.row_of_pair_P), route.tokens_per_expert,
+                               route.offsets_E), handle
 
-    def combine(self, expert_out_PD, handle: HierarchicalHandle):
-        self.check_combine(expert_out_PD, handle)
-        D = handle.hidden_size
-        weighted = expert_out_PD * handle.weight_of_pair_P.to(expert_out_PD.dtype).unsqueeze(1)
-        # One partial per stage B row, i.e. per (token, forwarding GPU), back inside the node.
-        partial = expert_out_PD.new_zeros(sum(handle.node_recv_splits), D).index_add(0, handle.row_of_pair_P, weighted)
-        (back_B,) = all_to_all([partial], handle.node_send_splits, handle.node_recv_splits, self.groups.node)
-        # The forwarder sums its node's partials per fan row: one per (token, source node).
-        num_own = handle.token_of_own_R.shape[0]
-        fan = expert_out_PD.new_zeros(num_own + sum(handle.cross_recv_counts), D)
-        fan = fan.index_add(0, handle.fan_of_row_R, back_B)
-        (back_A,) = sparse_exchange([fan[num_own:]], handle.cross_recv_counts, handle.cross_send_counts,
-                                    handle.rail_peers, self.groups.ep)
-        out = expert_out_PD.new_zeros(handle.num_tokens, D).index_add(0, handle.token_of_own_R, fan[:num_own])
-        return out.index_add(0, handle.token_of_cross_R, back_A)
+        return Pending(works, finish, (buf_RB,))
 
-    def _stats(self, cross_counts: list[int], node_splits: list[int], bytes_per_row: int) -> CommStats:
-        """Stage A counts per rail peer plus stage B splits per node GPU, classified by link."""
-        return (stats_from_splits(cross_counts, bytes_per_row, self.rank, self.topology, peers=self.rail_peers)
-                + stats_from_splits(node_splits, bytes_per_row, self.rank, self.topology, peers=self.node_ranks))
+    @staticmethod
+    def _link_stage_b(ex_b, fmt, recv_RB, x_TD, topk_weight_TK, arr_x, arr_w, fan_of_row, token_of_own, num_fan):
+        """Stage B's received (x, w) as a function of the fan rows' sources: this rank's own tokens
+        (x_TD, topk_weight_TK) and the stage A arrivals (arr_x, arr_w)."""
+        gfmt, T, r_own = grad_format(fmt), x_TD.shape[0], token_of_own.shape[0]
+
+        def scatter(back):
+            gx = scatter_rows(gfmt.view(back, "x"), fan_of_row, num_fan)
+            gw = scatter_rows(gfmt.view(back, "w"), fan_of_row, num_fan)
+            return (scatter_rows(gx[:r_own], token_of_own, T), scatter_rows(gw[:r_own], token_of_own, T),
+                    gx[r_own:], gw[r_own:])
+
+        return link(ex_b, [fmt.view(recv_RB, "x"), fmt.view(recv_RB, "w")], [x_TD, topk_weight_TK, arr_x, arr_w],
+                    lambda g: gfmt.pack_rows({"x": g[0], "w": g[1]}), scatter)
+
+    def _combine_start(self, expert_out_PD, handle: HierarchicalHandle) -> Pending:
+        ex_a = handle.route.stages[0].exchange.reversed()
+        ex_b = handle.route.stages[1].exchange.reversed()
+        D, T = handle.hidden_size, handle.num_tokens
+        partial_RD = weighted_partials(expert_out_PD, handle.combine_weight, handle.row_of_pair_P, ex_b.rows_sent)
+        send_RD = partial_RD.detach()
+        recv_RD = send_RD.new_empty(ex_b.rows_received, D)
+        works = ex_b.start(send_RD, recv_RD)
+        r_own = handle.token_of_own_R.shape[0]
+
+        def finish() -> torch.Tensor:
+            (back_b,) = link(ex_b, [recv_RD], [partial_RD], lambda g: g[0], lambda back: (back,))
+            # The forwarder sums its node's partials per fan row: one per (token, source node).
+            fan_FD = back_b.new_zeros(handle.num_fan_rows, D).index_add(0, handle.fan_of_row_R, back_b)
+            cross_FD = fan_FD[r_own:]
+            send_a = cross_FD.detach().contiguous()
+            recv_a = send_a.new_empty(ex_a.rows_received, D)
+            for work in ex_a.start(send_a, recv_a):
+                work.wait()
+            (back_a,) = link(ex_a, [recv_a], [cross_FD], lambda g: g[0], lambda back: (back,))
+            out = fan_FD.new_zeros(T, D).index_add(0, handle.token_of_own_R, fan_FD[:r_own])
+            return out.index_add(0, handle.token_of_cross_R, back_a)
+
+        return Pending(works, finish, (send_RD, recv_RD))

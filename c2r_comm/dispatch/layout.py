@@ -1,7 +1,9 @@
-"""topk_idx -> what is sent where: one row per distinct (token, destination group).
+"""Sync-free layout primitives: which rows a rank sends, and how a receiver groups them by expert.
 
-A group is a rank (flat dedup) or a node (hierarchical). Rows are ordered by destination, then
-token, which is the order all_to_all_single splits and rail sends need.
+Everything here is pure tensor code with shapes fixed by the input (no `.tolist()`, `.item()` or
+`nonzero`), so on a GPU it queues kernels without stalling the stream. Data-dependent sizes (how
+many rows are real) are only needed later, after the count exchange, which is the one host sync
+of a dispatch; until then row tensors are padded to T*K with sentinel rows sorted last.
 """
 from __future__ import annotations
 
@@ -10,43 +12,92 @@ from dataclasses import dataclass
 import torch
 
 
+def first_choice_mask(group_TK: torch.Tensor) -> torch.Tensor:
+    """bool [T, K]: True where no earlier choice of the token lands in the same group."""
+    K = group_TK.shape[1]
+    same_TKK = group_TK.unsqueeze(2) == group_TK.unsqueeze(1)  # [t, k, j]: choice k and j share a group
+    earlier_KK = torch.ones(K, K, dtype=torch.bool, device=group_TK.device).tril(-1)  # j < k
+    return ~(same_TKK & earlier_KK).any(2)
+
+
+def distinct_counts(group_TK: torch.Tensor, num_groups: int, valid_TK: torch.Tensor | None = None) -> torch.Tensor:
+    """int64 [num_groups]: distinct (token, group) pairs per group, i.e. rows a dedup sends each group."""
+    if valid_TK is not None:  # invalid choices get their own group so they shadow no valid one
+        group_TK = torch.where(valid_TK, group_TK, num_groups)
+    first = first_choice_mask(group_TK)
+    if valid_TK is not None:
+        first = first & valid_TK
+    counts = torch.zeros(num_groups + 1, dtype=torch.int64, device=group_TK.device)
+    return counts.index_add_(0, torch.where(first, group_TK, num_groups).reshape(-1),
+                             torch.ones_like(group_TK, dtype=torch.int64).reshape(-1))[:num_groups]
+
+
+def bucket_counts(bucket: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """int64 [num_buckets] occurrences of each bucket id (a bincount without the GPU sync)."""
+    counts = torch.zeros(num_buckets, dtype=torch.int64, device=bucket.device)
+    return counts.index_add_(0, bucket.reshape(-1), torch.ones_like(bucket, dtype=torch.int64).reshape(-1))
+
+
 @dataclass(frozen=True)
-class GroupLayout:
-    """Source side: one row per distinct (token, destination group)."""
+class GroupRows:
+    """Source side: one row per distinct (token, destination group), padded to T*K.
 
-    token_of_row_R: torch.Tensor  # int64 [rows]
-    group_of_row_R: torch.Tensor  # int64 [rows], non-decreasing
-    member_RK: torch.Tensor  # bool [rows, k]: which of the token's k choices live in that group
-    counts_G: torch.Tensor  # int64 [groups]: rows per destination group
+    Real rows come first, ordered by group then token (the order all_to_all splits need); the
+    `counts_G.sum()` real rows are followed by sentinel rows (group = num_groups, member all False).
+    """
+
+    token_of_row_R: torch.Tensor  # int64 [T*K]
+    group_of_row_R: torch.Tensor  # int64 [T*K], non-decreasing
+    member_RK: torch.Tensor  # bool [T*K, K]: which of the token's k choices live in that group
+    counts_G: torch.Tensor  # int64 [groups]: real rows per destination group
 
 
-def group_layout(topk_idx_TK: torch.Tensor, group_of_expert: torch.Tensor, num_groups: int) -> GroupLayout:
-    T, K = topk_idx_TK.shape
-    group_TK = group_of_expert[topk_idx_TK.long()]
-    hit_GT = torch.zeros(num_groups, T, dtype=torch.bool, device=topk_idx_TK.device)
-    hit_GT[group_TK.t().reshape(-1), torch.arange(T, device=topk_idx_TK.device).repeat(K)] = True
-    group_of_row, token_of_row = hit_GT.nonzero(as_tuple=True)  # row-major: by group, then token
-    member_RK = group_TK.index_select(0, token_of_row) == group_of_row.unsqueeze(1)
-    return GroupLayout(token_of_row, group_of_row, member_RK, hit_GT.sum(1))
+def group_rows(group_TK: torch.Tensor, num_groups: int, valid_TK: torch.Tensor | None = None) -> GroupRows:
+    """Rows for the distinct (token, group) pairs of group_TK (int64 [T, K] in 0..num_groups-1).
+
+    Choices with valid_TK False (e.g. 'not on this node') make no row and are never members.
+    """
+    T, K = group_TK.shape
+    device = group_TK.device
+    if valid_TK is not None:  # invalid choices get their own group so they shadow no valid one
+        group_TK = torch.where(valid_TK, group_TK, num_groups)
+    first = first_choice_mask(group_TK)
+    if valid_TK is not None:
+        first = first & valid_TK
+    stride = max(T, 1)
+    token_TK = torch.arange(T, device=device).unsqueeze(1).expand(T, K)
+    key = torch.where(first, group_TK * stride + token_TK, num_groups * stride).reshape(-1)
+    key = torch.sort(key).values  # keys of real rows are distinct: no stability needed
+    group_of_row = torch.div(key, stride, rounding_mode="floor")
+    token_of_row = key - group_of_row * stride
+    member_RK = group_TK.index_select(0, token_of_row) == group_of_row.unsqueeze(1) if T else \
+        torch.zeros(0, K, dtype=torch.bool, device=device)
+    counts = bucket_counts(group_of_row, num_groups + 1)[:num_groups]
+    return GroupRows(token_of_row, group_of_row, member_RK, counts)
 
 
 @dataclass(frozen=True)
-class SlotExpansion:
+class SlotPairs:
     """Receiver side: received rows -> (row, choice) pairs grouped by local expert slot."""
 
     row_of_pair_P: torch.Tensor  # int64 [pairs]: received row each expert input comes from
     choice_of_pair_P: torch.Tensor  # int64 [pairs]: flat index row*K + k into the [rows, K] metadata
-    tokens_per_expert: tuple[int, ...]
 
 
-def expand_to_slots(slot_RK: torch.Tensor, num_local_experts: int) -> SlotExpansion:
-    """slot_RK holds a local slot per (row, choice), -1 where that choice is not for this rank."""
+def pairs_by_slot(slot_RK: torch.Tensor, num_local_experts: int, num_pairs: int) -> SlotPairs:
+    """slot_RK: a local slot per (row, choice), anything outside 0..L-1 where that choice is not here.
+
+    `num_pairs` (known from the count exchange) is how many choices are real; one stable sort
+    groups them by slot, keeping arrival order inside a slot.
+    """
     R, K = slot_RK.shape
     flat = slot_RK.reshape(-1).long()
-    choice = (flat >= 0).nonzero(as_tuple=True)[0]
-    slots = flat.index_select(0, choice)
-    order = torch.sort(slots, stable=True).indices
-    choice = choice.index_select(0, order)
-    counts = torch.bincount(slots, minlength=num_local_experts) if slots.numel() else \
-        torch.zeros(num_local_experts, dtype=torch.int64)
-    return SlotExpansion(torch.div(choice, K, rounding_mode="floor"), choice, tuple(counts.tolist()))
+    here = (flat >= 0) & (flat < num_local_experts)
+    key = torch.where(here, flat, num_local_experts)
+    choice = torch.sort(key, stable=True).indices[:num_pairs]
+    return SlotPairs(torch.div(choice, max(K, 1), rounding_mode="floor"), choice)
+
+
+def expert_offsets(pairs_per_slot_L: torch.Tensor) -> torch.Tensor:
+    """int32 [L] cumulative end offset of each slot's rows (what grouped GEMMs take), on device."""
+    return torch.cumsum(pairs_per_slot_L, 0).to(torch.int32)

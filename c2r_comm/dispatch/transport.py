@@ -1,0 +1,134 @@
+"""Asynchronous data exchanges with host-known counts, and their autograd link.
+
+An `Exchange` is one stage's data movement once the count exchange has told every rank every
+count: an all_to_all_single over a group, or sparse point-to-point messages to chosen peers (only
+non-empty ones are posted, so no rank waits on a message that never comes). `start()` issues it
+with `async_op=True` and returns the work handles: on gloo a background thread moves the bytes;
+on NCCL the process group runs it on its own communication stream, records the buffers on it
+(so the caching allocator cannot hand them out while in flight), and `wait()` makes the current
+stream wait on its event. `Pending` keeps every buffer of an exchange alive until it is waited on.
+
+Autograd: forward data moves outside autograd (packed bytes); once it has arrived, `link()`
+connects the received tensors to the tensors they were packed from with one Function per stage,
+whose backward runs the reverse exchange (counts swapped) of the packed gradients. One Function
+issues one exchange, in the same order on every rank, in forward and in backward, so several
+exchanges in flight (micro-batches, chunks) cannot cross each other.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, Optional, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """Rows in peer blocks: send_counts[i] rows to group rank peers[i], recv_counts[i] from it."""
+
+    group: Any
+    peers: tuple[int, ...]  # group ranks; for all2all every rank of the group in order
+    send_counts: tuple[int, ...]
+    recv_counts: tuple[int, ...]
+    sparse: bool  # True: point-to-point to non-empty peers only; False: one all_to_all_single
+
+    @property
+    def rows_sent(self) -> int:
+        return sum(self.send_counts)
+
+    @property
+    def rows_received(self) -> int:
+        return sum(self.recv_counts)
+
+    def reversed(self) -> "Exchange":
+        return Exchange(self.group, self.peers, self.recv_counts, self.send_counts, self.sparse)
+
+    def start(self, send: torch.Tensor, recv: torch.Tensor) -> list:
+        """Issue the exchange of send (rows in peer blocks) into recv; returns work handles."""
+        if not self.sparse:
+            work = dist.all_to_all_single(recv, send, list(self.recv_counts), list(self.send_counts),
+                                          group=self.group, async_op=True)
+            return [work]
+        ops, s_off, r_off = [], 0, 0
+        for group_peer, ns, nr in zip(self.peers, self.send_counts, self.recv_counts):
+            peer = dist.get_global_rank(self.group, group_peer)  # P2POp's peer is global (torch >= 2.4)
+            if ns:
+                ops.append(dist.P2POp(dist.isend, send.narrow(0, s_off, ns), peer, group=self.group))
+            if nr:
+                ops.append(dist.P2POp(dist.irecv, recv.narrow(0, r_off, nr), peer, group=self.group))
+            s_off, r_off = s_off + ns, r_off + nr
+        return list(dist.batch_isend_irecv(ops)) if ops else []  # it refuses an empty list
+
+    def run(self, send: torch.Tensor, recv: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Blocking exchange; allocates recv like `send` when not given."""
+        if recv is None:
+            recv = send.new_empty((self.rows_received,) + tuple(send.shape[1:]))
+        for work in self.start(send, recv):
+            work.wait()
+        return recv
+
+
+class Pending(Generic[T]):
+    """An exchange in flight. `wait()` waits for its work handles, then runs the post-processing
+    (which may start and wait for a next stage) and returns its result; at most once."""
+
+    def __init__(self, works: Sequence[Any], finish: Callable[[], T], buffers: Sequence[torch.Tensor] = ()):
+        self._works, self._finish, self._buffers = list(works), finish, tuple(buffers)
+        self._done = False
+
+    def wait(self) -> T:
+        if self._done:
+            raise RuntimeError("Pending.wait() was already called; an exchange's result is returned once")
+        for work in self._works:
+            work.wait()
+        self._done = True
+        result = self._finish()
+        self._works, self._finish, self._buffers = [], None, ()
+        return result
+
+    @classmethod
+    def done(cls, result: T) -> "Pending[T]":
+        return cls([], lambda: result)
+
+
+@dataclass(frozen=True)
+class Link:
+    """How gradients of received tensors go back: pack them, run `exchange` reversed, then
+    `scatter` turns the returned rows (the sender's order) into gradients of the inputs."""
+
+    exchange: Exchange
+    outputs: tuple[torch.Tensor, ...]  # what arrived (views into the receive buffer)
+    pack_grads: Callable[[tuple[torch.Tensor, ...]], torch.Tensor]  # grads of outputs -> [rows, *] buffer
+    scatter: Callable[[torch.Tensor], tuple[Optional[torch.Tensor], ...]]  # returned buffer -> input grads
+
+
+class _Arrived(torch.autograd.Function):
+    """outputs = what an exchange delivered, as a function of what was packed (the inputs)."""
+
+    @staticmethod
+    def forward(ctx, link: Link, *inputs):
+        ctx.link = link
+        return tuple(o for o in link.outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        link: Link = ctx.link
+        buf = link.pack_grads(tuple(g.contiguous() if g.stride(-1) == 1 else g for g in grads))
+        back = link.exchange.reversed().run(buf)
+        return (None, *link.scatter(back))
+
+
+def link(exchange: Exchange, outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
+         pack_grads: Callable[[tuple[torch.Tensor, ...]], torch.Tensor],
+         scatter: Callable[[torch.Tensor], tuple[Optional[torch.Tensor], ...]]) -> tuple[torch.Tensor, ...]:
+    """Attach arrived `outputs` to the autograd graph of `inputs` (see module doc)."""
+    return _Arrived.apply(Link(exchange, tuple(outputs), pack_grads, scatter), *inputs)
+
+
+def scatter_rows(grad_rows: torch.Tensor, index_R: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """The gradient of `src.index_select(0, index_R)`: rows added back at their source index."""
+    out = grad_rows.new_zeros((num_rows,) + tuple(grad_rows.shape[1:]))
+    return out.index_add_(0, index_R, grad_rows)
