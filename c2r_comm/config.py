@@ -135,6 +135,9 @@ class RunConfig:
     iters: int = 10
     timeout_s: float = 120.0
     device: str = "auto"  # auto: one GPU per local rank when there are enough (NCCL), else CPU (gloo)
+    # Cross-rank agreement on the combine input (one tiny all_gather per combine): every rank raises
+    # when one rank's experts return the wrong shape. Off: combine checks locally, no extra collective.
+    debug_checks: bool = False
 
     def __post_init__(self) -> None:
         _require(self.tokens_per_rank >= 0, "run.tokens_per_rank", self.tokens_per_rank, "an integer >= 0")

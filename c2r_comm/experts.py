@@ -2,16 +2,26 @@
 
 Weights are initialised per *global* expert id from (seed, expert id), so the same expert has the
 same weights wherever a plan puts it: placement never changes results.
+
+Two ways to run the local experts, same results to floating-point tolerance:
+  * grouped GEMM: one `grouped_mm` per projection over all local experts (no host sync, no per-expert
+    launches). Used where `grouped_mm_available(device, dtype)` says the installed torch has a fast
+    kernel for it, i.e. CUDA sm90/sm100 with bf16 (elsewhere torch's grouped_mm is a per-group loop,
+    on CUDA with a host sync), and hidden/ffn rows are 16-byte aligned.
+  * loop: per-expert *views* of the stacked weights made once per forward with `unbind(0)`, so backward
+    stacks the weight grads once instead of zero-filling the whole [L, D, F] gradient per expert.
 """
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from c2r_comm.dispatch.layout import expert_offsets  # noqa: F401 (re-exported: the offsets dispatch hands over)
 from c2r_comm.plan import PlacementPlan
 
 
@@ -29,13 +39,96 @@ def swiglu(x_ND: torch.Tensor, w_gate_DF: torch.Tensor, w_up_DF: torch.Tensor, w
     return (F.silu(x_ND @ w_gate_DF) * (x_ND @ w_up_DF)) @ w_down_FD
 
 
+def grouped_mm_op() -> Optional[Callable[..., torch.Tensor]]:
+    """The installed torch's grouped matmul: the public name (newer torch) first, then the private one."""
+    op = getattr(F, "grouped_mm", None)
+    return op if op is not None else getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm_available(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether grouped GEMM is the default path for experts of `dtype` on `device`.
+
+    True only where torch runs grouped_mm as one fused kernel: CUDA (not ROCm) devices of compute
+    capability 9.x or 10.x with bf16 (torch's `_grouped_mm_cuda` fast path). Everywhere else torch
+    falls back to one mm per group, on CUDA after copying `offs` to the host (a sync), so the loop path
+    is no slower and needs no sync. On CPU (fp32/bf16/fp16 fallback) `c2r-comm bench-experts` measured
+    it no faster than the loop path, so CPU is False too.
+    """
+    device = torch.device(device)
+    if grouped_mm_op() is None or device.type != "cuda" or dtype != torch.bfloat16:
+        return False
+    if torch.version.hip is not None or not torch.cuda.is_available():
+        return False
+    major, _ = torch.cuda.get_device_capability(device)
+    return major in (9, 10)
+
+
+def grouped_mm_shapes_ok(hidden_size: int, ffn_size: int, dtype: torch.dtype) -> bool:
+    """grouped_mm needs every row stride 16-byte aligned: hidden and ffn sizes x element size."""
+    return hidden_size * dtype.itemsize % 16 == 0 and ffn_size * dtype.itemsize % 16 == 0
+
+
+def _dense_grad(grad: torch.Tensor) -> torch.Tensor:
+    # grouped_mm's backward rejects broadcast (stride-0) gradients, e.g. the one out.sum().backward() sends.
+    return grad.contiguous()
+
+
+def grouped_swiglu(x_PD: torch.Tensor, w_gate_LDF: torch.Tensor, w_up_LDF: torch.Tensor, w_down_LFD: torch.Tensor,
+                   offsets_E: torch.Tensor) -> torch.Tensor:
+    """Every local expert's SwiGLU on its rows with one grouped GEMM per projection.
+
+    Rows are grouped by expert; offsets_E (int32, on x's device) holds each group's END offset.
+    Needs a torch with grouped_mm and 16-byte aligned rows (see grouped_mm_shapes_ok).
+    """
+    mm = grouped_mm_op()
+    if mm is None:
+        raise RuntimeError(f"torch {torch.__version__} has no grouped_mm: use the loop path")
+    h_gate_PF = mm(x_PD, w_gate_LDF, offs=offsets_E)
+    h_up_PF = mm(x_PD, w_up_LDF, offs=offsets_E)
+    out_PD = mm(F.silu(h_gate_PF) * h_up_PF, w_down_LFD, offs=offsets_E)
+    if out_PD.requires_grad:
+        out_PD.register_hook(_dense_grad)
+    return out_PD
+
+
+def looped_swiglu(x_PD: torch.Tensor, tokens_per_expert: Sequence[int], w_gate_LDF: torch.Tensor,
+                  w_up_LDF: torch.Tensor, w_down_LFD: torch.Tensor) -> torch.Tensor:
+    """Every local expert's SwiGLU on its rows, one expert at a time over per-expert weight views.
+
+    `unbind(0)` makes all L views in one autograd node, whose backward stacks the L weight grads once
+    (indexing w[i] per expert would zero-fill and add into the whole [L, D, F] grad L times).
+    """
+    chunks = torch.split(x_PD, list(tokens_per_expert))
+    weights = zip(w_gate_LDF.unbind(0), w_up_LDF.unbind(0), w_down_LFD.unbind(0))
+    # Empty chunks still run (a [0, D] matmul), so every weight gets a (zero) gradient.
+    outs = [swiglu(c_ND, *w) for c_ND, w in zip(chunks, weights)]
+    return torch.cat(outs) if outs else x_PD.new_zeros(0, x_PD.shape[1])
+
+
 class GroupedExperts(nn.Module):
-    """The experts of one rank: w_gate_LDF, w_up_LDF, w_down_LFD indexed by local slot."""
+    """The experts of one rank: w_gate_LDF, w_up_LDF, w_down_LFD indexed by local slot.
+
+    use_grouped_mm: None picks per (device, dtype) of the weights with grouped_mm_available and
+    grouped_mm_shapes_ok; True always takes the grouped-GEMM path (for benchmarks and tests; zero
+    rows still take the loop); False always loops.
+    """
 
     def __init__(self, global_ids: Sequence[int], hidden_size: int, ffn_size: int, seed: int = 0,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 use_grouped_mm: Optional[bool] = None):
         super().__init__()
         self.global_ids = tuple(int(e) for e in global_ids)
+        self.hidden_size, self.ffn_size = hidden_size, ffn_size
+        if use_grouped_mm and grouped_mm_op() is None:
+            raise ValueError(f"use_grouped_mm=True but torch {torch.__version__} has no grouped_mm")
+        if use_grouped_mm and dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"use_grouped_mm=True needs float32, bfloat16 or float16 weights (torch's grouped_mm), "
+                             f"got {dtype}")
+        if use_grouped_mm and not grouped_mm_shapes_ok(hidden_size, ffn_size, dtype):
+            raise ValueError(f"use_grouped_mm=True needs hidden ({hidden_size}) and ffn ({ffn_size}) sizes whose "
+                             f"{dtype} rows are multiples of 16 bytes")
+        self.use_grouped_mm = use_grouped_mm
+        self._grouped_mm_by: dict[tuple[torch.device, torch.dtype], bool] = {}  # decided once per pair
         weights = [init_expert_weights(e, hidden_size, ffn_size, seed, dtype) for e in self.global_ids]
         stack = lambda i: nn.Parameter(torch.stack([w[i] for w in weights]).to(device))  # noqa: E731
         self.w_gate_LDF, self.w_up_LDF, self.w_down_LFD = stack(0), stack(1), stack(2)
@@ -49,15 +142,40 @@ class GroupedExperts(nn.Module):
     def num_local_experts(self) -> int:
         return len(self.global_ids)
 
-    def forward(self, x_PD: torch.Tensor, tokens_per_expert: Sequence[int]) -> torch.Tensor:
-        """Rows grouped by local slot (counts in tokens_per_expert) -> outputs in the same order."""
-        if len(tokens_per_expert) != self.num_local_experts or sum(tokens_per_expert) != x_PD.shape[0]:
-            raise ValueError(f"tokens_per_expert {list(tokens_per_expert)} does not match {self.num_local_experts} "
+    def grouped_mm_path(self) -> bool:
+        """Whether forward takes the grouped-GEMM path for the weights' current device and dtype."""
+        if self.use_grouped_mm is not None:
+            return self.use_grouped_mm
+        key = (self.w_gate_LDF.device, self.w_gate_LDF.dtype)
+        if key not in self._grouped_mm_by:
+            self._grouped_mm_by[key] = (grouped_mm_available(*key)
+                                        and grouped_mm_shapes_ok(self.hidden_size, self.ffn_size, key[1]))
+        return self._grouped_mm_by[key]
+
+    def forward(self, x_PD: torch.Tensor, tokens_per_expert: Sequence[int],
+                offsets_E: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Rows grouped by local slot (counts in tokens_per_expert) -> outputs in the same order.
+
+        offsets_E: optional int32 [L] END offsets of the groups on x's device (expert_offsets of the
+        counts); the grouped-GEMM path uses it as is, so the caller's device counts need no host copy.
+        """
+        L = self.num_local_experts
+        if len(tokens_per_expert) != L or sum(tokens_per_expert) != x_PD.shape[0]:
+            raise ValueError(f"tokens_per_expert {list(tokens_per_expert)} does not match {L} "
                              f"local experts and {x_PD.shape[0]} rows")
-        chunks = torch.split(x_PD, list(tokens_per_expert))
-        # Empty chunks still run (a [0, D] matmul), so every weight gets a (zero) gradient.
-        outs = [swiglu(c, self.w_gate_LDF[i], self.w_up_LDF[i], self.w_down_LFD[i]) for i, c in enumerate(chunks)]
-        return torch.cat(outs) if outs else x_PD.new_zeros(0, x_PD.shape[1])
+        if offsets_E is not None and (offsets_E.shape != (L,) or offsets_E.dtype != torch.int32
+                                      or offsets_E.device != x_PD.device):
+            raise ValueError(f"offsets_E must be int32 [{L}] on {x_PD.device}, got {offsets_E.dtype} "
+                             f"{list(offsets_E.shape)} on {offsets_E.device}")
+        weights = (self.w_gate_LDF, self.w_up_LDF, self.w_down_LFD)
+        if self.grouped_mm_path() and x_PD.shape[0] > 0 and x_PD.dtype == self.w_gate_LDF.dtype:
+            x_PD = x_PD.contiguous()
+            if x_PD.data_ptr() % 16 == 0:
+                if offsets_E is None:  # host counts -> device: a copy, never a sync
+                    offsets_E = torch.tensor(list(itertools.accumulate(tokens_per_expert)), dtype=torch.int32,
+                                             device=x_PD.device)
+                return grouped_swiglu(x_PD, *weights, offsets_E)
+        return looped_swiglu(x_PD, tokens_per_expert, *weights)
 
 
 class SharedExpert(nn.Module):

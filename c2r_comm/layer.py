@@ -43,7 +43,7 @@ class MoELayer(nn.Module):
     def forward_routed(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> MoEOutput:
         """The layer with routing given (from a router or a recorded trace)."""
         batch, handle = self.dispatcher.dispatch(x_TD, topk_idx_TK, topk_weight_TK)
-        out_TD = self.dispatcher.combine(self.experts(batch.x_PD, batch.tokens_per_expert), handle)
+        out_TD = self.dispatcher.combine(self.experts(batch.x_PD, batch.tokens_per_expert, batch.offsets_E), handle)
         if self.shared_expert is not None:
             out_TD = out_TD + self.shared_expert(x_TD)
         return MoEOutput(out_TD, x_TD.new_zeros((), dtype=torch.float32), handle)
@@ -64,7 +64,7 @@ def build_moe_layer(config: Config, groups: ProcessGroups, device: torch.device,
     gate_rng = torch.Generator().manual_seed(run.seed)  # replicated router: same gate on every rank
     router = build_router(m, config.routing, plan, groups.topology, config.placement.layer, generator=gate_rng)
     router = router.to(device)
-    disp = build_dispatcher(dispatcher or config.dispatcher, plan, groups, m.hidden_size)
+    disp = build_dispatcher(dispatcher or config.dispatcher, plan, groups, m.hidden_size, run.debug_checks)
     experts = GroupedExperts.for_rank(plan, groups.rank, m.hidden_size, m.ffn_hidden_size, run.seed, dtype, device)
     shared = None
     if m.num_shared_experts:

@@ -11,6 +11,7 @@ COMMANDS = {
     "bench": ("c2r_comm.cli.bench_cmd", "time forward+backward of a MoE layer per dispatcher and count bytes sent"),
     "profile": ("c2r_comm.cli.profile_cmd", "co-activation stats of a routing trace: load CV, breadth, E[GPUs/token]"),
     "plan": ("c2r_comm.cli.plan_cmd", "place experts on nodes x GPUs from a routing trace (km1 hypergraph, occult, ...)"),
+    "bench-experts": ("c2r_comm.cli.experts_cmd", "time forward+backward of one rank's local experts per implementation"),
 }
 
 

@@ -14,7 +14,7 @@ import torch
 from c2r_comm.dispatch.base import DispatchHandle, Dispatcher, ExpertBatch, Route, RouteStage
 from c2r_comm.dispatch.comm import CountExchange
 from c2r_comm.dispatch.exchange_plan import ExchangePlan, StageTraffic
-from c2r_comm.dispatch.layout import bucket_counts, expert_offsets
+from c2r_comm.dispatch.layout import RankGeometry, bucket_counts, expert_offsets
 from c2r_comm.dispatch.transport import Exchange, Pending, link, scatter_rows
 
 
@@ -45,17 +45,19 @@ def group_received_by_slot(recv_counts_WL: torch.Tensor, total: int) -> torch.Te
 class AllToAllDispatcher(Dispatcher):
     name = "alltoall"
 
-    def _layout(self, x_TD, topk_idx_TK, topk_weight_TK, status, status_detail, agree) -> AllToAllPlan:
-        W, L, device = self.world_size, self.num_local_experts, x_TD.device
-        e2r, e2s = self.expert_maps(device)
+    @staticmethod
+    def layout_rank(geo: RankGeometry, x_TD, topk_idx_TK, topk_weight_TK, status, status_detail,
+                    agree) -> AllToAllPlan:
+        W, L, rank = geo.world_size, geo.num_local_experts, geo.rank
+        e2r, e2s = geo.rank_of_expert_E, geo.slot_of_expert_E
         T, K = topk_idx_TK.shape
         idx = topk_idx_TK.reshape(-1)
         bucket = e2r[idx] * L + e2s[idx]  # (destination rank, local slot) of each pair
         order = torch.sort(bucket, stable=True).indices
         counts_WL = bucket_counts(bucket, W * L).reshape(W, L)
         row_bytes = x_TD.shape[1] * x_TD.element_size()
-        stage = StageTraffic("all2all", (self.rank,) * W, counts_WL.sum(1), row_bytes, row_bytes)
-        return AllToAllPlan(self.name, self.rank, W, T, x_TD.shape[1], K, (stage,), counts_WL, status,
+        stage = StageTraffic("all2all", (rank,) * W, counts_WL.sum(1), row_bytes, row_bytes)
+        return AllToAllPlan(AllToAllDispatcher.name, rank, W, T, x_TD.shape[1], K, (stage,), counts_WL, status,
                             status_detail, agree, order, torch.div(order, max(K, 1), rounding_mode="floor"))
 
     def _route(self, plan: AllToAllPlan, counts: CountExchange) -> Route:

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from c2r_comm.dispatch.comm import (CountExchange, StatusCode, agree_on_status, check_same_on_all_ranks,
                                     exchange_counts)
 from c2r_comm.dispatch.exchange_plan import CommStats, ExchangePlan, stats_of_traffic
+from c2r_comm.dispatch.layout import RankGeometry
 from c2r_comm.dispatch.transport import Exchange, Pending
 from c2r_comm.groups import ProcessGroups
 from c2r_comm.plan import PlacementPlan
@@ -152,8 +153,7 @@ class Dispatcher(ABC):
         # Plans that differ across ranks would silently scramble tokens: refuse them up front.
         check_same_on_all_ranks([plan.fingerprint(), hidden_size], "placement plan / hidden size", groups.ep,
                                 local_problem=self._setup_problem(plan, groups))
-        self._e2r: dict[torch.device, torch.Tensor] = {}
-        self._e2s: dict[torch.device, torch.Tensor] = {}
+        self._geometry: dict[torch.device, RankGeometry] = {}
 
     def _setup_problem(self, plan: PlacementPlan, groups: ProcessGroups) -> Optional[str]:
         """What is wrong with this rank's set-up (None if nothing); subclasses add their checks."""
@@ -169,32 +169,37 @@ class Dispatcher(ABC):
     def num_local_experts(self) -> int:
         return self.plan.experts_per_rank
 
-    def expert_maps(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(expert -> rank, expert -> local slot) as int64 tensors on `device`, cached (set-up data)."""
-        if device not in self._e2r:
-            self._e2r[device] = self.plan.rank_tensor(device)
-            self._e2s[device] = self.plan.slot_tensor(device)
-        return self._e2r[device], self._e2s[device]
-
     # ---- phase 1: layout (pure) ---------------------------------------------------------------
+    def geometry(self, device: torch.device) -> RankGeometry:
+        """This rank's RankGeometry with expert maps on `device` (cached: set-up data, not per call)."""
+        if device not in self._geometry:
+            self._geometry[device] = RankGeometry.of(self.rank, self.topology, self.plan, device)
+        return self._geometry[device]
+
     def layout(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> ExchangePlan:
-        """What this rank will send in every stage; no communication and no host sync.
+        """What this rank will send in every stage; no communication and no host sync."""
+        return self.layout_for(self.geometry(x_TD.device), self.hidden_size, x_TD, topk_idx_TK, topk_weight_TK)
+
+    @classmethod
+    def layout_for(cls, geo: RankGeometry, hidden_size: int, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor,
+                   topk_weight_TK: torch.Tensor) -> ExchangePlan:
+        """The layout of rank `geo.rank` for these inputs, in any process (accounting, cost model).
 
         Bad input does not raise here (that would leave the other ranks waiting): it becomes a
         status the count exchange carries, and the plan is laid out for zero tokens instead.
         Expert ids out of range are found on the device and clamped for the layout.
         """
-        status, detail = check_input(x_TD, topk_idx_TK, topk_weight_TK, self.hidden_size)
-        agree = self.agreed_values(x_TD, topk_idx_TK, topk_weight_TK)
-        E = self.plan.num_experts
+        status, detail = check_input(x_TD, topk_idx_TK, topk_weight_TK, hidden_size)
+        agree = cls.agreed_values(x_TD, topk_idx_TK, topk_weight_TK)
+        E = geo.rank_of_expert_E.shape[0]
         if status != StatusCode.OK:
             K = topk_idx_TK.shape[-1] if topk_idx_TK.dim() >= 1 and topk_idx_TK.shape[-1] else 1
             device = x_TD.device
-            x_TD = torch.zeros(0, self.hidden_size, device=device)
+            x_TD = torch.zeros(0, hidden_size, device=device)
             topk_idx_TK = torch.zeros(0, K, dtype=torch.int64, device=device)
             topk_weight_TK = torch.zeros(0, K, device=device)
             status_t = torch.tensor(int(status), dtype=torch.int64, device=device)
-            return self._layout(x_TD, topk_idx_TK, topk_weight_TK, status_t, detail, agree)
+            return cls.layout_rank(geo, x_TD, topk_idx_TK, topk_weight_TK, status_t, detail, agree)
         idx = topk_idx_TK.long()
         out_of_range = ((idx < 0) | (idx >= E)).any()
         status_t = out_of_range.to(torch.int64) * int(StatusCode.EXPERT_ID_OUT_OF_RANGE)
@@ -202,11 +207,13 @@ class Dispatcher(ABC):
         def range_detail() -> str:  # only evaluated on the error path
             return f"expert ids span {int(idx.min())}..{int(idx.max())}, allowed 0..{E - 1}"
 
-        return self._layout(x_TD, idx.clamp(0, E - 1), topk_weight_TK, status_t, range_detail, agree)
+        return cls.layout_rank(geo, x_TD, idx.clamp(0, E - 1), topk_weight_TK, status_t, range_detail, agree)
 
+    @staticmethod
     @abstractmethod
-    def _layout(self, x_TD, topk_idx_TK, topk_weight_TK, status, status_detail, agree) -> ExchangePlan:
-        ...
+    def layout_rank(geo: RankGeometry, x_TD, topk_idx_TK, topk_weight_TK, status, status_detail,
+                    agree) -> ExchangePlan:
+        """The dispatcher's own layout of valid (clamped) inputs for rank geo.rank."""
 
     # ---- phase 2: count exchange (the one host sync) ------------------------------------------
     def exchange_counts(self, plan: ExchangePlan) -> Route:

@@ -14,7 +14,7 @@ import torch
 from c2r_comm.dispatch.base import DispatchHandle, Dispatcher, ExpertBatch, Route, RouteStage
 from c2r_comm.dispatch.comm import CountExchange, metadata_dtype
 from c2r_comm.dispatch.exchange_plan import ExchangePlan, StageTraffic
-from c2r_comm.dispatch.layout import bucket_counts, expert_offsets, group_rows, pairs_by_slot
+from c2r_comm.dispatch.layout import RankGeometry, bucket_counts, expert_offsets, group_rows, pairs_by_slot
 from c2r_comm.dispatch.pack import RowFormat
 from c2r_comm.dispatch.transport import Exchange, Pending, link, scatter_rows
 
@@ -66,9 +66,11 @@ class DedupHandle(DispatchHandle):
 class DedupDispatcher(Dispatcher):
     name = "dedup"
 
-    def _layout(self, x_TD, topk_idx_TK, topk_weight_TK, status, status_detail, agree) -> DedupPlan:
-        W, L, device = self.world_size, self.num_local_experts, x_TD.device
-        e2r, e2s = self.expert_maps(device)
+    @staticmethod
+    def layout_rank(geo: RankGeometry, x_TD, topk_idx_TK, topk_weight_TK, status, status_detail,
+                    agree) -> DedupPlan:
+        W, L, rank = geo.world_size, geo.num_local_experts, geo.rank
+        e2r, e2s = geo.rank_of_expert_E, geo.slot_of_expert_E
         T, K = topk_idx_TK.shape
         rank_TK, slot_TK = e2r[topk_idx_TK], e2s[topk_idx_TK]
         rows = group_rows(rank_TK, W)
@@ -76,9 +78,9 @@ class DedupDispatcher(Dispatcher):
         meta = metadata_dtype(L)
         slot_RK = torch.where(rows.member_RK, slot_TK.index_select(0, rows.token_of_row_R), -1).to(meta)
         fmt = token_format(x_TD, topk_weight_TK, meta)
-        stage = StageTraffic("all2all", (self.rank,) * W, rows.counts_G, fmt.row_bytes,
+        stage = StageTraffic("all2all", (rank,) * W, rows.counts_G, fmt.row_bytes,
                              x_TD.shape[1] * x_TD.element_size())
-        return DedupPlan(self.name, self.rank, W, T, x_TD.shape[1], K, (stage,),
+        return DedupPlan(DedupDispatcher.name, rank, W, T, x_TD.shape[1], K, (stage,),
                          torch.cat([rows.counts_G.unsqueeze(1), pairs_WL], 1), status, status_detail, agree,
                          rows.token_of_row_R, slot_RK, fmt)
 

@@ -25,7 +25,8 @@ from c2r_comm.dispatch.base import DispatchHandle, Dispatcher, ExpertBatch, Rout
 from c2r_comm.dispatch.comm import CountExchange, metadata_dtype
 from c2r_comm.dispatch.dedup import grad_format, link_token_rows, token_format, weighted_partials
 from c2r_comm.dispatch.exchange_plan import ExchangePlan, StageTraffic
-from c2r_comm.dispatch.layout import bucket_counts, distinct_counts, expert_offsets, group_rows, pairs_by_slot
+from c2r_comm.dispatch.layout import (RankGeometry, bucket_counts, distinct_counts, expert_offsets, group_rows,
+                                      pairs_by_slot)
 from c2r_comm.dispatch.pack import RowFormat
 from c2r_comm.dispatch.transport import Exchange, Pending, link, scatter_rows
 from c2r_comm.groups import ProcessGroups
@@ -58,11 +59,6 @@ class HierarchicalDispatcher(Dispatcher):
         self.node_index, self.local_index = topo.node_of(self.rank), topo.local_index_of(self.rank)
         # Other nodes in rotated order (next node first), so this node's own rows sort last.
         self.rail_peers = tuple(topo.rank_of((self.node_index + 1 + i) % N, self.local_index) for i in range(N - 1))
-        node_of_W = torch.arange(topo.world_size) // G
-        self._rotated_node_of_W = (node_of_W - self.node_index - 1) % N
-        self._node_of_W = node_of_W
-        self._is_rail_W = (torch.arange(topo.world_size) % G == self.local_index) & (node_of_W != self.node_index)
-        self._forwarder_of_dest = tuple(topo.rank_of(topo.node_of(d), self.local_index) for d in range(topo.world_size))
 
     def _setup_problem(self, plan: PlacementPlan, groups: ProcessGroups) -> Optional[str]:
         problem = super()._setup_problem(plan, groups)
@@ -76,14 +72,17 @@ class HierarchicalDispatcher(Dispatcher):
                            "with build_process_groups")
         return problem
 
-    def _layout(self, x_TD, topk_idx_TK, topk_weight_TK, status, status_detail, agree) -> HierarchicalPlan:
-        topo, W, L, device = self.topology, self.world_size, self.num_local_experts, x_TD.device
+    @staticmethod
+    def layout_rank(geo: RankGeometry, x_TD, topk_idx_TK, topk_weight_TK, status, status_detail,
+                    agree) -> HierarchicalPlan:
+        topo, W, L, device, rank = geo.topology, geo.world_size, geo.num_local_experts, x_TD.device, geo.rank
         N, G = topo.nodes, topo.gpus_per_node
-        e2r, e2s = self.expert_maps(device)
+        my_node, my_local = topo.node_of(rank), topo.local_index_of(rank)
+        e2r, e2s = geo.rank_of_expert_E, geo.slot_of_expert_E
         T, K = topk_idx_TK.shape
         rank_TK = e2r[topk_idx_TK]
         node_TK = torch.div(rank_TK, G, rounding_mode="floor")
-        rows = group_rows((node_TK - self.node_index - 1) % N, N)  # rotated: own node is group N-1
+        rows = group_rows((node_TK - my_node - 1) % N, N)  # rotated: own node is group N-1
         code_TK = (rank_TK % G) * L + e2s[topk_idx_TK]
         meta = metadata_dtype(G * L)
         code_RK = torch.where(rows.member_RK, code_TK.index_select(0, rows.token_of_row_R), -1).to(meta)
@@ -92,16 +91,18 @@ class HierarchicalDispatcher(Dispatcher):
         # rank: its own node's rows), [1:1+G] rows p forwards for us to each GPU of p's node,
         # [1+G] distinct (token, p) rows, [2+G:] (token, choice) pairs per slot of p.
         per_rank_W = distinct_counts(rank_TK, W)
-        rotated = self._rotated_node_of_W.to(device)
-        col_a = torch.where(self._is_rail_W.to(device), rows.counts_G[rotated], 0)
-        col_a[self.rank] = rows.counts_G[N - 1]
-        counts_WC = torch.cat([col_a.unsqueeze(1), per_rank_W.reshape(N, G)[self._node_of_W.to(device)],
+        node_of_W = torch.div(torch.arange(W, device=device), G, rounding_mode="floor")
+        is_rail_W = (torch.arange(W, device=device) % G == my_local) & (node_of_W != my_node)
+        col_a = torch.where(is_rail_W, rows.counts_G[(node_of_W - my_node - 1) % N], 0)
+        col_a[rank] = rows.counts_G[N - 1]
+        counts_WC = torch.cat([col_a.unsqueeze(1), per_rank_W.reshape(N, G)[node_of_W],
                                per_rank_W.unsqueeze(1), bucket_counts(rank_TK * L + e2s[topk_idx_TK], W * L).reshape(W, L)], 1)
         back_bytes = x_TD.shape[1] * x_TD.element_size()
-        rail_rows = torch.where(self._is_rail_W.to(device), col_a, 0)
-        stages = (StageTraffic("rail", (self.rank,) * W, rail_rows, fmt.row_bytes, back_bytes),
-                  StageTraffic("node", self._forwarder_of_dest, per_rank_W, fmt.row_bytes, back_bytes))
-        return HierarchicalPlan(self.name, self.rank, W, T, x_TD.shape[1], K, stages, counts_WC, status,
+        rail_rows = torch.where(is_rail_W, col_a, 0)
+        forwarder_of_dest = tuple(topo.rank_of(topo.node_of(d), my_local) for d in range(W))
+        stages = (StageTraffic("rail", (rank,) * W, rail_rows, fmt.row_bytes, back_bytes),
+                  StageTraffic("node", forwarder_of_dest, per_rank_W, fmt.row_bytes, back_bytes))
+        return HierarchicalPlan(HierarchicalDispatcher.name, rank, W, T, x_TD.shape[1], K, stages, counts_WC, status,
                                 status_detail, agree, rows.token_of_row_R, code_RK, fmt)
 
     def _route(self, plan: HierarchicalPlan, counts: CountExchange) -> Route:

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+from c2r_comm.plan import PlacementPlan
+from c2r_comm.topology import Topology
+
 
 def first_choice_mask(group_TK: torch.Tensor) -> torch.Tensor:
     """bool [T, K]: True where no earlier choice of the token lands in the same group."""
@@ -101,3 +104,24 @@ def pairs_by_slot(slot_RK: torch.Tensor, num_local_experts: int, num_pairs: int)
 def expert_offsets(pairs_per_slot_L: torch.Tensor) -> torch.Tensor:
     """int32 [L] cumulative end offset of each slot's rows (what grouped GEMMs take), on device."""
     return torch.cumsum(pairs_per_slot_L, 0).to(torch.int32)
+
+
+@dataclass(frozen=True)
+class RankGeometry:
+    """What a layout needs to know about one rank: pure data, no process group. The dispatcher
+    builds its own; accounting and the cost model build one per rank to lay out a whole world."""
+
+    rank: int
+    topology: Topology
+    num_local_experts: int
+    rank_of_expert_E: torch.Tensor  # int64 [E] on the layout's device
+    slot_of_expert_E: torch.Tensor  # int64 [E]
+
+    @classmethod
+    def of(cls, rank: int, topology: Topology, placement: PlacementPlan, device: torch.device | str = "cpu") -> "RankGeometry":
+        return cls(rank, topology, placement.experts_per_rank, placement.rank_tensor(device),
+                   placement.slot_tensor(device))
+
+    @property
+    def world_size(self) -> int:
+        return self.topology.world_size
