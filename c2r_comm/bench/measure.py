@@ -1,20 +1,24 @@
-"""Timed forward + backward of a MoE layer, and the bytes its dispatcher actually sent.
+"""Timed forward + backward of a MoE layer, and the rows and bytes its dispatcher sends.
 
-Times are per iteration the slowest rank's (a collective step ends when its last rank does);
-byte and row counts are summed over ranks from the handles' CommStats.
+Times are per iteration the slowest rank's (a collective step ends when its last rank does).
+Rows and bytes come from the ExchangePlan every rank's layout() produced, combined over ranks
+(world traffic matrix), the same numbers the cost model and the handles' CommStats use.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.distributed as dist
 
-from c2r_comm.dispatch import CommStats
+from c2r_comm.dispatch import CommStats, ExchangePlan, traffic_stats
 from c2r_comm.layer import MoELayer
 from c2r_comm.progress import progress
+
+if TYPE_CHECKING:
+    from c2r_comm.bench.phases import PhaseTimes
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class BenchRecord:
     config: dict
     measurement: Measurement
     layer: Optional[int] = None  # trace layer the routing came from (None: the router)
+    phases: Optional["PhaseTimes"] = None  # per-phase medians (bench --phases)
 
     @property
     def tokens(self) -> int:
@@ -82,16 +87,27 @@ class BenchRecord:
         return d
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def sum_over_ranks(stats: CommStats, tokens: int, device: torch.device, group: Any) -> tuple[CommStats, int]:
-    t = torch.tensor([*stats.as_tuple(), tokens], dtype=torch.int64, device=device)
+def barrier(group: Any, device: torch.device) -> None:
+    if device.type == "cuda":  # NCCL barrier on this rank's own GPU
+        dist.barrier(group=group, device_ids=[device.index])
+    else:
+        dist.barrier(group=group)
+
+
+def world_stats(plan: ExchangePlan, topology, device: torch.device, group: Any) -> tuple[CommStats, CommStats, int]:
+    """(dispatch, combine, tokens) over all ranks: every rank's plan traffic summed (one all_reduce,
+    outside the timed region)."""
+    t = torch.cat([plan.traffic().reshape(-1), torch.tensor([plan.num_tokens])]).to(device)
     dist.all_reduce(t, group=group)
-    vals = t.tolist()
-    return CommStats(*vals[:-1]), vals[-1]
+    t = t.cpu()
+    traffic = t[:-1].reshape(len(plan.stages), plan.world_size, plan.world_size)
+    dispatch, combine = traffic_stats(traffic, plan.stages, topology)
+    return dispatch, combine, int(t[-1])
 
 
 def measure_layer(layer: MoELayer, x_TD: torch.Tensor, grad_TD: torch.Tensor, warmup: int, iters: int,
@@ -104,17 +120,14 @@ def measure_layer(layer: MoELayer, x_TD: torch.Tensor, grad_TD: torch.Tensor, wa
     for i in progress(range(warmup + iters), warmup + iters, label, enabled=show_progress):
         layer.zero_grad(set_to_none=True)
         x = x_TD.detach().requires_grad_()
-        if device.type == "cuda":  # NCCL barrier on this rank's own GPU
-            dist.barrier(group=group, device_ids=[device.index])
-        else:
-            dist.barrier(group=group)
-        _sync(device)
+        barrier(group, device)
+        sync(device)
         t0 = time.perf_counter()
         out = layer(x) if routing is None else layer.forward_routed(x, *routing)
-        _sync(device)
+        sync(device)
         t1 = time.perf_counter()
         ((out.out_TD * grad_TD).sum() + out.aux_loss).backward()
-        _sync(device)
+        sync(device)
         t2 = time.perf_counter()
         handle = out.handle
         if i >= warmup:
@@ -124,6 +137,5 @@ def measure_layer(layer: MoELayer, x_TD: torch.Tensor, grad_TD: torch.Tensor, wa
     times = torch.tensor([fwd, bwd], dtype=torch.float64, device=device)
     dist.all_reduce(times, op=dist.ReduceOp.MAX, group=group)
     fwd, bwd = times.cpu().tolist()
-    d_stats, tokens = sum_over_ranks(handle.dispatch_stats, x_TD.shape[0], device, group)
-    c_stats, _ = sum_over_ranks(handle.combine_stats, x_TD.shape[0], device, group)
+    d_stats, c_stats, tokens = world_stats(handle.route.plan, layer.dispatcher.topology, device, group)
     return Measurement(tokens, d_stats, c_stats, Timing.of(fwd), Timing.of(bwd))

@@ -43,6 +43,24 @@ def format_summary(records: Sequence[BenchRecord]) -> str:
     return "\n".join(rows)
 
 
+def format_phases(records: Sequence[BenchRecord]) -> str:
+    """Median ms of each phase timed alone (bench --phases), forward then backward, per dispatcher."""
+    from c2r_comm.bench.phases import BACKWARD_PHASES, FORWARD_PHASES
+
+    with_layer = any(r.layer is not None for r in records)
+    cols = [f"fwd {p}" for p in FORWARD_PHASES] + [f"bwd {p}" for p in BACKWARD_PHASES]
+    head = ("| layer " if with_layer else "") + "| dispatcher | " + " | ".join(cols) + " | sum |"
+    rows = [head, "|" + "|".join("---" for _ in range(head.count("|") - 1)) + "|"]
+    for r in records:
+        if r.phases is None:
+            continue
+        vals = [r.phases.forward[p].median_ms for p in FORWARD_PHASES] + \
+            [r.phases.backward[p].median_ms for p in BACKWARD_PHASES]
+        rows.append(("| " + str(r.layer) + " " if with_layer else "") + f"| {r.dispatcher} | "
+                    + " | ".join(f"{v:.2f}" for v in vals) + f" | {sum(vals):.2f} |")
+    return "phases (ms, median of the slowest rank; each phase alone, device synced between them):\n" + "\n".join(rows)
+
+
 def write_json(records: Sequence[BenchRecord], path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps([r.to_json() for r in records], indent=1))

@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 
 from c2r_comm.bench.measure import BenchRecord, measure_layer
-from c2r_comm.bench.report import format_summary, format_table, write_json
+from c2r_comm.bench.phases import measure_phases
+from c2r_comm.bench.report import format_phases, format_summary, format_table, write_json
 from c2r_comm.bootstrap import init_distributed, read_launch_env, shutdown
 from c2r_comm.config import Config, ConfigError, load_config, parse_topology, with_overrides
 from c2r_comm.dispatch import DISPATCHERS
@@ -44,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", default=None,
                    help="A:B trace prompts (0-based, slice style) to deal tokens from, e.g. held-out 800:999")
     p.add_argument("--json", help="write one record per dispatcher (with the resolved config) here")
+    p.add_argument("--phases", action="store_true",
+                   help="also time each phase alone (layout, count exchange, send, experts, combine; forward and "
+                        "backward) and print where the time goes")
     for flag in OVERRIDES:
         kind = int if flag in ("tokens_per_rank", "iters", "warmup_iters", "seed", "hidden_size",
                                "ffn_hidden_size", "num_experts", "top_k") else \
@@ -115,10 +119,12 @@ def run(args: argparse.Namespace) -> int:
         groups = build_process_groups(_topology(config), config.run.timeout_s)
         records = [r for layer in layers for r in
                    bench_all(with_overrides(config, {"placement.layer": layer}), trace, names, groups, ctx.device,
-                             show=ctx.rank == 0)]
+                             show=ctx.rank == 0, phases=args.phases)]
         if ctx.rank == 0:
             print(describe(config, trace, layers, args) + f", {ctx.backend} on {ctx.device.type}")
             print(format_table(records))
+            if args.phases:
+                print(format_phases(records))
             if len(layers) > 1:
                 print(format_summary(records))
             if args.json:
@@ -134,7 +140,7 @@ def _topology(config: Config) -> Topology:
 
 
 def bench_all(config: Config, trace: Optional[RoutingTrace], names: list[str], groups, device: torch.device,
-              show: bool) -> list[BenchRecord]:
+              show: bool, phases: bool = False) -> list[BenchRecord]:
     run, m = config.run, config.model
     dtype = DTYPES[run.dtype]
     g = torch.Generator().manual_seed(run.seed * 7919 + groups.rank)
@@ -154,8 +160,11 @@ def bench_all(config: Config, trace: Optional[RoutingTrace], names: list[str], g
         label = f"{name:>12}" + (f" layer {trace_layer:>2}" if trace_layer is not None else "")
         meas = measure_layer(layer, x_TD, grad_TD, run.warmup_iters, run.iters, routing, groups.ep,
                              label=label, show_progress=show)
+        per_phase = measure_phases(layer, x_TD, grad_TD, run.warmup_iters, run.iters, routing, groups.ep,
+                                   label=label, show_progress=show) if phases else None
         resolved = with_overrides(config, {"dispatcher": name}).to_dict()
-        records.append(BenchRecord(name, placement, routing_desc, str(groups.topology), resolved, meas, trace_layer))
+        records.append(BenchRecord(name, placement, routing_desc, str(groups.topology), resolved, meas, trace_layer,
+                                   per_phase))
     return records
 
 
