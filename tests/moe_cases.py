@@ -101,7 +101,8 @@ def run_case_on_rank(rank: int, case: Case) -> dict[str, object]:
                             zip((experts.w_gate_LDF, experts.w_up_LDF, experts.w_down_LFD), ref["grad_experts"])),
     }
     return {"err": err, "dispatch_stats": handle.dispatch_stats, "combine_stats": handle.combine_stats,
-            "tokens_per_expert": handle.tokens_per_expert}
+            "tokens_per_expert": handle.tokens_per_expert,
+            "rows_received": handle.route.stages[-1].exchange.rows_received}
 
 
 def _maxdiff(a: Optional[torch.Tensor], b: torch.Tensor) -> float:

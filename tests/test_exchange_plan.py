@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import pytest
 import torch
 import torch.distributed as dist
 from moe_cases import Case, make_plan, rank_inputs
@@ -121,3 +122,30 @@ def test_layout_counts_equal_what_is_sent_world2():
 def test_layout_counts_equal_what_is_sent_world4_and_2x2():
     assert run_ranks(4, fuzz_worker, 1, ("alltoall", "dedup"), 20) == [20] * 4
     assert run_ranks(4, fuzz_worker, 2, ("alltoall", "dedup", "hierarchical"), 30) == [30] * 4
+
+
+def test_placement_metrics_agree_with_the_exchange_plans():
+    """placement/metrics (numpy, below dispatch in the import order) counts what the dispatchers'
+    plans send: E[GPUs/token] = dedup rows incl. local / tokens, remote nodes = rail rows / tokens."""
+    import numpy as np
+
+    from c2r_comm.placement.metrics import placement_metrics
+    from c2r_comm.plan import PlacementPlan
+
+    topo = Topology(2, 4)
+    placement = PlacementPlan.random(32, 8, seed=3)
+    g = torch.Generator().manual_seed(0)
+    per_rank = [torch.argsort(torch.rand(n, 32, generator=g), dim=1)[:, :6] for n in (9, 0, 13, 7, 8, 11, 5, 6)]
+    ids = torch.cat(per_rank)
+    source = np.repeat(np.arange(8), [t.shape[0] for t in per_rank])
+    want = placement_metrics(placement, topo, ids.numpy(), source)
+    plans = {}
+    for name in ("dedup", "hierarchical"):
+        plans[name] = [DISPATCHERS[name].layout_for(RankGeometry.of(r, topo, placement), 4,
+                                                    torch.zeros(t.shape[0], 4), t, torch.ones(t.shape, dtype=torch.float32))
+                       for r, t in enumerate(per_rank)]
+    dedup = world_traffic(plans["dedup"])[0]
+    assert int(dedup.sum()) / ids.shape[0] == pytest.approx(want.gpus_per_token)
+    assert (int(dedup.sum()) - int(dedup.diagonal().sum())) / ids.shape[0] == pytest.approx(want.remote_gpus_per_token)
+    rail = world_traffic(plans["hierarchical"])[0]
+    assert int(rail.sum()) / ids.shape[0] == pytest.approx(want.remote_nodes_per_token)

@@ -22,23 +22,11 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from c2r_comm.bench.timing import Timing, sync
 from c2r_comm.experts import GroupedExperts, expert_offsets, init_expert_weights, swiglu
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 REFERENCE = "per_expert_params"
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Same fields as bench.measure.Timing, kept here so this benchmark does not import the dispatchers."""
-    median_ms: float
-    p10_ms: float
-    p90_ms: float
-
-    @classmethod
-    def of(cls, samples_s: Sequence[float]) -> "Timing":
-        t_ms = torch.tensor(samples_s, dtype=torch.float64) * 1e3
-        return cls(*torch.quantile(t_ms, torch.tensor([0.5, 0.1, 0.9], dtype=torch.float64)).tolist())
 
 
 @dataclass(frozen=True)
@@ -134,11 +122,6 @@ def split_rows(rows: int, num_experts: int, seed: int) -> tuple[int, ...]:
     return tuple(torch.bincount(pick_P, minlength=num_experts).tolist())
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _step(impl: nn.Module, x_PD: torch.Tensor, counts: tuple[int, ...], offsets_E: torch.Tensor,
           grad_PD: torch.Tensor) -> torch.Tensor:
     x_PD = x_PD.detach().requires_grad_()
@@ -186,10 +169,10 @@ def run_experts_bench(cfg: ExpertsBenchConfig) -> ExpertsBenchResult:
     for it in range(cfg.warmup + cfg.iters):
         for name, (impl, _, _) in impls.items():
             impl.zero_grad(set_to_none=True)
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             _step(impl, x_PD, counts, offsets_E, grad_PD)
-            _sync(device)
+            sync(device)
             if it >= cfg.warmup:
                 samples[name].append(time.perf_counter() - t0)
     results = tuple(ImplResult(name, path, Timing.of(samples[name]),

@@ -13,25 +13,13 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 import torch.distributed as dist
 
+from c2r_comm.bench.timing import Timing, barrier, sync
 from c2r_comm.dispatch import CommStats, ExchangePlan, traffic_stats
 from c2r_comm.layer import MoELayer
 from c2r_comm.progress import progress
 
 if TYPE_CHECKING:
     from c2r_comm.bench.phases import PhaseTimes
-
-
-@dataclass(frozen=True)
-class Timing:
-    median_ms: float
-    p10_ms: float
-    p90_ms: float
-
-    @classmethod
-    def of(cls, samples_s: list[float]) -> "Timing":
-        t = torch.tensor(samples_s, dtype=torch.float64) * 1e3
-        q = torch.quantile(t, torch.tensor([0.5, 0.1, 0.9], dtype=torch.float64)).tolist()
-        return cls(*q)
 
 
 @dataclass(frozen=True)
@@ -85,18 +73,6 @@ class BenchRecord:
                  copies_per_token_off_rank=self.per_token(self.dispatch.rows_off_rank),
                  mb_sent=self.mb_sent, cross_node_mb=self.cross_node_mb)
         return d
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def barrier(group: Any, device: torch.device) -> None:
-    if device.type == "cuda":  # NCCL barrier on this rank's own GPU
-        dist.barrier(group=group, device_ids=[device.index])
-    else:
-        dist.barrier(group=group)
 
 
 def world_stats(plan: ExchangePlan, topology, device: torch.device, group: Any) -> tuple[CommStats, CommStats, int]:

@@ -3,9 +3,10 @@
 Forward runs the dispatcher's phases one by one (layout, count exchange, send + wait, experts,
 combine + wait). Backward is cut at the phase boundaries with detached leaves, so each piece
 runs alone: combine's backward (the return exchange reversed), the experts' backward, then
-dispatch's backward (the dispatch exchange reversed). Between phases the device is synchronised,
-so phases do not overlap here: the phase times add up to a serial step (a little slower than
-the plain timed run). Per iteration the slowest rank's time counts for each phase.
+dispatch's backward (the dispatch exchange reversed). Before each phase the ranks meet at a
+barrier and the device is synchronised, so a phase's time is its own (not time spent waiting
+for a slower rank to finish the previous phase) and phases do not overlap: the phase times add
+up to a serial step without skew. Per iteration the slowest rank's time counts for each phase.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from c2r_comm.bench.measure import Timing, barrier, sync
+from c2r_comm.bench.timing import Timing, barrier, sync
 from c2r_comm.layer import MoELayer
 from c2r_comm.progress import progress
 
@@ -31,22 +32,18 @@ class PhaseTimes:
 
 
 class _Clock:
-    def __init__(self, device: torch.device):
-        self.device, self.samples, self._t = device, {}, 0.0
+    """Times phases one at a time: barrier + sync, run, sync."""
 
-    def start(self) -> None:
-        sync(self.device)
-        self._t = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        sync(self.device)
-        now = time.perf_counter()
-        self.samples.setdefault(name, []).append(now - self._t)
-        self._t = now
+    def __init__(self, device: torch.device, group: Any):
+        self.device, self.group, self.samples = device, group, {}
 
     def run(self, name: str, fn: Callable[[], Any]) -> Any:
+        barrier(self.group, self.device)
+        sync(self.device)
+        t0 = time.perf_counter()
         out = fn()
-        self.lap(name)
+        sync(self.device)
+        self.samples.setdefault(name, []).append(time.perf_counter() - t0)
         return out
 
 
@@ -54,13 +51,11 @@ def _one_step(layer: MoELayer, x_TD: torch.Tensor, grad_TD: torch.Tensor,
               routing: Optional[tuple[torch.Tensor, torch.Tensor]], fwd: _Clock, bwd: _Clock) -> None:
     disp, experts = layer.dispatcher, layer.experts
     x = x_TD.detach().requires_grad_()
-    fwd.start()
     if routing is None:
         out = fwd.run("router", lambda: layer.router(x))
         idx, weight, aux = out.topk_idx_TK, out.topk_weight_TK, out.aux_loss
     else:
-        (idx, weight), aux = routing, None
-        fwd.lap("router")
+        (idx, weight), aux = fwd.run("router", lambda: routing), None
     plan = fwd.run("layout", lambda: disp.layout(x, idx, weight))
     route = fwd.run("count_exchange", lambda: disp.exchange_counts(plan))
     batch, handle = fwd.run("send", lambda: disp.send(x, weight, route).wait())
@@ -71,7 +66,6 @@ def _one_step(layer: MoELayer, x_TD: torch.Tensor, grad_TD: torch.Tensor,
     cut = dataclasses.replace(handle, combine_weight=w_leaf)
     out_TD = fwd.run("combine", lambda: disp.combine_start(y_leaf, cut).wait())
 
-    bwd.start()
     loss = (out_TD * grad_TD).sum()
     bwd.run("combine", lambda: loss.backward())
     bwd.run("experts", lambda: y_PD.backward(y_leaf.grad))
@@ -86,10 +80,9 @@ def measure_phases(layer: MoELayer, x_TD: torch.Tensor, grad_TD: torch.Tensor, w
                    routing: Optional[tuple[torch.Tensor, torch.Tensor]], group: Any, label: str,
                    show_progress: bool) -> PhaseTimes:
     device = x_TD.device
-    fwd, bwd = _Clock(device), _Clock(device)
+    fwd, bwd = _Clock(device, group), _Clock(device, group)
     for i in progress(range(warmup + iters), warmup + iters, label + " phases", enabled=show_progress):
         layer.zero_grad(set_to_none=True)
-        barrier(group, device)
         _one_step(layer, x_TD, grad_TD, routing, fwd, bwd)
         if i < warmup:
             fwd.samples.clear()

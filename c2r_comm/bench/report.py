@@ -58,7 +58,7 @@ def format_phases(records: Sequence[BenchRecord]) -> str:
             [r.phases.backward[p].median_ms for p in BACKWARD_PHASES]
         rows.append(("| " + str(r.layer) + " " if with_layer else "") + f"| {r.dispatcher} | "
                     + " | ".join(f"{v:.2f}" for v in vals) + f" | {sum(vals):.2f} |")
-    return "phases (ms, median of the slowest rank; each phase alone, device synced between them):\n" + "\n".join(rows)
+    return "phases (ms, median of the slowest rank; each phase alone after a barrier, device synced):\n" + "\n".join(rows)
 
 
 def write_json(records: Sequence[BenchRecord], path: str | Path) -> None:

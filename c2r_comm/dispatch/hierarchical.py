@@ -55,7 +55,7 @@ class HierarchicalDispatcher(Dispatcher):
     def __init__(self, plan: PlacementPlan, groups: ProcessGroups, hidden_size: int, debug_checks: bool = False):
         topo = groups.topology
         super().__init__(plan, groups, hidden_size, debug_checks)
-        N, G = topo.nodes, topo.gpus_per_node
+        N = topo.nodes
         self.node_index, self.local_index = topo.node_of(self.rank), topo.local_index_of(self.rank)
         # Other nodes in rotated order (next node first), so this node's own rows sort last.
         self.rail_peers = tuple(topo.rank_of((self.node_index + 1 + i) % N, self.local_index) for i in range(N - 1))
@@ -125,7 +125,7 @@ class HierarchicalDispatcher(Dispatcher):
 
     def send(self, x_TD, topk_weight_TK, route: Route) -> Pending:
         plan: HierarchicalPlan = route.plan
-        fmt, device, T = plan.row_format, x_TD.device, plan.num_tokens
+        fmt, device = plan.row_format, x_TD.device
         ex_a, ex_b = route.stages[0].exchange, route.stages[1].exchange
         r_cross, r_own = ex_a.rows_sent, int(route.counts.sent_WC[self.rank, 0])
         r_nodes, r_arrived = r_cross + r_own, ex_a.rows_received
