@@ -97,10 +97,11 @@ class Pending(Generic[T]):
 @dataclass(frozen=True)
 class Link:
     """How gradients of received tensors go back: pack them, run `exchange` reversed, then
-    `scatter` turns the returned rows (the sender's order) into gradients of the inputs."""
+    `scatter` turns the returned rows (the sender's order) into gradients of the inputs.
+    It holds no received tensor: an output kept on the autograd node would form a reference
+    cycle (tensor -> node -> tensor) that keeps whole receive buffers alive until Python's GC."""
 
     exchange: Exchange
-    outputs: tuple[torch.Tensor, ...]  # what arrived (views into the receive buffer)
     pack_grads: Callable[[tuple[torch.Tensor, ...]], torch.Tensor]  # grads of outputs -> [rows, *] buffer
     scatter: Callable[[torch.Tensor], tuple[Optional[torch.Tensor], ...]]  # returned buffer -> input grads
 
@@ -109,23 +110,23 @@ class _Arrived(torch.autograd.Function):
     """outputs = what an exchange delivered, as a function of what was packed (the inputs)."""
 
     @staticmethod
-    def forward(ctx, link: Link, *inputs):
+    def forward(ctx, link: Link, outputs: tuple[torch.Tensor, ...], *inputs):
         ctx.link = link
-        return tuple(o for o in link.outputs)
+        return outputs
 
     @staticmethod
     def backward(ctx, *grads):
         link: Link = ctx.link
         buf = link.pack_grads(tuple(g.contiguous() if g.stride(-1) == 1 else g for g in grads))
         back = link.exchange.reversed().run(buf)
-        return (None, *link.scatter(back))
+        return (None, None, *link.scatter(back))
 
 
 def link(exchange: Exchange, outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
          pack_grads: Callable[[tuple[torch.Tensor, ...]], torch.Tensor],
          scatter: Callable[[torch.Tensor], tuple[Optional[torch.Tensor], ...]]) -> tuple[torch.Tensor, ...]:
     """Attach arrived `outputs` to the autograd graph of `inputs` (see module doc)."""
-    return _Arrived.apply(Link(exchange, tuple(outputs), pack_grads, scatter), *inputs)
+    return _Arrived.apply(Link(exchange, pack_grads, scatter), tuple(outputs), *inputs)
 
 
 def scatter_rows(grad_rows: torch.Tensor, index_R: torch.Tensor, num_rows: int) -> torch.Tensor:
