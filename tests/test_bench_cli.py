@@ -88,3 +88,17 @@ def test_bad_flag_value_fails_before_launch(flags, words):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert all(w in proc.stderr for w in words), proc.stderr
+
+
+def test_phases_are_timed_and_written(tmp_path):
+    """bench --phases prints each phase's median and writes them (forward and backward) to JSON;
+    the CPU accounting is there too."""
+    proc, records = _bench(tmp_path, "--topology", "2x1", "--num-experts", "4", "--top-k", "2", "--phases")
+    assert "phases (ms" in proc.stdout and "fwd count_exchange" in proc.stdout and "bwd dispatch" in proc.stdout
+    for r in records:
+        ph = r["phases"]
+        assert set(ph["forward"]) == {"router", "layout", "count_exchange", "send", "experts", "combine"}
+        assert set(ph["backward"]) == {"combine", "experts", "dispatch"}
+        assert all(t["median_ms"] >= 0 for d in ("forward", "backward") for t in ph[d].values())
+        assert ph["forward"]["experts"]["median_ms"] > 0 and ph["backward"]["dispatch"]["median_ms"] > 0
+        assert r["measurement"]["cpu_user_s"] > 0

@@ -6,6 +6,7 @@ Rows and bytes come from the ExchangePlan every rank's layout() produced, combin
 """
 from __future__ import annotations
 
+import resource
 import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Optional
@@ -29,6 +30,11 @@ class Measurement:
     combine: CommStats
     forward: Timing
     backward: Timing
+    # Host CPU seconds per iteration (fwd+bwd), summed over ranks, median over iterations: user
+    # (torch ops, Python) and sys (kernel: socket copies, page faults of fresh allocations). With
+    # more ranks than cores, wall time ~ (user + sys) / cores: the run is CPU-bound.
+    cpu_user_s: float = 0.0
+    cpu_sys_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -91,27 +97,31 @@ def measure_layer(layer: MoELayer, x_TD: torch.Tensor, grad_TD: torch.Tensor, wa
                   label: str, show_progress: bool) -> Measurement:
     """Run warm-up + timed iterations; routing=None uses the layer's router on x_TD."""
     device = x_TD.device
-    fwd, bwd = [], []
+    fwd, bwd, cpu = [], [], []
     handle = None
     for i in progress(range(warmup + iters), warmup + iters, label, enabled=show_progress):
         layer.zero_grad(set_to_none=True)
         x = x_TD.detach().requires_grad_()
         barrier(group, device)
         sync(device)
-        t0 = time.perf_counter()
+        t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
         out = layer(x) if routing is None else layer.forward_routed(x, *routing)
         sync(device)
         t1 = time.perf_counter()
         ((out.out_TD * grad_TD).sum() + out.aux_loss).backward()
         sync(device)
-        t2 = time.perf_counter()
+        t2, r2 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
         handle = out.handle
         if i >= warmup:
             fwd.append(t1 - t0)
             bwd.append(t2 - t1)
+            cpu.append((r2.ru_utime - r0.ru_utime, r2.ru_stime - r0.ru_stime))
     # Slowest rank per iteration.
     times = torch.tensor([fwd, bwd], dtype=torch.float64, device=device)
     dist.all_reduce(times, op=dist.ReduceOp.MAX, group=group)
     fwd, bwd = times.cpu().tolist()
+    cpu_t = torch.tensor(cpu, dtype=torch.float64, device=device)
+    dist.all_reduce(cpu_t, group=group)  # summed over ranks, per iteration
+    user_s, sys_s = cpu_t.cpu().median(0).values.tolist()
     d_stats, c_stats, tokens = world_stats(handle.route.plan, layer.dispatcher.topology, device, group)
-    return Measurement(tokens, d_stats, c_stats, Timing.of(fwd), Timing.of(bwd))
+    return Measurement(tokens, d_stats, c_stats, Timing.of(fwd), Timing.of(bwd), user_s, sys_s)

@@ -11,7 +11,7 @@ from c2r_comm.bench.measure import BenchRecord
 def format_table(records: Sequence[BenchRecord]) -> str:
     with_layer = any(r.layer is not None for r in records)
     head = (("| layer " if with_layer else "") + "| dispatcher | placement | copies/token off-rank | same-node | cross-node | MB sent/iter "
-            "| cross-node MB | fwd ms p50 (p10-p90) | bwd ms p50 (p10-p90) |")
+            "| cross-node MB | fwd ms p50 (p10-p90) | bwd ms p50 (p10-p90) | CPU s/iter user+sys (all ranks) |")
     rule = "|" + "|".join("---" for _ in range(head.count("|") - 1)) + "|"
     rows = [head, rule]
     for r in records:
@@ -20,7 +20,8 @@ def format_table(records: Sequence[BenchRecord]) -> str:
             (f"| {r.layer} " if with_layer else "") + f"| {r.dispatcher} | {r.placement} | {r.per_token(r.dispatch.rows_off_rank):.3f} "
             f"| {r.per_token(r.dispatch.rows_same_node):.3f} | {r.per_token(r.dispatch.rows_cross_node):.3f} "
             f"| {r.mb_sent:.2f} | {r.cross_node_mb:.2f} "
-            f"| {f.median_ms:.2f} ({f.p10_ms:.2f}-{f.p90_ms:.2f}) | {b.median_ms:.2f} ({b.p10_ms:.2f}-{b.p90_ms:.2f}) |")
+            f"| {f.median_ms:.2f} ({f.p10_ms:.2f}-{f.p90_ms:.2f}) | {b.median_ms:.2f} ({b.p10_ms:.2f}-{b.p90_ms:.2f}) "
+            f"| {r.measurement.cpu_user_s:.2f}+{r.measurement.cpu_sys_s:.2f} |")
     return "\n".join(rows)
 
 
