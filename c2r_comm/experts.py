@@ -35,8 +35,12 @@ def init_expert_weights(expert_id: int, hidden_size: int, ffn_size: int, seed: i
     return w_gate.to(dtype), w_up.to(dtype), w_down.to(dtype)
 
 
-def swiglu(x_ND: torch.Tensor, w_gate_DF: torch.Tensor, w_up_DF: torch.Tensor, w_down_FD: torch.Tensor) -> torch.Tensor:
-    return (F.silu(x_ND @ w_gate_DF) * (x_ND @ w_up_DF)) @ w_down_FD
+def swiglu(x_ND: torch.Tensor, w_gate_DF: torch.Tensor, w_up_DF: torch.Tensor, w_down_FD: torch.Tensor,
+           scale_N1: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """SwiGLU; scale_N1 (a routing weight per row) multiplies the [N, F] activation before the down
+    projection, which equals scaling the [N, D] output at F/D of the cost."""
+    act_NF = F.silu(x_ND @ w_gate_DF) * (x_ND @ w_up_DF)
+    return (act_NF if scale_N1 is None else act_NF * scale_N1) @ w_down_FD
 
 
 def grouped_mm_op() -> Optional[Callable[..., torch.Tensor]]:
@@ -74,7 +78,7 @@ def _dense_grad(grad: torch.Tensor) -> torch.Tensor:
 
 
 def grouped_swiglu(x_PD: torch.Tensor, w_gate_LDF: torch.Tensor, w_up_LDF: torch.Tensor, w_down_LFD: torch.Tensor,
-                   offsets_E: torch.Tensor) -> torch.Tensor:
+                   offsets_E: torch.Tensor, weight_P: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Every local expert's SwiGLU on its rows with one grouped GEMM per projection.
 
     Rows are grouped by expert; offsets_E (int32, on x's device) holds each group's END offset.
@@ -85,14 +89,17 @@ def grouped_swiglu(x_PD: torch.Tensor, w_gate_LDF: torch.Tensor, w_up_LDF: torch
         raise RuntimeError(f"torch {torch.__version__} has no grouped_mm: use the loop path")
     h_gate_PF = mm(x_PD, w_gate_LDF, offs=offsets_E)
     h_up_PF = mm(x_PD, w_up_LDF, offs=offsets_E)
-    out_PD = mm(F.silu(h_gate_PF) * h_up_PF, w_down_LFD, offs=offsets_E)
+    act_PF = F.silu(h_gate_PF) * h_up_PF
+    if weight_P is not None:
+        act_PF = act_PF * weight_P.to(act_PF.dtype).unsqueeze(1)
+    out_PD = mm(act_PF, w_down_LFD, offs=offsets_E)
     if out_PD.requires_grad:
         out_PD.register_hook(_dense_grad)
     return out_PD
 
 
 def looped_swiglu(x_PD: torch.Tensor, tokens_per_expert: Sequence[int], w_gate_LDF: torch.Tensor,
-                  w_up_LDF: torch.Tensor, w_down_LFD: torch.Tensor) -> torch.Tensor:
+                  w_up_LDF: torch.Tensor, w_down_LFD: torch.Tensor, weight_P: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Every local expert's SwiGLU on its rows, one expert at a time over per-expert weight views.
 
     `unbind(0)` makes all L views in one autograd node, whose backward stacks the L weight grads once
@@ -101,7 +108,11 @@ def looped_swiglu(x_PD: torch.Tensor, tokens_per_expert: Sequence[int], w_gate_L
     chunks = torch.split(x_PD, list(tokens_per_expert))
     weights = zip(w_gate_LDF.unbind(0), w_up_LDF.unbind(0), w_down_LFD.unbind(0))
     # Empty chunks still run (a [0, D] matmul), so every weight gets a (zero) gradient.
-    outs = [swiglu(c_ND, *w) for c_ND, w in zip(chunks, weights)]
+    if weight_P is None:
+        outs = [swiglu(c_ND, *w) for c_ND, w in zip(chunks, weights)]
+    else:
+        scales = torch.split(weight_P.to(x_PD.dtype).unsqueeze(1), list(tokens_per_expert))
+        outs = [swiglu(c_ND, *w, scale_N1=s_N1) for c_ND, w, s_N1 in zip(chunks, weights, scales)]
     return torch.cat(outs) if outs else x_PD.new_zeros(0, x_PD.shape[1])
 
 
@@ -153,11 +164,14 @@ class GroupedExperts(nn.Module):
         return self._grouped_mm_by[key]
 
     def forward(self, x_PD: torch.Tensor, tokens_per_expert: Sequence[int],
-                offsets_E: Optional[torch.Tensor] = None) -> torch.Tensor:
+                offsets_E: Optional[torch.Tensor] = None, weight_P: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Rows grouped by local slot (counts in tokens_per_expert) -> outputs in the same order.
 
         offsets_E: optional int32 [L] END offsets of the groups on x's device (expert_offsets of the
         counts); the grouped-GEMM path uses it as is, so the caller's device counts need no host copy.
+        weight_P: optional routing weight per row (ExpertBatch.weight_P); the output rows come back
+        multiplied by it (applied to the [P, F] activation, the cheapest place), for
+        `combine(..., weighted=True)`.
         """
         L = self.num_local_experts
         if len(tokens_per_expert) != L or sum(tokens_per_expert) != x_PD.shape[0]:
@@ -167,6 +181,8 @@ class GroupedExperts(nn.Module):
                                       or offsets_E.device != x_PD.device):
             raise ValueError(f"offsets_E must be int32 [{L}] on {x_PD.device}, got {offsets_E.dtype} "
                              f"{list(offsets_E.shape)} on {offsets_E.device}")
+        if weight_P is not None and weight_P.shape != (x_PD.shape[0],):
+            raise ValueError(f"weight_P must hold one weight per row [{x_PD.shape[0]}], got {list(weight_P.shape)}")
         weights = (self.w_gate_LDF, self.w_up_LDF, self.w_down_LFD)
         if self.grouped_mm_path() and x_PD.shape[0] > 0 and x_PD.dtype == self.w_gate_LDF.dtype:
             x_PD = x_PD.contiguous()
@@ -174,8 +190,8 @@ class GroupedExperts(nn.Module):
                 if offsets_E is None:  # host counts -> device: a copy, never a sync
                     offsets_E = torch.tensor(list(itertools.accumulate(tokens_per_expert)), dtype=torch.int32,
                                              device=x_PD.device)
-                return grouped_swiglu(x_PD, *weights, offsets_E)
-        return looped_swiglu(x_PD, tokens_per_expert, *weights)
+                return grouped_swiglu(x_PD, *weights, offsets_E, weight_P)
+        return looped_swiglu(x_PD, tokens_per_expert, *weights, weight_P)
 
 
 class SharedExpert(nn.Module):

@@ -43,7 +43,10 @@ class MoELayer(nn.Module):
     def forward_routed(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> MoEOutput:
         """The layer with routing given (from a router or a recorded trace)."""
         batch, handle = self.dispatcher.dispatch(x_TD, topk_idx_TK, topk_weight_TK)
-        out_TD = self.dispatcher.combine(self.experts(batch.x_PD, batch.tokens_per_expert, batch.offsets_E), handle)
+        # Dispatchers that weight at the experts hand over weight_P; the experts apply it to their
+        # [P, F] activation (cheaper than scaling [P, D] outputs) and combine only sums.
+        y_PD = self.experts(batch.x_PD, batch.tokens_per_expert, batch.offsets_E, batch.weight_P)
+        out_TD = self.dispatcher.combine(y_PD, handle, weighted=batch.weight_P is not None)
         if self.shared_expert is not None:
             out_TD = out_TD + self.shared_expert(x_TD)
         return MoEOutput(out_TD, x_TD.new_zeros((), dtype=torch.float32), handle)

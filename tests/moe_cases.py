@@ -31,6 +31,7 @@ class Case:
     plan: str = "contiguous"  # contiguous | random
     routing: str = "random"  # random | subset (half the experts unused) | single (every token the same experts)
     seed: int = 0
+    weights_at_experts: bool = False  # experts apply ExpertBatch.weight_P, combine(weighted=True)
 
     @property
     def world(self) -> int:
@@ -88,7 +89,11 @@ def run_case_on_rank(rank: int, case: Case) -> dict[str, object]:
     x, idx, w, grad = rank_inputs(case, rank)
     x.requires_grad_(), w.requires_grad_()
     batch, handle = disp.dispatch(x, idx, w)
-    out = disp.combine(experts(batch.x_PD, batch.tokens_per_expert), handle)
+    if case.weights_at_experts and batch.weight_P is not None:
+        y = experts(batch.x_PD, batch.tokens_per_expert, batch.offsets_E, batch.weight_P)
+        out = disp.combine(y, handle, weighted=True)
+    else:
+        out = disp.combine(experts(batch.x_PD, batch.tokens_per_expert), handle)
     (out * grad).sum().backward()
 
     ref = reference(case)

@@ -144,6 +144,12 @@ def _local_combine_check_worker(rank, world):
         for f, orig in originals.items():
             setattr(dist, f, lambda *a, _f=f, _o=orig, **k: (calls.append(_f), _o(*a, **k))[1])
         try:
+            if name == "alltoall":  # weights are applied at the source: pre-weighted rows are refused
+                try:
+                    disp.combine(y, handle, weighted=True)
+                    calls.append("weighted combine accepted")
+                except ValueError:
+                    pass
             disp.combine(y, handle)
             try:
                 disp.combine(y[:-1], handle)

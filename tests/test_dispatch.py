@@ -71,3 +71,12 @@ def test_dedup_rows_equal_distinct_remote_pairs():
             else:
                 assert res["rows_received"] == back and back <= pairs <= case.top_k * back and (pairs > 0) == (back > 0), \
                     (rank, case, back, pairs)
+
+
+def test_routing_weights_applied_by_the_experts_match_reference():
+    """ExpertBatch.weight_P applied inside the experts (on the [P, F] activation) and
+    combine(weighted=True) give the reference results and gradients; alltoall, which weights at
+    the source, hands over no weight_P and keeps its own path."""
+    cases = [Case(d, nodes=2, gpus_per_node=2, num_experts=8, top_k=3, plan=p, weights_at_experts=True,
+                  tokens=(6, 0, 7, 5)) for d in ("alltoall", "dedup", "hierarchical") for p in ("contiguous", "random")]
+    _check(cases, run_ranks(4, run_cases, cases))

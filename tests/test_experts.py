@@ -237,3 +237,24 @@ def test_bench_experts_command_refuses_cuda_without_a_gpu():
     proc = subprocess.run([sys.executable, "-m", "c2r_comm", "bench-experts", "--device", "cuda", "--iters", "1"],
                           cwd=REPO, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_weight_per_row_scales_outputs_and_gets_its_gradient(grouped):
+    """weight_P multiplies each output row (applied to the activation) with the right gradients."""
+    if grouped and grouped_mm_op() is None:
+        pytest.skip("this torch has no grouped_mm")
+    counts = SPLITS["mixed_with_empty"]
+    x = _rows(counts, torch.float32)
+    w = torch.rand(x.shape[0], requires_grad=True)
+    experts = GroupedExperts(IDS, D, FF, SEED, use_grouped_mm=grouped)
+    ref = GroupedExperts(IDS, D, FF, SEED, use_grouped_mm=False)
+    g = torch.randn(x.shape[0], D)
+    out = experts(x, counts, expert_offsets(torch.tensor(counts)), w)
+    (out * g).sum().backward()
+    w_ref = w.detach().clone().requires_grad_()
+    want = ref(x, counts) * w_ref.unsqueeze(1)
+    (want * g).sum().backward()
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(experts.w_down_LFD.grad, ref.w_down_LFD.grad, rtol=1e-4, atol=1e-4)

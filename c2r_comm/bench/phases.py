@@ -60,16 +60,19 @@ def _one_step(layer: MoELayer, x_TD: torch.Tensor, grad_TD: torch.Tensor,
     route = fwd.run("count_exchange", lambda: disp.exchange_counts(plan))
     batch, handle = fwd.run("send", lambda: disp.send(x, weight, route).wait())
     x_PD = batch.x_PD.detach().requires_grad_()
-    y_PD = fwd.run("experts", lambda: experts(x_PD, batch.tokens_per_expert, batch.offsets_E))
+    weighted = batch.weight_P is not None  # weights applied by the experts, else by combine
+    w_P = batch.weight_P.detach().requires_grad_() if weighted else None
+    y_PD = fwd.run("experts", lambda: experts(x_PD, batch.tokens_per_expert, batch.offsets_E, w_P))
     y_leaf = y_PD.detach().requires_grad_()
     w_leaf = handle.combine_weight.detach().requires_grad_()
-    cut = dataclasses.replace(handle, combine_weight=w_leaf)
-    out_TD = fwd.run("combine", lambda: disp.combine_start(y_leaf, cut).wait())
+    cut = handle if weighted else dataclasses.replace(handle, combine_weight=w_leaf)
+    out_TD = fwd.run("combine", lambda: disp.combine_start(y_leaf, cut, weighted).wait())
 
     loss = (out_TD * grad_TD).sum()
     bwd.run("combine", lambda: loss.backward())
     bwd.run("experts", lambda: y_PD.backward(y_leaf.grad))
-    roots = [(batch.x_PD, x_PD.grad), (handle.combine_weight, w_leaf.grad)]
+    roots = [(batch.x_PD, x_PD.grad)]
+    roots.append((batch.weight_P, w_P.grad) if weighted else (handle.combine_weight, w_leaf.grad))
     if aux is not None and aux.requires_grad:
         roots.append((aux, torch.ones_like(aux)))
     roots = [(t, g) for t, g in roots if t.requires_grad]

@@ -44,6 +44,7 @@ def group_received_by_slot(recv_counts_WL: torch.Tensor, total: int) -> torch.Te
 
 class AllToAllDispatcher(Dispatcher):
     name = "alltoall"
+    weights_at_experts = False  # Megatron's contract: the source weights the k returned rows
 
     @staticmethod
     def layout_rank(geo: RankGeometry, x_TD, topk_idx_TK, topk_weight_TK, status, status_detail,
@@ -88,7 +89,7 @@ class AllToAllDispatcher(Dispatcher):
 
         return Pending(works, finish, (send_RD, recv_RD))
 
-    def _combine_start(self, expert_out_PD, handle: AllToAllHandle) -> Pending:
+    def _combine_start(self, expert_out_PD, handle: AllToAllHandle, weighted: bool) -> Pending:
         ex = handle.route.stages[0].exchange.reversed()
         T, D = handle.num_tokens, handle.hidden_size
         # Back to arrival order (one gather), then the return trip.

@@ -35,6 +35,11 @@ class ExpertBatch:
     x_PD: torch.Tensor  # [sum(tokens_per_expert), hidden]
     tokens_per_expert: tuple[int, ...]  # [local experts], host ints from the count exchange
     offsets_E: torch.Tensor  # int32 [local experts] cumulative end offsets, on x_PD's device (no sync)
+    # Routing weight of each row (differentiable), for dispatchers that weight at the experts
+    # (dedup, hierarchical): scale the expert outputs by it (GroupedExperts does, on its [P, F]
+    # activation) and call combine(..., weighted=True); or leave it and combine applies it.
+    # None: the dispatcher weights at the source (alltoall) and combine takes raw outputs.
+    weight_P: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -232,14 +237,22 @@ class Dispatcher(ABC):
 
     # ---- combine ------------------------------------------------------------------------------
     @abstractmethod
-    def _combine_start(self, expert_out_PD: torch.Tensor, handle: DispatchHandle) -> Pending[torch.Tensor]:
+    def _combine_start(self, expert_out_PD: torch.Tensor, handle: DispatchHandle,
+                       weighted: bool) -> Pending[torch.Tensor]:
         ...
 
-    def combine_start(self, expert_out_PD: torch.Tensor, handle: DispatchHandle) -> Pending[torch.Tensor]:
+    weights_at_experts: bool = True  # ExpertBatch.weight_P is set; combine(weighted=True) is allowed
+
+    def combine_start(self, expert_out_PD: torch.Tensor, handle: DispatchHandle,
+                      weighted: bool = False) -> Pending[torch.Tensor]:
         """Check the expert output against the handle (local, no collective unless debug_checks),
-        then issue the return exchange."""
+        then issue the return exchange. weighted=True: the rows are already multiplied by
+        ExpertBatch.weight_P (only for dispatchers that weight at the experts)."""
+        if weighted and not self.weights_at_experts:
+            raise ValueError(f"the {self.name} dispatcher applies routing weights at the source: combine takes the "
+                             "raw expert outputs (weighted=False)")
         self.check_combine(expert_out_PD, handle)
-        return self._combine_start(expert_out_PD, handle)
+        return self._combine_start(expert_out_PD, handle, weighted)
 
     # ---- blocking compositions ----------------------------------------------------------------
     def dispatch(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor,
@@ -247,8 +260,8 @@ class Dispatcher(ABC):
         route = self.exchange_counts(self.layout(x_TD, topk_idx_TK, topk_weight_TK))
         return self.send(x_TD, topk_weight_TK, route).wait()
 
-    def combine(self, expert_out_PD: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
-        return self.combine_start(expert_out_PD, handle).wait()
+    def combine(self, expert_out_PD: torch.Tensor, handle: DispatchHandle, weighted: bool = False) -> torch.Tensor:
+        return self.combine_start(expert_out_PD, handle, weighted).wait()
 
     @staticmethod
     def agreed_values(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> tuple[int, ...]:

@@ -8,6 +8,7 @@ row, so the return trip also carries one row per (token, rank) instead of one pe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -44,11 +45,13 @@ def link_token_rows(ex: Exchange, fmt: RowFormat, recv_RB: torch.Tensor, x_TD: t
     return recv_x, recv_w
 
 
-def weighted_partials(expert_out_PD: torch.Tensor, weight_P: torch.Tensor, row_of_pair_P: torch.Tensor,
+def weighted_partials(expert_out_PD: torch.Tensor, weight_P: Optional[torch.Tensor], row_of_pair_P: torch.Tensor,
                       rows: int) -> torch.Tensor:
-    """Sum each received row's expert outputs with their routing weights: one partial per row."""
-    weighted = expert_out_PD * weight_P.to(expert_out_PD.dtype).unsqueeze(1)
-    return weighted.new_zeros(rows, expert_out_PD.shape[1]).index_add(0, row_of_pair_P, weighted)
+    """Sum each received row's expert outputs with their routing weights (None: the outputs are
+    weighted already): one partial per row."""
+    if weight_P is not None:
+        expert_out_PD = expert_out_PD * weight_P.to(expert_out_PD.dtype).unsqueeze(1)
+    return expert_out_PD.new_zeros(rows, expert_out_PD.shape[1]).index_add(0, row_of_pair_P, expert_out_PD)
 
 
 @dataclass(frozen=True)
@@ -108,14 +111,15 @@ class DedupDispatcher(Dispatcher):
             weight_P = recv_w.reshape(-1).index_select(0, pairs.choice_of_pair_P)
             handle = DedupHandle(route, weight_P, self.rank, self.topology, pairs.row_of_pair_P)
             x_PD = recv_x.index_select(0, pairs.row_of_pair_P)
-            return ExpertBatch(x_PD, route.tokens_per_expert, route.offsets_E), handle
+            return ExpertBatch(x_PD, route.tokens_per_expert, route.offsets_E, weight_P), handle
 
         return Pending(works, finish, (send_RB, recv_RB))
 
-    def _combine_start(self, expert_out_PD, handle: DedupHandle) -> Pending:
+    def _combine_start(self, expert_out_PD, handle: DedupHandle, weighted: bool) -> Pending:
         plan: DedupPlan = handle.route.plan
         ex = handle.route.stages[0].exchange.reversed()
-        partial_RD = weighted_partials(expert_out_PD, handle.combine_weight, handle.row_of_pair_P, ex.rows_sent)
+        partial_RD = weighted_partials(expert_out_PD, None if weighted else handle.combine_weight,
+                                       handle.row_of_pair_P, ex.rows_sent)
         send_RD = partial_RD.detach()
         recv_RD = send_RD.new_empty(ex.rows_received, handle.hidden_size)
         works = ex.start(send_RD, recv_RD)

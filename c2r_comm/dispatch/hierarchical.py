@@ -162,7 +162,7 @@ class HierarchicalDispatcher(Dispatcher):
             handle = HierarchicalHandle(route, weight_P, self.rank, self.topology, token_of_cross, token_of_own,
                                         fan_of_row, pairs.row_of_pair_P, num_fan)
             return ExpertBatch(recv_x.index_select(0, pairs.row_of_pair_P), route.tokens_per_expert,
-                               route.offsets_E), handle
+                               route.offsets_E, weight_P), handle
 
         return Pending(works, finish, (buf_RB,))
 
@@ -181,11 +181,12 @@ class HierarchicalDispatcher(Dispatcher):
         return link(ex_b, [fmt.view(recv_RB, "x"), fmt.view(recv_RB, "w")], [x_TD, topk_weight_TK, arr_x, arr_w],
                     lambda g: gfmt.pack_rows({"x": g[0], "w": g[1]}), scatter)
 
-    def _combine_start(self, expert_out_PD, handle: HierarchicalHandle) -> Pending:
+    def _combine_start(self, expert_out_PD, handle: HierarchicalHandle, weighted: bool) -> Pending:
         ex_a = handle.route.stages[0].exchange.reversed()
         ex_b = handle.route.stages[1].exchange.reversed()
         D, T = handle.hidden_size, handle.num_tokens
-        partial_RD = weighted_partials(expert_out_PD, handle.combine_weight, handle.row_of_pair_P, ex_b.rows_sent)
+        partial_RD = weighted_partials(expert_out_PD, None if weighted else handle.combine_weight,
+                                       handle.row_of_pair_P, ex_b.rows_sent)
         send_RD = partial_RD.detach()
         recv_RD = send_RD.new_empty(ex_b.rows_received, D)
         works = ex_b.start(send_RD, recv_RD)
