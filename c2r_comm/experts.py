@@ -187,7 +187,7 @@ class GroupedExperts(nn.Module):
         if self.grouped_mm_path() and x_PD.shape[0] > 0 and x_PD.dtype == self.w_gate_LDF.dtype:
             x_PD = x_PD.contiguous()
             if x_PD.data_ptr() % 16 == 0:
-                if offsets_E is None:  # host counts -> device: a copy, never a sync
+                if offsets_E is None:  # host counts -> device: a blocking copy on CUDA (dispatchers pass offsets_E)
                     offsets_E = torch.tensor(list(itertools.accumulate(tokens_per_expert)), dtype=torch.int32,
                                              device=x_PD.device)
                 return grouped_swiglu(x_PD, *weights, offsets_E, weight_P)

@@ -68,7 +68,7 @@ class AllToAllDispatcher(Dispatcher):
         return Route(plan, (RouteStage(ex, ex.peers, st.dispatch_row_bytes, st.combine_row_bytes),),
                      tuple(counts.recv_WC.sum(0).tolist()), expert_offsets(counts.recv_device_WC.sum(0)), counts)
 
-    def send(self, x_TD, topk_weight_TK, route: Route) -> Pending:
+    def _send(self, x_TD, topk_weight_TK, route: Route) -> Pending:
         plan: AllToAllPlan = route.plan
         ex = route.stages[0].exchange
         T = plan.num_tokens
@@ -103,6 +103,6 @@ class AllToAllDispatcher(Dispatcher):
                               lambda back: (back.index_select(0, handle.expert_order_P),))
             weighted = rows_RD * handle.combine_weight.to(rows_RD.dtype).unsqueeze(1)
             token_of_row = plan.token_of_row_R[:ex.rows_received]
-            return weighted.new_zeros(T, D).index_add(0, token_of_row, weighted)
+            return weighted.new_zeros(T, D).index_add_(0, token_of_row, weighted)
 
         return Pending(works, finish, (send_RD, recv_RD))

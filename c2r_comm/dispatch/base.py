@@ -230,9 +230,26 @@ class Dispatcher(ABC):
         ...
 
     # ---- phase 3: send / wait -----------------------------------------------------------------
-    @abstractmethod
     def send(self, x_TD: torch.Tensor, topk_weight_TK: torch.Tensor,
              route: Route) -> Pending[tuple[ExpertBatch, DispatchHandle]]:
+        """Issue the data exchange of the tensors `layout()` saw; `wait()` returns (batch, handle).
+
+        The tensors are checked against the plan first (host metadata only): a mismatch raises here,
+        naming this rank, before this rank posts anything."""
+        plan = route.plan
+        want = ((plan.num_tokens, plan.hidden_size), (plan.num_tokens, plan.top_k))
+        got = (tuple(x_TD.shape), tuple(topk_weight_TK.shape))
+        codes = (dtype_code(x_TD.dtype), dtype_code(topk_weight_TK.dtype))
+        if got != want or codes != tuple(plan.agree[1:]) or x_TD.device != topk_weight_TK.device:
+            raise ValueError(f"rank {self.rank}: send() got x_TD {got[0]} {x_TD.dtype} and topk_weight_TK {got[1]} "
+                             f"{topk_weight_TK.dtype} on {x_TD.device}/{topk_weight_TK.device}; its route was laid "
+                             f"out for {want[0]} and {want[1]} with dtype codes {plan.agree[1:]}: pass the tensors "
+                             "given to layout()")
+        return self._send(x_TD, topk_weight_TK, route)
+
+    @abstractmethod
+    def _send(self, x_TD: torch.Tensor, topk_weight_TK: torch.Tensor,
+              route: Route) -> Pending[tuple[ExpertBatch, DispatchHandle]]:
         ...
 
     # ---- combine ------------------------------------------------------------------------------
@@ -274,9 +291,14 @@ class Dispatcher(ABC):
         locally; with debug_checks every rank also agrees on it (one tiny all_gather) so a bad
         rank makes all of them raise instead of leaving its peers in the return exchange."""
         rows = handle.num_rows
-        ok = expert_out_PD.dim() == 2 and expert_out_PD.shape[0] == rows and expert_out_PD.shape[1] == handle.hidden_size
-        detail = None if ok else (f"combine needs expert_out [{rows}, {handle.hidden_size}] (the dispatched rows), "
-                                  f"got {tuple(expert_out_PD.shape)}")
+        dtype_ok = dtype_code(expert_out_PD.dtype) == handle.route.plan.agree[1]  # the dispatched x dtype
+        ok = expert_out_PD.dim() == 2 and expert_out_PD.shape[0] == rows and \
+            expert_out_PD.shape[1] == handle.hidden_size and dtype_ok and \
+            expert_out_PD.device == handle.route.offsets_E.device
+        detail = None if ok else (f"combine needs expert_out [{rows}, {handle.hidden_size}] (the dispatched rows) in "
+                                  f"the dispatched dtype (code {handle.route.plan.agree[1]}) on "
+                                  f"{handle.route.offsets_E.device}, got {tuple(expert_out_PD.shape)} "
+                                  f"{expert_out_PD.dtype} on {expert_out_PD.device}")
         if self.debug_checks:
             agree_on_status(0 if ok else int(StatusCode.COMBINE_SHAPE_MISMATCH), self.groups.ep, "combine input",
                             detail)

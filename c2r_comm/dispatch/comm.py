@@ -62,9 +62,11 @@ def exchange_counts(send_counts_WC: torch.Tensor, status: torch.Tensor, group: A
     """
     W, C = send_counts_WC.shape
     device = send_counts_WC.device
-    extra = torch.cat([status.reshape(1).to(device, torch.int64),
-                       torch.tensor(list(agree), dtype=torch.int64, device=device)]).expand(W, -1)
-    packed = torch.cat([send_counts_WC.to(torch.int64), extra], dim=1)
+    packed = torch.empty(W, C + 1 + len(agree), dtype=torch.int64, device=device)
+    packed[:, :C] = send_counts_WC
+    packed[:, C] = status.to(device, torch.int64)
+    for j, value in enumerate(agree):  # filled on the device: no host->device copy (a sync on CUDA)
+        packed[:, C + 1 + j] = value
     recv = torch.empty_like(packed)
     dist.all_to_all_single(recv, packed, group=group)
     both = torch.stack([recv, packed]).cpu()  # the host sync

@@ -32,17 +32,34 @@ def grad_format(fmt: RowFormat) -> RowFormat:
     return RowFormat.of(x=(fmt.dtypes[i], fmt.widths[i]), w=(fmt.dtypes[j], fmt.widths[j]))
 
 
+def expanded_grad_packer(gfmt: RowFormat, row_of_pair_P: torch.Tensor, rows: int):
+    """Backward of `x_PD = recv_x.index_select(0, row_of_pair_P)` fused with the gradient packing:
+    expert-row gradients are added straight into their received row's slot of the send buffer."""
+    def pack(grads: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        g_x_PD, g_w_RK = grads
+        buf = torch.zeros(rows, gfmt.row_bytes, dtype=torch.uint8, device=g_x_PD.device)
+        gfmt.view(buf, "x").index_add_(0, row_of_pair_P, g_x_PD)
+        gfmt.view(buf, "w").copy_(g_w_RK)
+        return buf
+    return pack
+
+
 def link_token_rows(ex: Exchange, fmt: RowFormat, recv_RB: torch.Tensor, x_TD: torch.Tensor,
-                    topk_weight_TK: torch.Tensor, token_of_row_R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    topk_weight_TK: torch.Tensor, token_of_row_R: torch.Tensor,
+                    row_of_pair_P: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Received (x, w) as a function of (x_TD, topk_weight_TK); backward returns their gradients
-    to the source rows and adds them up per token."""
+    to the source rows and adds them up per token. With row_of_pair_P, x comes back expanded to
+    one row per expert input (x_PD), the gather and its backward fused into this link."""
     gfmt, T = grad_format(fmt), x_TD.shape[0]
-    recv_x, recv_w = link(
-        ex, [fmt.view(recv_RB, "x"), fmt.view(recv_RB, "w")], [x_TD, topk_weight_TK],
-        lambda g: gfmt.pack_rows({"x": g[0], "w": g[1]}),
-        lambda back: (scatter_rows(gfmt.view(back, "x"), token_of_row_R, T),
-                      scatter_rows(gfmt.view(back, "w"), token_of_row_R, T)))
-    return recv_x, recv_w
+    recv_x = fmt.view(recv_RB, "x")
+    if row_of_pair_P is None:
+        pack = lambda g: gfmt.pack_rows({"x": g[0], "w": g[1]})  # noqa: E731
+    else:
+        recv_x = recv_x.index_select(0, row_of_pair_P)
+        pack = expanded_grad_packer(gfmt, row_of_pair_P, recv_RB.shape[0])
+    return link(ex, [recv_x, fmt.view(recv_RB, "w")], [x_TD, topk_weight_TK], pack,
+                lambda back: (scatter_rows(gfmt.view(back, "x"), token_of_row_R, T),
+                              scatter_rows(gfmt.view(back, "w"), token_of_row_R, T)))
 
 
 def weighted_partials(expert_out_PD: torch.Tensor, weight_P: Optional[torch.Tensor], row_of_pair_P: torch.Tensor,
@@ -51,7 +68,7 @@ def weighted_partials(expert_out_PD: torch.Tensor, weight_P: Optional[torch.Tens
     weighted already): one partial per row."""
     if weight_P is not None:
         expert_out_PD = expert_out_PD * weight_P.to(expert_out_PD.dtype).unsqueeze(1)
-    return expert_out_PD.new_zeros(rows, expert_out_PD.shape[1]).index_add(0, row_of_pair_P, expert_out_PD)
+    return expert_out_PD.new_zeros(rows, expert_out_PD.shape[1]).index_add_(0, row_of_pair_P, expert_out_PD)
 
 
 @dataclass(frozen=True)
@@ -95,7 +112,7 @@ class DedupDispatcher(Dispatcher):
                      tuple(counts.recv_WC[:, 1:].sum(0).tolist()),
                      expert_offsets(counts.recv_device_WC[:, 1:].sum(0)), counts)
 
-    def send(self, x_TD, topk_weight_TK, route: Route) -> Pending:
+    def _send(self, x_TD, topk_weight_TK, route: Route) -> Pending:
         plan: DedupPlan = route.plan
         ex, fmt = route.stages[0].exchange, plan.row_format
         R = ex.rows_sent
@@ -106,11 +123,10 @@ class DedupDispatcher(Dispatcher):
         works = ex.start(send_RB, recv_RB)
 
         def finish() -> tuple[ExpertBatch, DedupHandle]:
-            recv_x, recv_w = link_token_rows(ex, fmt, recv_RB, x_TD, topk_weight_TK, token_of_row)
             pairs = pairs_by_slot(fmt.view(recv_RB, "id"), self.num_local_experts, sum(route.tokens_per_expert))
+            x_PD, recv_w = link_token_rows(ex, fmt, recv_RB, x_TD, topk_weight_TK, token_of_row, pairs.row_of_pair_P)
             weight_P = recv_w.reshape(-1).index_select(0, pairs.choice_of_pair_P)
             handle = DedupHandle(route, weight_P, self.rank, self.topology, pairs.row_of_pair_P)
-            x_PD = recv_x.index_select(0, pairs.row_of_pair_P)
             return ExpertBatch(x_PD, route.tokens_per_expert, route.offsets_E, weight_P), handle
 
         return Pending(works, finish, (send_RB, recv_RB))
@@ -127,6 +143,6 @@ class DedupDispatcher(Dispatcher):
         def finish() -> torch.Tensor:
             (back_RD,) = link(ex, [recv_RD], [partial_RD], lambda g: g[0], lambda back: (back,))
             token_of_row = plan.token_of_row_R[:ex.rows_received]
-            return back_RD.new_zeros(handle.num_tokens, handle.hidden_size).index_add(0, token_of_row, back_RD)
+            return back_RD.new_zeros(handle.num_tokens, handle.hidden_size).index_add_(0, token_of_row, back_RD)
 
         return Pending(works, finish, (send_RD, recv_RD))

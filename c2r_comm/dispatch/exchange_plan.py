@@ -1,9 +1,11 @@
 """ExchangePlan: what one rank's tokens make every stage of one dispatch send, and to whom.
 
-`Dispatcher.layout()` builds it with no communication. It is the single source of rows and bytes:
-the handle's CommStats, the benchmark's totals and the cost model all derive from it, so bytes
-reported, bytes predicted and bytes sent cannot disagree. World-level accounting combines every
-rank's plan (no collective): the traffic matrix of a stage holds rows[sender, receiver].
+`Dispatcher.layout()` builds it with no communication. It is the source of rows and bytes: the
+benchmark's totals come from every rank's plan combined (`world_traffic`, `traffic_stats`), and so
+will the cost model's (`Dispatcher.layout_for` lays out any rank's tokens in one process). The
+handle's CommStats classify the counts the dispatcher actually passed to its collectives;
+tests/test_exchange_plan.py checks that they, the plans' world accounting and the rows and bytes
+actually posted agree exactly. The traffic matrix of a stage holds rows[sender, receiver].
 
 Traffic is attributed to the tokens' source rank: in the hierarchical dispatcher the rows a
 forwarder sends inside its node on behalf of a rail peer are in that peer's plan, with the

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from c2r_comm.dispatch.base import DispatchHandle, Dispatcher, ExpertBatch, Route, RouteStage
 from c2r_comm.dispatch.comm import CountExchange, metadata_dtype
-from c2r_comm.dispatch.dedup import grad_format, link_token_rows, token_format, weighted_partials
+from c2r_comm.dispatch.dedup import expanded_grad_packer, grad_format, link_token_rows, token_format, weighted_partials
 from c2r_comm.dispatch.exchange_plan import ExchangePlan, StageTraffic
 from c2r_comm.dispatch.layout import (RankGeometry, bucket_counts, distinct_counts, expert_offsets, group_rows,
                                       pairs_by_slot)
@@ -47,6 +47,9 @@ class HierarchicalHandle(DispatchHandle):
     fan_of_row_R: torch.Tensor  # fan row (own rows, then stage A arrivals) of each stage B row
     row_of_pair_P: torch.Tensor  # stage B received row of each expert input row
     num_fan_rows: int
+    # where a stage B row's partial lands in one [T + arrivals] buffer: its own token (own rows)
+    # or T + its arrival index (rows that came over stage A)
+    target_of_row_R: torch.Tensor
 
 
 class HierarchicalDispatcher(Dispatcher):
@@ -123,9 +126,9 @@ class HierarchicalDispatcher(Dispatcher):
         return Route(plan, stages, tuple(recv[:, 2 + G:].sum(0).tolist()),
                      expert_offsets(counts.recv_device_WC[:, 2 + G:].sum(0)), counts)
 
-    def send(self, x_TD, topk_weight_TK, route: Route) -> Pending:
+    def _send(self, x_TD, topk_weight_TK, route: Route) -> Pending:
         plan: HierarchicalPlan = route.plan
-        fmt, device = plan.row_format, x_TD.device
+        fmt, device, T = plan.row_format, x_TD.device, plan.num_tokens
         ex_a, ex_b = route.stages[0].exchange, route.stages[1].exchange
         r_cross, r_own = ex_a.rows_sent, int(route.counts.sent_WC[self.rank, 0])
         r_nodes, r_arrived = r_cross + r_own, ex_a.rows_received
@@ -153,33 +156,35 @@ class HierarchicalDispatcher(Dispatcher):
             recv_RB = fmt.empty(ex_b.rows_received, device)
             for work in ex_b.start(send_RB, recv_RB):
                 work.wait()
-            recv_x, recv_w = self._link_stage_b(ex_b, fmt, recv_RB, x_TD, topk_weight_TK, arr_x, arr_w,
-                                                fan_of_row, token_of_own, num_fan)
             code_RK = fmt.view(recv_RB, "id").long()
             mine = (code_RK >= 0) & (torch.div(code_RK, L, rounding_mode="floor") == self.local_index)
             pairs = pairs_by_slot(torch.where(mine, code_RK % L, L), L, sum(route.tokens_per_expert))
+            own_pad = torch.cat([token_of_own, token_of_own.new_zeros(1)])  # safe gather when no own rows
+            target = torch.where(fan_of_row < r_own, own_pad[fan_of_row.clamp(max=r_own)], T + fan_of_row - r_own)
+            x_PD, recv_w = self._link_stage_b(ex_b, fmt, recv_RB, x_TD, topk_weight_TK, arr_x, arr_w, target,
+                                              pairs.row_of_pair_P)
             weight_P = recv_w.reshape(-1).index_select(0, pairs.choice_of_pair_P)
             handle = HierarchicalHandle(route, weight_P, self.rank, self.topology, token_of_cross, token_of_own,
-                                        fan_of_row, pairs.row_of_pair_P, num_fan)
-            return ExpertBatch(recv_x.index_select(0, pairs.row_of_pair_P), route.tokens_per_expert,
-                               route.offsets_E, weight_P), handle
+                                        fan_of_row, pairs.row_of_pair_P, num_fan, target)
+            return ExpertBatch(x_PD, route.tokens_per_expert, route.offsets_E, weight_P), handle
 
         return Pending(works, finish, (buf_RB,))
 
     @staticmethod
-    def _link_stage_b(ex_b, fmt, recv_RB, x_TD, topk_weight_TK, arr_x, arr_w, fan_of_row, token_of_own, num_fan):
-        """Stage B's received (x, w) as a function of the fan rows' sources: this rank's own tokens
-        (x_TD, topk_weight_TK) and the stage A arrivals (arr_x, arr_w)."""
-        gfmt, T, r_own = grad_format(fmt), x_TD.shape[0], token_of_own.shape[0]
+    def _link_stage_b(ex_b, fmt, recv_RB, x_TD, topk_weight_TK, arr_x, arr_w, target_of_row, row_of_pair_P):
+        """Stage B's received rows, expanded to expert inputs (x_PD) and weights, as a function of
+        the fan rows' sources: this rank's own tokens (x_TD, topk_weight_TK) and the stage A
+        arrivals (arr_x, arr_w). Backward adds each returned row into one [T + arrivals] buffer."""
+        gfmt, T = grad_format(fmt), x_TD.shape[0]
 
         def scatter(back):
-            gx = scatter_rows(gfmt.view(back, "x"), fan_of_row, num_fan)
-            gw = scatter_rows(gfmt.view(back, "w"), fan_of_row, num_fan)
-            return (scatter_rows(gx[:r_own], token_of_own, T), scatter_rows(gw[:r_own], token_of_own, T),
-                    gx[r_own:], gw[r_own:])
+            gx = scatter_rows(gfmt.view(back, "x"), target_of_row, T + arr_x.shape[0])
+            gw = scatter_rows(gfmt.view(back, "w"), target_of_row, T + arr_w.shape[0])
+            return gx[:T], gw[:T], gx[T:], gw[T:]
 
-        return link(ex_b, [fmt.view(recv_RB, "x"), fmt.view(recv_RB, "w")], [x_TD, topk_weight_TK, arr_x, arr_w],
-                    lambda g: gfmt.pack_rows({"x": g[0], "w": g[1]}), scatter)
+        return link(ex_b, [fmt.view(recv_RB, "x").index_select(0, row_of_pair_P), fmt.view(recv_RB, "w")],
+                    [x_TD, topk_weight_TK, arr_x, arr_w],
+                    expanded_grad_packer(gfmt, row_of_pair_P, recv_RB.shape[0]), scatter)
 
     def _combine_start(self, expert_out_PD, handle: HierarchicalHandle, weighted: bool) -> Pending:
         ex_a = handle.route.stages[0].exchange.reversed()
@@ -194,15 +199,16 @@ class HierarchicalDispatcher(Dispatcher):
 
         def finish() -> torch.Tensor:
             (back_b,) = link(ex_b, [recv_RD], [partial_RD], lambda g: g[0], lambda back: (back,))
-            # The forwarder sums its node's partials per fan row: one per (token, source node).
-            fan_FD = back_b.new_zeros(handle.num_fan_rows, D).index_add(0, handle.fan_of_row_R, back_b)
-            cross_FD = fan_FD[r_own:]
+            # The forwarder sums its node's partials per fan row: own rows straight into their
+            # token, arrivals into one partial per (token, source node) to send back over stage A.
+            r_arrived = handle.num_fan_rows - r_own
+            sums = back_b.new_zeros(T + r_arrived, D).index_add_(0, handle.target_of_row_R, back_b)
+            cross_FD = sums[T:]
             send_a = cross_FD.detach().contiguous()
             recv_a = send_a.new_empty(ex_a.rows_received, D)
             for work in ex_a.start(send_a, recv_a):
                 work.wait()
             (back_a,) = link(ex_a, [recv_a], [cross_FD], lambda g: g[0], lambda back: (back,))
-            out = fan_FD.new_zeros(T, D).index_add(0, handle.token_of_own_R, fan_FD[:r_own])
-            return out.index_add(0, handle.token_of_cross_R, back_a)
+            return sums[:T].index_add(0, handle.token_of_cross_R, back_a)
 
         return Pending(works, finish, (send_RD, recv_RD))

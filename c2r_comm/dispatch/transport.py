@@ -4,9 +4,18 @@ An `Exchange` is one stage's data movement once the count exchange has told ever
 count: an all_to_all_single over a group, or sparse point-to-point messages to chosen peers (only
 non-empty ones are posted, so no rank waits on a message that never comes). `start()` issues it
 with `async_op=True` and returns the work handles: on gloo a background thread moves the bytes;
-on NCCL the process group runs it on its own communication stream, records the buffers on it
-(so the caching allocator cannot hand them out while in flight), and `wait()` makes the current
-stream wait on its event. `Pending` keeps every buffer of an exchange alive until it is waited on.
+on NCCL the process group runs it on its own communication stream after an event from the
+current stream, keeps the tensors on the Work until `wait()`, and `wait()` makes the current
+stream wait on the collective's event. `Pending` keeps every buffer of an exchange alive until it
+is waited on, so call `wait()` on the stream that called `send()` (the buffers are then only used
+in stream order).
+
+Contracts for several exchanges in flight (micro-batches): every rank issues the same phases in
+the same order — layouts and count exchanges, sends, waits, combines — because a count exchange
+is a blocking collective on the same group as the data, and the hierarchical dispatcher's
+`wait()` issues its second stage itself. Backward then runs the reverse exchanges in the autograd
+engine's order, which is the same on every rank as long as every rank builds the same graph (the
+same inputs require grad and the loss depends on every MoE output).
 
 Autograd: forward data moves outside autograd (packed bytes); once it has arrived, `link()`
 connects the received tensors to the tensors they were packed from with one Function per stage,
@@ -115,9 +124,10 @@ class _Arrived(torch.autograd.Function):
         return outputs
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
         link: Link = ctx.link
-        buf = link.pack_grads(tuple(g.contiguous() if g.stride(-1) == 1 else g for g in grads))
+        buf = link.pack_grads(tuple(g.contiguous() for g in grads))
         back = link.exchange.reversed().run(buf)
         return (None, None, *link.scatter(back))
 
