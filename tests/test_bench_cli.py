@@ -102,3 +102,5 @@ def test_phases_are_timed_and_written(tmp_path):
         assert all(t["median_ms"] >= 0 for d in ("forward", "backward") for t in ph[d].values())
         assert ph["forward"]["experts"]["median_ms"] > 0 and ph["backward"]["dispatch"]["median_ms"] > 0
         assert r["measurement"]["cpu_user_s"] > 0
+        assert set(ph["forward_cpu_s"]) == set(ph["forward"]) and ph["backward_cpu_s"]["experts"] > 0
+    assert "host CPU seconds" in proc.stdout

@@ -11,6 +11,7 @@ up to a serial step without skew. Per iteration the slowest rank's time counts f
 from __future__ import annotations
 
 import dataclasses
+import resource
 import time
 from typing import Any, Callable, Optional
 
@@ -29,22 +30,36 @@ BACKWARD_PHASES = ("combine", "experts", "dispatch")
 class PhaseTimes:
     forward: dict[str, Timing]  # phase -> median / p10 / p90 over iterations (slowest rank)
     backward: dict[str, Timing]
+    # phase -> median host CPU seconds (user + sys, every thread) summed over ranks: with more ranks
+    # than cores, where the CPU goes, which wall times of concurrent ranks hide
+    forward_cpu_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    backward_cpu_s: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class _Clock:
     """Times phases one at a time: barrier + sync, run, sync."""
 
     def __init__(self, device: torch.device, group: Any):
-        self.device, self.group, self.samples = device, group, {}
+        self.device, self.group, self.samples, self.cpu = device, group, {}, {}
 
     def run(self, name: str, fn: Callable[[], Any]) -> Any:
         barrier(self.group, self.device)
         sync(self.device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_s()
         out = fn()
         sync(self.device)
         self.samples.setdefault(name, []).append(time.perf_counter() - t0)
+        self.cpu.setdefault(name, []).append(_cpu_s() - c0)
         return out
+
+    def clear(self) -> None:
+        self.samples.clear()
+        self.cpu.clear()
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def _one_step(layer: MoELayer, x_TD: torch.Tensor, grad_TD: torch.Tensor,
@@ -88,12 +103,15 @@ def measure_phases(layer: MoELayer, x_TD: torch.Tensor, grad_TD: torch.Tensor, w
         layer.zero_grad(set_to_none=True)
         _one_step(layer, x_TD, grad_TD, routing, fwd, bwd)
         if i < warmup:
-            fwd.samples.clear()
-            bwd.samples.clear()
+            fwd.clear()
+            bwd.clear()
     names = [("f", p) for p in FORWARD_PHASES] + [("b", p) for p in BACKWARD_PHASES]
-    times = torch.tensor([(fwd if d == "f" else bwd).samples[p] for d, p in names], dtype=torch.float64,
-                         device=device)
+    clock = {"f": fwd, "b": bwd}
+    times = torch.tensor([clock[d].samples[p] for d, p in names], dtype=torch.float64, device=device)
     dist.all_reduce(times, op=dist.ReduceOp.MAX, group=group)
-    rows = times.cpu().tolist()
-    per = {(d, p): Timing.of(r) for (d, p), r in zip(names, rows)}
-    return PhaseTimes({p: per["f", p] for p in FORWARD_PHASES}, {p: per["b", p] for p in BACKWARD_PHASES})
+    cpu = torch.tensor([clock[d].cpu[p] for d, p in names], dtype=torch.float64, device=device)
+    dist.all_reduce(cpu, group=group)
+    per = {(d, p): Timing.of(r) for (d, p), r in zip(names, times.cpu().tolist())}
+    cpu_s = {(d, p): float(torch.tensor(r).median()) for (d, p), r in zip(names, cpu.cpu().tolist())}
+    return PhaseTimes({p: per["f", p] for p in FORWARD_PHASES}, {p: per["b", p] for p in BACKWARD_PHASES},
+                      {p: cpu_s["f", p] for p in FORWARD_PHASES}, {p: cpu_s["b", p] for p in BACKWARD_PHASES})

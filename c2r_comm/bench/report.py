@@ -59,7 +59,17 @@ def format_phases(records: Sequence[BenchRecord]) -> str:
             [r.phases.backward[p].median_ms for p in BACKWARD_PHASES]
         rows.append(("| " + str(r.layer) + " " if with_layer else "") + f"| {r.dispatcher} | "
                     + " | ".join(f"{v:.2f}" for v in vals) + f" | {sum(vals):.2f} |")
-    return "phases (ms, median of the slowest rank; each phase alone after a barrier, device synced):\n" + "\n".join(rows)
+    cpu_rows = [head.replace(" sum |", " sum |"), rows[1]]
+    for r in records:
+        if r.phases is None:
+            continue
+        vals = [r.phases.forward_cpu_s[p] for p in FORWARD_PHASES] + \
+            [r.phases.backward_cpu_s[p] for p in BACKWARD_PHASES]
+        cpu_rows.append(("| " + str(r.layer) + " " if with_layer else "") + f"| {r.dispatcher} | "
+                        + " | ".join(f"{v:.3f}" for v in vals) + f" | {sum(vals):.3f} |")
+    return ("phases (ms, median of the slowest rank; each phase alone after a barrier, device synced):\n"
+            + "\n".join(rows) + "\nphases (host CPU seconds, user + sys, summed over ranks, median):\n"
+            + "\n".join(cpu_rows))
 
 
 def write_json(records: Sequence[BenchRecord], path: str | Path) -> None:
