@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 from c2r_comm.bench.measure import BenchRecord
+from c2r_comm.bench.phases import BACKWARD_PHASES, FORWARD_PHASES
 
 
 def format_table(records: Sequence[BenchRecord]) -> str:
@@ -46,8 +47,6 @@ def format_summary(records: Sequence[BenchRecord]) -> str:
 
 def format_phases(records: Sequence[BenchRecord]) -> str:
     """Median ms of each phase timed alone (bench --phases), forward then backward, per dispatcher."""
-    from c2r_comm.bench.phases import BACKWARD_PHASES, FORWARD_PHASES
-
     with_layer = any(r.layer is not None for r in records)
     cols = [f"fwd {p}" for p in FORWARD_PHASES] + [f"bwd {p}" for p in BACKWARD_PHASES]
     head = ("| layer " if with_layer else "") + "| dispatcher | " + " | ".join(cols) + " | sum |"

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from c2r_comm.dispatch.comm import (CountExchange, StatusCode, agree_on_status, check_same_on_all_ranks,
                                     exchange_counts)
-from c2r_comm.dispatch.exchange_plan import CommStats, ExchangePlan, stats_of_traffic
+from c2r_comm.dispatch.exchange_plan import CommStats, ExchangePlan, stats_of_messages
 from c2r_comm.dispatch.layout import RankGeometry
 from c2r_comm.dispatch.transport import Exchange, Pending
 from c2r_comm.groups import ProcessGroups
@@ -65,15 +65,13 @@ class Route:
     def stats(self, rank: int, topology) -> tuple[CommStats, CommStats]:
         """(dispatch, combine) of what this rank itself puts on its links, from the counts it
         passes to the collectives (combine sends back what dispatch received)."""
-        W = topology.world_size
         d, c = CommStats(), CommStats()
         for st in self.stages:
-            sent, back = [[0] * W for _ in range(W)], [[0] * W for _ in range(W)]
-            for peer, ns, nr in zip(st.ep_peers, st.exchange.send_counts, st.exchange.recv_counts):
-                sent[rank][peer] += ns
-                back[rank][peer] += nr
-            d = d + stats_of_traffic(sent, st.dispatch_row_bytes, topology)
-            c = c + stats_of_traffic(back, st.combine_row_bytes, topology)
+            ex = st.exchange
+            d = d + stats_of_messages(((rank, p, n) for p, n in zip(st.ep_peers, ex.send_counts)),
+                                      st.dispatch_row_bytes, topology)
+            c = c + stats_of_messages(((rank, p, n) for p, n in zip(st.ep_peers, ex.recv_counts)),
+                                      st.combine_row_bytes, topology)
         return d, c
 
 

@@ -14,7 +14,7 @@ forwarder as sender. Summed over ranks, that is exactly what each link carries.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -49,21 +49,21 @@ class CommStats:
         return self.bytes_same_node + self.bytes_cross_node
 
 
-def stats_of_traffic(rows_WW: Sequence[Sequence[int]], row_bytes: int, topology: Topology) -> CommStats:
-    """Classify a traffic matrix rows[sender][receiver] by link (host ints)."""
+def stats_of_messages(messages: Iterable[tuple[int, int, int]], row_bytes: int, topology: Topology) -> CommStats:
+    """Classify (sender, receiver, rows) messages by link (host ints); each (sender, receiver)
+    pair appears at most once per stage, so every non-empty one is one message."""
     f = dict(rows_local=0, rows_same_node=0, rows_cross_node=0, bytes_same_node=0, bytes_cross_node=0,
              messages_same_node=0, messages_cross_node=0)
-    for s, row in enumerate(rows_WW):
-        for r, n in enumerate(row):
-            if not n:
-                continue
-            if s == r:
-                f["rows_local"] += n
-                continue
-            cls = "same_node" if topology.same_node(s, r) else "cross_node"
-            f[f"rows_{cls}"] += n
-            f[f"bytes_{cls}"] += n * row_bytes
-            f[f"messages_{cls}"] += 1
+    for s, r, n in messages:
+        if not n:
+            continue
+        if s == r:
+            f["rows_local"] += n
+            continue
+        cls = "same_node" if topology.same_node(s, r) else "cross_node"
+        f[f"rows_{cls}"] += n
+        f[f"bytes_{cls}"] += n * row_bytes
+        f[f"messages_{cls}"] += 1
     return CommStats(**f)
 
 
@@ -116,12 +116,10 @@ def traffic_stats(rows_SWW: torch.Tensor, stages: Sequence[StageTraffic], topolo
     """
     dispatch, combine = CommStats(), CommStats()
     for i, st in enumerate(stages):
-        m = rows_SWW[i]
-        out_rows, back_rows = m, m.t()
-        if sender is not None:
-            keep = torch.zeros_like(m)
-            keep[sender] = 1
-            out_rows, back_rows = m * keep, m.t() * keep
-        dispatch = dispatch + stats_of_traffic(out_rows.tolist(), st.dispatch_row_bytes, topology)
-        combine = combine + stats_of_traffic(back_rows.tolist(), st.combine_row_bytes, topology)
+        s_idx, r_idx = rows_SWW[i].nonzero(as_tuple=True)
+        pairs = [(s, r, n) for s, r, n in zip(s_idx.tolist(), r_idx.tolist(), rows_SWW[i][s_idx, r_idx].tolist())]
+        dispatch = dispatch + stats_of_messages([m for m in pairs if sender in (None, m[0])],
+                                                st.dispatch_row_bytes, topology)
+        combine = combine + stats_of_messages([(r, s, n) for s, r, n in pairs if sender in (None, r)],
+                                              st.combine_row_bytes, topology)
     return dispatch, combine

@@ -43,10 +43,7 @@ class HierarchicalPlan(ExchangePlan):
 @dataclass(frozen=True)
 class HierarchicalHandle(DispatchHandle):
     token_of_cross_R: torch.Tensor  # source token of each stage A row (send order)
-    token_of_own_R: torch.Tensor  # own tokens' rows for this node = the first fan rows
-    fan_of_row_R: torch.Tensor  # fan row (own rows, then stage A arrivals) of each stage B row
     row_of_pair_P: torch.Tensor  # stage B received row of each expert input row
-    num_fan_rows: int
     # where a stage B row's partial lands in one [T + arrivals] buffer: its own token (own rows)
     # or T + its arrival index (rows that came over stage A)
     target_of_row_R: torch.Tensor
@@ -146,7 +143,6 @@ class HierarchicalDispatcher(Dispatcher):
             arrived_RB = buf_RB.narrow(0, r_nodes, r_arrived)
             arr_x, arr_w = link_token_rows(ex_a, fmt, arrived_RB, x_TD, topk_weight_TK, token_of_cross)
             fan_RB = buf_RB.narrow(0, r_cross, r_own + r_arrived)
-            num_fan = r_own + r_arrived
             code_FK = fmt.view(fan_RB, "id").long()
             L, G = self.num_local_experts, self.topology.gpus_per_node
             here = code_FK >= 0
@@ -164,8 +160,8 @@ class HierarchicalDispatcher(Dispatcher):
             x_PD, recv_w = self._link_stage_b(ex_b, fmt, recv_RB, x_TD, topk_weight_TK, arr_x, arr_w, target,
                                               pairs.row_of_pair_P)
             weight_P = recv_w.reshape(-1).index_select(0, pairs.choice_of_pair_P)
-            handle = HierarchicalHandle(route, weight_P, self.rank, self.topology, token_of_cross, token_of_own,
-                                        fan_of_row, pairs.row_of_pair_P, num_fan, target)
+            handle = HierarchicalHandle(route, weight_P, self.rank, self.topology, token_of_cross,
+                                        pairs.row_of_pair_P, target)
             return ExpertBatch(x_PD, route.tokens_per_expert, route.offsets_E, weight_P), handle
 
         return Pending(works, finish, (buf_RB,))
@@ -195,14 +191,13 @@ class HierarchicalDispatcher(Dispatcher):
         send_RD = partial_RD.detach()
         recv_RD = send_RD.new_empty(ex_b.rows_received, D)
         works = ex_b.start(send_RD, recv_RD)
-        r_own = handle.token_of_own_R.shape[0]
 
         def finish() -> torch.Tensor:
             (back_b,) = link(ex_b, [recv_RD], [partial_RD], lambda g: g[0], lambda back: (back,))
             # The forwarder sums its node's partials per fan row: own rows straight into their
             # token, arrivals into one partial per (token, source node) to send back over stage A.
-            r_arrived = handle.num_fan_rows - r_own
-            sums = back_b.new_zeros(T + r_arrived, D).index_add_(0, handle.target_of_row_R, back_b)
+            # (ex_a is reversed: it sends back one row per stage A arrival)
+            sums = back_b.new_zeros(T + ex_a.rows_sent, D).index_add_(0, handle.target_of_row_R, back_b)
             cross_FD = sums[T:]
             send_a = cross_FD.detach().contiguous()
             recv_a = send_a.new_empty(ex_a.rows_received, D)

@@ -98,10 +98,6 @@ class Pending(Generic[T]):
         self._works, self._finish, self._buffers = [], None, ()
         return result
 
-    @classmethod
-    def done(cls, result: T) -> "Pending[T]":
-        return cls([], lambda: result)
-
 
 @dataclass(frozen=True)
 class Link:
