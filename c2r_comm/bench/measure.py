@@ -7,17 +7,19 @@ Rows and bytes come from the ExchangePlan every rank's layout() produced, combin
 from __future__ import annotations
 
 import resource
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from c2r_comm.bench.timing import Timing, barrier, sync
+from c2r_comm.bench.wire import InterfaceBytes, interface_bytes
 from c2r_comm.dispatch import CommStats, ExchangePlan, traffic_stats
 from c2r_comm.layer import MoELayer
-from c2r_comm.progress import progress
 
 if TYPE_CHECKING:
     from c2r_comm.bench.phases import PhaseTimes
@@ -35,6 +37,19 @@ class Measurement:
     # more ranks than cores, wall time ~ (user + sys) / cores: the run is CPU-bound.
     cpu_user_s: float = 0.0
     cpu_sys_s: float = 0.0
+    # Wall time of forward + backward together per iteration (slowest rank); None in old records.
+    total: Optional[Timing] = None
+    # Peak memory of one rank during the timed iterations, max over ranks, MB (1e6 bytes). CUDA:
+    # torch.cuda.max_memory_allocated (tensors only) after reset_peak_memory_stats. CPU: the process
+    # peak RSS (getrusage ru_maxrss), which includes the Python/torch runtime; on Linux its high-water
+    # mark is reset (/proc/self/clear_refs) when the timed iterations start, elsewhere it is the
+    # high-water mark of the whole process so far (then earlier dispatchers of one launch count too).
+    peak_memory_mb: float = 0.0
+    # Bytes the node links really carried per timed iteration (forward + backward), summed over
+    # nodes, from the interface counters of each node's first rank (bench/wire.py): what crossed
+    # between emulated nodes, TCP/IP headers included. None when the launcher named no interface.
+    wire_bytes_sent: Optional[float] = None
+    wire_bytes_received: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -94,16 +109,22 @@ def world_stats(plan: ExchangePlan, topology, device: torch.device, group: Any) 
 
 def measure_layer(layer: MoELayer, x_TD: torch.Tensor, grad_TD: torch.Tensor, warmup: int, iters: int,
                   routing: Optional[tuple[torch.Tensor, torch.Tensor]], group: Any,
-                  label: str, show_progress: bool) -> Measurement:
-    """Run warm-up + timed iterations; routing=None uses the layer's router on x_TD."""
+                  label: str, show_progress: bool, network_interface: Optional[str] = None) -> Measurement:
+    """Run warm-up + timed iterations; routing=None uses the layer's router on x_TD.
+    network_interface: the node link whose counters measure wire bytes (see Measurement)."""
     device = x_TD.device
-    fwd, bwd, cpu = [], [], []
+    wire_start = None
+    fwd, bwd, total, cpu = [], [], [], []
     handle = None
-    for i in progress(range(warmup + iters), warmup + iters, label, enabled=show_progress):
+    for i in tqdm(range(warmup + iters), desc=label, disable=not show_progress, file=sys.stderr):
+        if i == warmup:
+            reset_peak_memory(device)
         layer.zero_grad(set_to_none=True)
         x = x_TD.detach().requires_grad_()
         barrier(group, device)
         sync(device)
+        if i == warmup:
+            wire_start = interface_bytes(network_interface)
         t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
         out = layer(x) if routing is None else layer.forward_routed(x, *routing)
         sync(device)
@@ -115,13 +136,53 @@ def measure_layer(layer: MoELayer, x_TD: torch.Tensor, grad_TD: torch.Tensor, wa
         if i >= warmup:
             fwd.append(t1 - t0)
             bwd.append(t2 - t1)
+            total.append(t2 - t0)
             cpu.append((r2.ru_utime - r0.ru_utime, r2.ru_stime - r0.ru_stime))
+    wire_sent, wire_received = _wire_per_iteration(wire_start, network_interface, iters, layer, group, device)
     # Slowest rank per iteration.
-    times = torch.tensor([fwd, bwd], dtype=torch.float64, device=device)
+    times = torch.tensor([fwd, bwd, total, [peak_memory_mb(device)] * iters], dtype=torch.float64, device=device)
     dist.all_reduce(times, op=dist.ReduceOp.MAX, group=group)
-    fwd, bwd = times.cpu().tolist()
+    fwd, bwd, total, peak = times.cpu().tolist()
     cpu_t = torch.tensor(cpu, dtype=torch.float64, device=device)
     dist.all_reduce(cpu_t, group=group)  # summed over ranks, per iteration
     user_s, sys_s = cpu_t.cpu().median(0).values.tolist()
     d_stats, c_stats, tokens = world_stats(handle.route.plan, layer.dispatcher.topology, device, group)
-    return Measurement(tokens, d_stats, c_stats, Timing.of(fwd), Timing.of(bwd), user_s, sys_s)
+    return Measurement(tokens, d_stats, c_stats, Timing.of(fwd), Timing.of(bwd), user_s, sys_s, Timing.of(total), peak[0],
+                       wire_sent, wire_received)
+
+
+def _wire_per_iteration(start: Optional[InterfaceBytes], network_interface: Optional[str], iters: int,
+                        layer: MoELayer, group: Any, device: torch.device) -> tuple[Optional[float], Optional[float]]:
+    """(sent, received) bytes per timed iteration over every node's link (its first rank reads the
+    counters; all ranks of a node share the link). One all_reduce, outside the timed region."""
+    barrier(group, device)  # every rank's last messages are out before the counters are read
+    end = interface_bytes(network_interface)
+    topo = layer.dispatcher.topology
+    rank = dist.get_rank(group)
+    first_of_node = topo.local_index_of(rank) == 0
+    mine = [1.0, float(end.sent - start.sent), float(end.received - start.received)] \
+        if (start is not None and end is not None and first_of_node) else [0.0, 0.0, 0.0]
+    t = torch.tensor(mine, dtype=torch.float64, device=device)
+    dist.all_reduce(t, group=group)
+    nodes_read, sent, received = t.cpu().tolist()
+    if nodes_read < topo.nodes:  # some node had no interface to read: no number rather than a partial one
+        return None, None
+    return sent / iters, received / iters
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window (see Measurement.peak_memory_mb)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: "5" resets the peak RSS to the current RSS (proc(5), clear_refs)
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass  # no /proc or not allowed: the window is the whole process so far (documented)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e6
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6  # ru_maxrss is KiB on Linux

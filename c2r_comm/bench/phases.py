@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import resource
+import sys
 import time
 from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from c2r_comm.bench.timing import Timing, barrier, sync
 from c2r_comm.layer import MoELayer
-from c2r_comm.progress import progress
 
 FORWARD_PHASES = ("router", "layout", "count_exchange", "send", "experts", "combine")
 BACKWARD_PHASES = ("combine", "experts", "dispatch")
@@ -99,7 +100,7 @@ def measure_phases(layer: MoELayer, x_TD: torch.Tensor, grad_TD: torch.Tensor, w
                    show_progress: bool) -> PhaseTimes:
     device = x_TD.device
     fwd, bwd = _Clock(device, group), _Clock(device, group)
-    for i in progress(range(warmup + iters), warmup + iters, label + " phases", enabled=show_progress):
+    for i in tqdm(range(warmup + iters), desc=label + " phases", disable=not show_progress, file=sys.stderr):
         layer.zero_grad(set_to_none=True)
         _one_step(layer, x_TD, grad_TD, routing, fwd, bwd)
         if i < warmup:

@@ -12,7 +12,13 @@ from c2r_comm.bench.phases import BACKWARD_PHASES, FORWARD_PHASES
 def format_table(records: Sequence[BenchRecord]) -> str:
     with_layer = any(r.layer is not None for r in records)
     head = (("| layer " if with_layer else "") + "| dispatcher | placement | copies/token off-rank | same-node | cross-node | MB sent/iter "
-            "| cross-node MB | fwd ms p50 (p10-p90) | bwd ms p50 (p10-p90) | CPU s/iter user+sys (all ranks) |")
+            "| cross-node MB | fwd ms p50 (p10-p90) | bwd ms p50 (p10-p90) | CPU s/iter user+sys (all ranks) "
+            "| peak MB/rank |")
+    # Emulated nodes (c2r-comm emulate): what the node links really carried, forward + backward
+    # (the accounted cross-node MB above are forward only; backward sends about as much again).
+    with_wire = any(r.measurement.wire_bytes_sent is not None for r in records)
+    if with_wire:
+        head += " wire MB/iter fwd+bwd (node links) |"
     rule = "|" + "|".join("---" for _ in range(head.count("|") - 1)) + "|"
     rows = [head, rule]
     for r in records:
@@ -22,8 +28,13 @@ def format_table(records: Sequence[BenchRecord]) -> str:
             f"| {r.per_token(r.dispatch.rows_same_node):.3f} | {r.per_token(r.dispatch.rows_cross_node):.3f} "
             f"| {r.mb_sent:.2f} | {r.cross_node_mb:.2f} "
             f"| {f.median_ms:.2f} ({f.p10_ms:.2f}-{f.p90_ms:.2f}) | {b.median_ms:.2f} ({b.p10_ms:.2f}-{b.p90_ms:.2f}) "
-            f"| {r.measurement.cpu_user_s:.2f}+{r.measurement.cpu_sys_s:.2f} |")
+            f"| {r.measurement.cpu_user_s:.2f}+{r.measurement.cpu_sys_s:.2f} | {r.measurement.peak_memory_mb:.1f} |"
+            + (f" {_mb(r.measurement.wire_bytes_sent)} |" if with_wire else ""))
     return "\n".join(rows)
+
+
+def _mb(n) -> str:
+    return "-" if n is None else f"{n / 1e6:.2f}"
 
 
 def format_summary(records: Sequence[BenchRecord]) -> str:

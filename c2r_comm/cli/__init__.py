@@ -12,6 +12,9 @@ COMMANDS = {
     "profile": ("c2r_comm.cli.profile_cmd", "co-activation stats of a routing trace: load CV, breadth, E[GPUs/token]"),
     "plan": ("c2r_comm.cli.plan_cmd", "place experts on nodes x GPUs from a routing trace (km1 hypergraph, occult, ...)"),
     "bench-experts": ("c2r_comm.cli.experts_cmd", "time forward+backward of one rank's local experts per implementation"),
+    "simulate": ("c2r_comm.cli.simulate_cmd", "predict bytes per link class and exchange time of each dispatcher on N nodes x G GPUs (alpha-beta cost model)"),
+    "sweep": ("c2r_comm.cli.sweep_cmd", "run a grid of bench cells from one YAML (dispatcher x placement x routing x topology x link rate) -> JSON, markdown, plots"),
+    "emulate": ("c2r_comm.cli.emulate_cmd", "run a command's ranks on N emulated nodes (network namespaces, shaped links)"),
 }
 
 

@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         groups = build_process_groups(_topology(config), config.run.timeout_s)
         records = [r for layer in layers for r in
                    bench_all(with_overrides(config, {"placement.layer": layer}), trace, names, groups, ctx.device,
-                             show=ctx.rank == 0, phases=args.phases)]
+                             show=ctx.rank == 0, phases=args.phases, network_interface=ctx.network_interface)]
         if ctx.rank == 0:
             print(describe(config, trace, layers, args) + f", {ctx.backend} on {ctx.device.type}")
             print(format_table(records))
@@ -140,7 +140,7 @@ def _topology(config: Config) -> Topology:
 
 
 def bench_all(config: Config, trace: Optional[RoutingTrace], names: list[str], groups, device: torch.device,
-              show: bool, phases: bool = False) -> list[BenchRecord]:
+              show: bool, phases: bool = False, network_interface: Optional[str] = None) -> list[BenchRecord]:
     run, m = config.run, config.model
     dtype = DTYPES[run.dtype]
     g = torch.Generator().manual_seed(run.seed * 7919 + groups.rank)
@@ -159,7 +159,7 @@ def bench_all(config: Config, trace: Optional[RoutingTrace], names: list[str], g
         layer = build_moe_layer(config, groups, device, dispatcher=name)
         label = f"{name:>12}" + (f" layer {trace_layer:>2}" if trace_layer is not None else "")
         meas = measure_layer(layer, x_TD, grad_TD, run.warmup_iters, run.iters, routing, groups.ep,
-                             label=label, show_progress=show)
+                             label=label, show_progress=show, network_interface=network_interface)
         per_phase = measure_phases(layer, x_TD, grad_TD, run.warmup_iters, run.iters, routing, groups.ep,
                                    label=label, show_progress=show) if phases else None
         resolved = with_overrides(config, {"dispatcher": name}).to_dict()

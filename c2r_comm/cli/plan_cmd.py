@@ -9,11 +9,12 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+from tqdm import tqdm
+
 from c2r_comm.config import parse_topology
 from c2r_comm.placement.hypergraph import PARTITIONERS, PartitionSettings
 from c2r_comm.placement.planners import METHODS, PlannerOptions
 from c2r_comm.placement.trace_plan import TracePlanResult, plan_trace
-from c2r_comm.progress import ProgressBar
 from c2r_comm.routing.trace import RoutingTrace, parse_layers, parse_range
 from c2r_comm.topology import Topology
 
@@ -107,9 +108,9 @@ def run(args: argparse.Namespace) -> int:
     fmt = lambda r: f"{'' if r[0] is None else r[0]}:{'' if r[1] is None else r[1]}"
     info = {"trace": str(args.trace), "fit_prompts": fmt(fit_range), "eval_prompts": fmt(eval_range)}
     started = time.perf_counter()
-    bar = ProgressBar("planning layers", len(layers))
-    result = plan_trace(fit, evaluation, topology, args.method, layers, options, fit_info=info,
-                        on_layer=lambda done, total: bar.update(done))
+    with tqdm(total=len(layers), desc="planning layers", unit="layer", file=sys.stderr) as bar:
+        result = plan_trace(fit, evaluation, topology, args.method, layers, options, fit_info=info,
+                            on_layer=lambda done, total: bar.update(done - bar.n))
     result.plan_file.save(args.out)
     print(f"trace {args.trace}: fit prompts {info['fit_prompts']} ({fit.num_tokens} tokens), eval prompts "
           f"{info['eval_prompts']} ({evaluation.num_tokens} tokens), topology {topology}, method {args.method}")

@@ -1,0 +1,116 @@
+"""Start one process per rank inside the emulated nodes' namespaces, and supervise them.
+
+Each rank gets torchrun's environment contract (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
+GROUP_RANK, MASTER_ADDR/PORT) plus GLOO_SOCKET_IFNAME naming its node's interface, so
+`c2r-comm bench` joins the world exactly as under torchrun. Supervision is torchrun's: the first
+rank to fail ends the run (the others are stopped) and its exit code is returned. Ranks die with
+the launcher: they carry a parent-death signal (SIGKILL), and on SIGINT/SIGTERM the launcher stops
+them (SIGTERM, then SIGKILL after a grace period) before it returns.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from c2r_comm.bench.netns import EmulatedNodes
+
+MASTER_PORT = 29500  # node 0's namespace is fresh: nothing else listens there
+GRACE_S = 5.0
+PR_SET_PDEATHSIG = 1
+
+
+class Interrupted(Exception):
+    """A signal (SIGINT/SIGTERM) asked the launcher to stop."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class RankProcess:
+    rank: int
+    node: int
+    proc: subprocess.Popen
+
+
+def rank_env(em: EmulatedNodes, gpus_per_node: int, rank: int, base: dict[str, str]) -> dict[str, str]:
+    node = rank // gpus_per_node
+    env = dict(base)
+    env.update(RANK=str(rank), WORLD_SIZE=str(em.nodes * gpus_per_node), LOCAL_RANK=str(rank % gpus_per_node),
+               LOCAL_WORLD_SIZE=str(gpus_per_node), GROUP_RANK=str(node), MASTER_ADDR=em.address(0),
+               MASTER_PORT=str(MASTER_PORT), GLOO_SOCKET_IFNAME=em.ifname)
+    env.setdefault("OMP_NUM_THREADS", "1")  # ranks share the machine's cores, as bench's own launch does
+    return env
+
+
+def start_ranks(em: EmulatedNodes, gpus_per_node: int, argv: Sequence[str]) -> list[RankProcess]:
+    """`python -m c2r_comm *argv` once per rank, inside its node's namespace."""
+    procs: list[RankProcess] = []
+    try:
+        for rank in range(em.nodes * gpus_per_node):
+            node = rank // gpus_per_node
+            cmd = [*em.exec_prefix(node), sys.executable, "-m", "c2r_comm", *argv]
+            procs.append(RankProcess(rank, node, subprocess.Popen(
+                cmd, env=rank_env(em, gpus_per_node, rank, dict(os.environ)), preexec_fn=_die_with_parent)))
+    except BaseException:
+        stop(procs)
+        raise
+    return procs
+
+
+def stop(procs: Sequence[RankProcess], grace_s: float = GRACE_S) -> None:
+    """SIGTERM every live rank, SIGKILL what is left after grace_s; reap all."""
+    for p in procs:
+        if p.proc.poll() is None:
+            p.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.proc.kill()
+            p.proc.wait()
+
+
+def supervise(procs: Sequence[RankProcess], poll_s: float = 0.1) -> tuple[int, Optional[int]]:
+    """Wait for every rank; on the first failure stop the others. Returns (exit code, failed rank)."""
+    try:
+        while True:
+            codes = [p.proc.poll() for p in procs]
+            failed = [(p, c) for p, c in zip(procs, codes) if c not in (None, 0)]
+            if failed:
+                first, code = failed[0]
+                stop(procs)
+                return code, first.rank
+            if all(c == 0 for c in codes):
+                return 0, None
+            time.sleep(poll_s)
+    except BaseException:
+        stop(procs)
+        raise
+
+
+def install_signal_handlers() -> dict[int, object]:
+    """SIGINT/SIGTERM raise Interrupted in the main thread (so `finally` blocks clean up); returns
+    the previous handlers."""
+    def handler(signum, _frame):
+        raise Interrupted(signum)
+
+    return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def restore_signal_handlers(previous: dict[int, object]) -> None:
+    for s, h in previous.items():
+        signal.signal(s, h)

@@ -1,0 +1,158 @@
+"""`c2r-comm emulate`: bad input refused before anything exists; an emulated run really sends its
+cross-node bytes over the namespace links; everything is removed afterwards, also when the command
+fails or the launcher is signalled. The emulated runs need root and `ip netns` (skipped otherwise)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from c2r_comm.bench import netns
+
+REPO = Path(__file__).resolve().parents[1]
+TRACE = REPO.parent / "shared" / "traces" / "deepseek_v2_lite_prefill_dev.npz"
+SMALL = ["--hidden-size", "64", "--ffn-hidden-size", "32", "--tokens-per-rank", "64", "--num-experts", "4",
+         "--top-k", "2", "--iters", "2", "--warmup-iters", "1"]
+
+
+def _can_emulate() -> str:
+    try:
+        netns.check_available()
+    except netns.EmulationUnavailable as exc:
+        return str(exc)
+    return ""
+
+
+needs_netns = pytest.mark.skipif(bool(_can_emulate()), reason=f"no emulation here: {_can_emulate()}")
+
+
+def _emulate(*args: str, timeout: float = 240, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "c2r_comm", "emulate", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, **kw)
+
+
+def _ours() -> set[str]:
+    return {ns for ns in netns.list_namespaces() if ns.startswith(netns.PREFIX)}
+
+
+def _processes_with(marker: str) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if marker in (d / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--nodes", "2", "--gpus-per-node", "1", "--inter-node-gbit", "0", "--", "bench"], ["--inter-node-gbit", "> 0"]),
+    (["--nodes", "2", "--gpus-per-node", "1", "--inter-node-gbit", "-1", "--", "bench"], ["--inter-node-gbit"]),
+    (["--nodes", "2", "--gpus-per-node", "1", "--intra-node-gbit", "inf", "--", "bench"], ["--intra-node-gbit"]),
+    (["--nodes", "0", "--gpus-per-node", "1", "--", "bench"], ["--nodes"]),
+    (["--nodes", "2", "--gpus-per-node", "2", "--", "bench", "--topology", "1x4"], ["--topology", "2x2"]),
+    (["--nodes", "2", "--gpus-per-node", "1", "--", "plan"], ["command", "bench"]),
+    (["--nodes", "2", "--gpus-per-node", "1", "--", "bench", "--plan", "/nonexistent/plan.json"], ["plan.json"]),
+    pytest.param(["--nodes", "2", "--gpus-per-node", "1", "--", "bench", "--trace", str(TRACE), "--layer", "99"],
+                 ["--layer", "99"], marks=pytest.mark.skipif(not TRACE.is_file(), reason="needs ../shared/traces")),
+])
+def test_bad_input_refused_before_anything_is_created(flags, words):
+    before = _ours()
+    proc = _emulate(*flags, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert all(w in proc.stderr for w in words), proc.stderr
+    assert _ours() == before
+
+
+def test_tbf_rejects_non_positive_rates():
+    with pytest.raises(ValueError, match="> 0"):
+        netns.tbf_args(0.0)
+    assert netns.tbf_args(0.2)[:3] == ["tbf", "rate", "200.000mbit"]
+
+
+@needs_netns
+def test_cross_node_bytes_cross_the_shaped_link(tmp_path):
+    """2 nodes x 2 ranks at 1 Gbit/s: the node links carry at least every accounted cross-node
+    byte of every iteration run, and nothing of the emulation is left afterwards."""
+    out = tmp_path / "r.json"
+    before = _ours()
+    proc = _emulate("--nodes", "2", "--gpus-per-node", "2", "--inter-node-gbit", "1", "--", "bench", *SMALL,
+                    "--num-experts", "8", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = json.loads(out.read_text())
+    assert {r["dispatcher"] for r in records} == {"alltoall", "dedup", "hierarchical"}
+    em = records[0]["emulation"]
+    assert em["inter_node_gbit"] == 1.0 and em["nodes"] == 2
+    iterations = 3  # 1 warm-up + 2 timed, forward (accounted) + backward (not) each
+    accounted = sum(r["measurement"]["dispatch"]["bytes_cross_node"] + r["measurement"]["combine"]["bytes_cross_node"]
+                    for r in records) * iterations
+    assert accounted > 0
+    wire = sum(n["from_node"] for n in em["run_wire_bytes_per_node"])
+    assert wire >= accounted, (wire, accounted)
+    assert "MB sent by node" in proc.stdout
+    assert _ours() == before
+
+
+@needs_netns
+def test_failing_ranks_leave_nothing_behind():
+    """The bench fails inside the ranks (cuda asked for, none here): the run ends with the rank's
+    error code, the other ranks are stopped and the namespaces removed."""
+    marker = f"--seed={os.getpid() % 100000 + 17}"
+    before = _ours()
+    proc = _emulate("--nodes", "2", "--gpus-per-node", "1", "--", "bench", *SMALL, "--device", "cuda", marker)
+    assert proc.returncode != 0
+    assert "rank" in proc.stderr and "exited" in proc.stderr
+    assert _ours() == before
+    assert _processes_with(marker) == []
+
+
+@needs_netns
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_mid_run_stops_ranks_and_removes_namespaces(sig):
+    marker = f"--seed={os.getpid() % 100000 + int(sig)}"
+    before = _ours()
+    proc = subprocess.Popen([sys.executable, "-m", "c2r_comm", "emulate", "--nodes", "2", "--gpus-per-node", "1",
+                             "--", "bench", *SMALL, "--iters", "100000", marker], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while len(_processes_with(marker)) < 3 and time.monotonic() < deadline:  # launcher + 2 ranks
+            time.sleep(0.5)
+        assert len(_processes_with(marker)) >= 3, "ranks never started"
+        time.sleep(3)
+        proc.send_signal(sig)
+        proc.wait(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + int(sig), proc.stderr.read()[-2000:]
+    time.sleep(0.5)
+    assert _processes_with(marker) == []
+    assert _ours() == before
+
+
+@needs_netns
+def test_sigkilled_launcher_ranks_die_and_next_run_removes_its_namespaces():
+    marker = f"--seed={os.getpid() % 100000 + 40}"
+    proc = subprocess.Popen([sys.executable, "-m", "c2r_comm", "emulate", "--nodes", "2", "--gpus-per-node", "1",
+                             "--", "bench", *SMALL, "--iters", "100000", marker], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 90
+    while len(_processes_with(marker)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    time.sleep(1.0)
+    assert _processes_with(marker) == []  # parent-death signal
+    left = {ns for ns in _ours() if ns.startswith(f"{netns.PREFIX}{proc.pid}-")}
+    assert left  # a SIGKILLed process cannot clean up ...
+    assert set(netns.remove_stale()) >= left  # ... the next run does
+    assert not {ns for ns in _ours() if ns.startswith(f"{netns.PREFIX}{proc.pid}-")}
