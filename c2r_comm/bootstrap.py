@@ -22,9 +22,6 @@ class DistContext:
     local_rank: int
     device: torch.device
     backend: str
-    # The interface gloo binds (GLOO_SOCKET_IFNAME, set by the launcher, e.g. `c2r-comm emulate`);
-    # the benchmark reads its byte counters to measure what really crossed the node's link.
-    network_interface: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -34,7 +31,6 @@ class LaunchEnv:
     local_rank: int
     init_method: str
     local_world_size: int = 1  # ranks on this machine
-    network_interface: Optional[str] = None  # GLOO_SOCKET_IFNAME
 
 
 def _free_port() -> int:
@@ -45,17 +41,16 @@ def _free_port() -> int:
 
 def read_launch_env(env: Mapping[str, str]) -> Optional[LaunchEnv]:
     """torchrun (RANK...) or Open MPI (OMPI_COMM_WORLD_*) with MASTER_ADDR/MASTER_PORT; None if neither."""
-    ifname = env.get("GLOO_SOCKET_IFNAME") or None
     if "RANK" in env and "WORLD_SIZE" in env:
         return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "env://",
-                         int(env.get("LOCAL_WORLD_SIZE", 1)), ifname)
+                         int(env.get("LOCAL_WORLD_SIZE", 1)))
     if "OMPI_COMM_WORLD_RANK" in env:
         if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
             raise ValueError("under mpirun, set MASTER_ADDR and MASTER_PORT (launch/mpirun.sh does this)")
         return LaunchEnv(int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
                          int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)),
                          f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}",
-                         int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", 1)), ifname)
+                         int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", 1)))
     return None
 
 
@@ -83,8 +78,7 @@ def init_distributed(timeout_s: float, device: str = "auto") -> DistContext:
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method=launch.init_method, rank=launch.rank,
                                 world_size=launch.world_size, timeout=timedelta(seconds=timeout_s))
-    return DistContext(dist.get_rank(), dist.get_world_size(), launch.local_rank, dev, backend,
-                       launch.network_interface)
+    return DistContext(dist.get_rank(), dist.get_world_size(), launch.local_rank, dev, backend)
 
 
 def shutdown() -> None:

@@ -20,6 +20,11 @@ class ProcessGroups:
     node: Any  # this rank's node
     rail: Any  # this rank's same-local-index peers across nodes
     timeout: timedelta
+    # gloo only: a second group over the EP ranks. A gloo pair (one TCP connection) moves one
+    # direction at a time, so a peer's send and receive of one exchange take turns; sparse
+    # exchanges send to higher ranks on `ep` and to lower ranks here, so each direction of a pair
+    # has its own connection and both flow at once (full duplex). None on NCCL (already duplex).
+    ep_reverse: Optional[Any] = None
 
     @property
     def node_index(self) -> int:
@@ -51,4 +56,8 @@ def build_process_groups(topology: Topology, timeout_s: float, ep_group: Optiona
         g = dist.new_group([global_ranks[r] for r in topology.rail_ranks(i)], timeout=timeout)
         if i == topology.local_index_of(rank):
             my_rail = g
-    return ProcessGroups(topology=topology, rank=rank, ep=ep, node=my_node, rail=my_rail, timeout=timeout)
+    ep_reverse = None
+    if dist.get_backend(ep) == "gloo":
+        ep_reverse = dist.new_group(global_ranks, timeout=timeout)
+    return ProcessGroups(topology=topology, rank=rank, ep=ep, node=my_node, rail=my_rail, timeout=timeout,
+                         ep_reverse=ep_reverse)

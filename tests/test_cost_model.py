@@ -23,7 +23,8 @@ from ranks import run_ranks
 from c2r_comm.bench.cost_model import predict
 from c2r_comm.bench.hardware import HardwareProfile, known_profiles, load_profile
 from c2r_comm.bench.replay import Replay, default_expert_copies
-from c2r_comm.bench.world_layout import StageLoad, WorldLayout, lay_out_world, link_class_WW
+from c2r_comm.bench.world_layout import WorldLayout, lay_out_world
+from c2r_comm.dispatch.exchange_plan import StageLoad, link_class_WW
 from c2r_comm.cli import main
 from c2r_comm.config import ConfigError
 from c2r_comm.dispatch import DISPATCHERS, traffic_stats, world_traffic

@@ -23,7 +23,7 @@ def _run(cmd, argv: list[str]) -> int:
 
 
 def test_heatmap_orders_experts_by_rank_and_draws_log_counts():
-    plt = plot._pyplot()
+    plt = plot.pyplot()
     counts = np.arange(16, dtype=np.int64).reshape(4, 4)
     plan = PlacementPlan((1, 0, 1, 0), 2)  # rank 0 hosts experts 1, 3; rank 1 hosts 0, 2
     fig, ax = plt.subplots()

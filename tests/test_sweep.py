@@ -1,19 +1,28 @@
-"""`c2r-comm sweep`: spec validation, expansion into launches, emulated command lines, a real tiny
-sweep (JSON, markdown, PNGs), a failing launch reported while the others complete."""
+"""`c2r-comm sweep`: spec validation, expansion into launches, emulated command lines, plan/profile
+caching, a real tiny sweep (JSON, markdown, PNGs), failing and unreadable launches reported with
+their missing cells while the others complete, SIGTERM stopping every process of the running
+launch, and the up-front warning when emulation is unavailable."""
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
 import yaml
 
-from c2r_comm.bench.sweep_run import SweepJobs, launch_argv, run_sweep, sweep_jobs, write_reports
+from c2r_comm.bench import netns
+from c2r_comm.bench.sweep_report import write_reports
+from c2r_comm.bench.sweep_run import SweepJobs, SweepResult, launch_argv, plan_step, profile_step, run_sweep, \
+    sweep_jobs
 from c2r_comm.bench.sweep_spec import load_sweep_spec, spec_from_dict
-from c2r_comm.cli import build_parser, main
+from c2r_comm.cli import build_parser, main, sweep_cmd
 from c2r_comm.config import ConfigError
 from c2r_comm.routing.trace import RoutingTrace
 
@@ -40,7 +49,7 @@ def _with_trace(trace_path: Path, **fields) -> dict:
     ({"dispatchers": ["nccl_magic"]}, "dispatchers[0]", "alltoall"),
     ({"dispatchers": []}, "dispatchers", "non-empty list"),
     ({"topologies": ["2by2"]}, "topologies[0]", "NODESxGPUS_PER_NODE"),
-    ({"topologies": ["1x2", "1x3"]}, "topologies[1]", "divides model.num_experts = 16"),
+    ({"topologies": ["1x2", "1x3"]}, "topologies[1]", "model.num_experts = 16: allowed a multiple of the number"),
     ({"placements": ["metis"]}, "placements[0]", "occult_greedy"),
     ({"placements": ["hypergraph"]}, "placements[0]", "needs `trace`"),
     ({"placements": [{"plan": "missing.json"}]}, "placements[0].plan", "no such file"),
@@ -172,6 +181,35 @@ def test_emulated_rate_cells_run_bench_under_emulate(trace_path, tmp_path):
     assert launch_argv(plain, plain.launches()[0], cfg, out)[3:5] == ["bench", "--config"]
 
 
+def test_plans_and_profiles_are_cached_by_the_trace_file_and_every_setting(trace_path, tmp_path, monkeypatch):
+    trace = tmp_path / "t.npz"
+    trace.write_bytes(trace_path.read_bytes())
+    spec = spec_from_dict(_with_trace(trace, topologies=["1x2", "2x2"], placements=["occult_greedy"],
+                                      routings=[{"kind": "c2r", "top_t": 5}]), tmp_path)
+    out, topo = tmp_path / "out", spec.topologies[0]
+
+    def outputs(s=spec, method="occult_greedy", t=topo) -> tuple[Path, Path]:
+        return plan_step(s, method, t, out).output, profile_step(s, out).output
+
+    plan, profile = outputs()
+    assert outputs() == (plan, profile)  # the same inputs reuse the cached files
+    refit = dataclasses.replace(spec, trace=dataclasses.replace(spec.trace, fit_prompts="0:40"))
+    changed = [outputs(method="hypergraph")[0], outputs(t=spec.topologies[1])[0], *outputs(refit)]
+    assert plan not in changed and profile not in changed and len(set(changed)) == 4
+    st = trace.stat()
+    os.utime(trace, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the trace was regenerated
+    regenerated = outputs()
+    assert regenerated[0] != plan and regenerated[1] != profile
+    with trace.open("ab") as fh:  # a different size
+        fh.write(b"\0")
+    os.utime(trace, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert set(outputs()).isdisjoint(regenerated)
+    from c2r_comm.bench import sweep_run
+    from c2r_comm.placement.planners import PlannerOptions
+    monkeypatch.setattr(sweep_run, "PlannerOptions", lambda: PlannerOptions(load_tolerance=1.2))
+    assert outputs()[0] not in (plan, regenerated[0])  # the planner's settings changed
+
+
 # ---- running ----------------------------------------------------------------------------------
 
 def test_tiny_sweep_writes_json_markdown_plots_and_reports_a_failing_launch(trace_path, tmp_path):
@@ -183,11 +221,19 @@ def test_tiny_sweep_writes_json_markdown_plots_and_reports_a_failing_launch(trac
     broken = dataclasses.replace(
         jobs.launches[0], launch=dataclasses.replace(jobs.launches[0].launch, index=7),
         argv=(sys.executable, "-c", "import sys; print('rank 0 fell over', file=sys.stderr); sys.exit(3)"))
-    result = run_sweep(spec, SweepJobs(jobs.steps, jobs.launches + (broken,)), out, REPO, show_progress=False)
+    garbled_json = out / "raw" / "garbled.json"
+    garbled = dataclasses.replace(
+        jobs.launches[0], launch=dataclasses.replace(jobs.launches[0].launch, index=8), json_path=garbled_json,
+        argv=(sys.executable, "-c", f"import pathlib; p = pathlib.Path({str(garbled_json)!r}); "
+                                    "p.parent.mkdir(parents=True, exist_ok=True); p.write_text('[{not json')"))
+    result = run_sweep(spec, SweepJobs(jobs.steps, jobs.launches + (broken, garbled)), out, REPO,
+                       show_progress=False)
 
-    assert [f.what for f in result.failures] == [f"launch {broken.launch.name}"]
-    failure = result.failures[0]
+    assert [f.what for f in result.failures] == [f"launch {broken.launch.name}", f"launch {garbled.launch.name}"]
+    failure, unreadable = result.failures
     assert failure.exit_code == 3 and "rank 0 fell over" in failure.stderr_tail
+    assert unreadable.exit_code == 0 and unreadable.reason.startswith(f"unreadable {garbled_json}")
+    assert result.missing == tuple((j.launch.name, d) for j in (broken, garbled) for d in ("alltoall", "dedup"))
     assert [(r["sweep"]["placement"], r["dispatcher"]) for r in result.records] == \
         [("contiguous", "alltoall"), ("contiguous", "dedup"), ("occult_greedy", "alltoall"), ("occult_greedy", "dedup")]
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
@@ -203,9 +249,13 @@ def test_tiny_sweep_writes_json_markdown_plots_and_reports_a_failing_launch(trac
     json_path, md_path = write_reports(spec, result, out, REPO)
     doc = json.loads(json_path.read_text())
     assert len(doc["records"]) == 4 and doc["failures"][0]["exit_code"] == 3
+    assert doc["missing"][0] == {"launch": broken.launch.name, "dispatcher": "alltoall"} and len(doc["missing"]) == 4
     md = md_path.read_text()
     assert md.count("| 1x2 | - | topk |") == 4 and "| 1.00x |" in md
     assert f"launch {broken.launch.name}: exit code 3" in md and "rank 0 fell over" in md
+    assert f"launch {garbled.launch.name}: unreadable {garbled_json}" in md
+    missing_section = md[md.index("## missing cells (4 of 4)"):]
+    assert all(f"- {j.launch.name}: {d}" in missing_section for j in (broken, garbled) for d in ("alltoall", "dedup"))
 
     pytest.importorskip("matplotlib")
     from c2r_comm.bench.sweep_plots import save_sweep_plots
@@ -225,6 +275,91 @@ def test_cli_dry_run_prints_launches_and_a_timeout_fails_the_sweep(tmp_path, cap
     assert main(["sweep", "--spec", str(spec), "--out", str(out), "--no-plots", "--quiet"]) == 1
     assert "timed out after 0.5 s" in capsys.readouterr().err
     assert "timed out" in (out / "sweep.md").read_text()
+
+
+def _processes_with(marker: str) -> list[int]:
+    """Live processes whose command line holds marker."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker.encode() in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue  # gone meanwhile
+    return pids
+
+
+def test_sigterm_stops_the_running_launch_and_all_its_processes(tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({**TINY, "topologies": ["1x2"], "dispatchers": ["alltoall"], "iters": 10**9,
+                                    "launch_timeout_s": 3600}))
+    out = tmp_path / f"out-{uuid.uuid4().hex}"  # in the command line of the sweep and of every process it starts
+    marker = str(out)
+    sweep = subprocess.Popen([sys.executable, "-m", "c2r_comm", "sweep", "--spec", str(spec), "--out", marker,
+                              "--no-plots", "--quiet"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        deadline = time.monotonic() + 240
+        # the sweep, bench, torchrun and torchrun's 2 ranks (sessions of their own)
+        while len(_processes_with(marker)) < 5 and sweep.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if sweep.poll() is not None:
+            pytest.fail(f"the sweep ended before its launch ran: {sweep.communicate()}")
+        assert len(_processes_with(marker)) >= 5, f"only {_processes_with(marker)} started in 240 s"
+        sweep.send_signal(signal.SIGTERM)
+        _, err = sweep.communicate(timeout=60)
+        assert sweep.returncode == 128 + signal.SIGTERM, err
+        assert "SIGTERM" in err and "stopped" in err
+        deadline = time.monotonic() + 5
+        while _processes_with(marker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _processes_with(marker) == []
+    finally:
+        for pid in _processes_with(marker):  # only this run's processes: the marker is unique
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if sweep.poll() is None:
+            sweep.kill()
+            sweep.wait()
+
+
+def test_a_stopped_launch_also_stops_the_processes_that_left_its_group(tmp_path):
+    """As torchrun's ranks do (sessions of their own): found by the tag in their environment."""
+    spec = spec_from_dict({**TINY, "topologies": ["1x2"], "launch_timeout_s": 1}, tmp_path)
+    job = sweep_jobs(spec, tmp_path / "out").launches[0]
+    marker = f"orphan-{uuid.uuid4().hex}"
+    orphan = [sys.executable, "-c", f"import time; time.sleep(600)  # {marker}"]
+    leader = f"import subprocess, time; subprocess.Popen({orphan!r}, start_new_session=True); time.sleep(600)"
+    try:
+        result = run_sweep(spec, SweepJobs((), (dataclasses.replace(job, argv=(sys.executable, "-c", leader)),)),
+                           tmp_path / "out", REPO, show_progress=False)
+        assert "timed out after 1 s" in result.failures[0].reason
+        assert _processes_with(marker) == []
+    finally:
+        for pid in _processes_with(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_unavailable_emulation_is_warned_up_front_and_recorded(tmp_path, monkeypatch, capsys):
+    def unavailable() -> None:
+        raise netns.EmulationUnavailable("creating network namespaces needs root")
+
+    ran = []
+    monkeypatch.setattr(netns, "check_available", unavailable)
+    monkeypatch.setattr(sweep_cmd, "run_sweep", lambda spec, *_, **__: ran.append(spec) or SweepResult((), ()))
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({**TINY, "topologies": ["2x2"], "emulate": True, "rates": [0.1, None]}))
+    out = tmp_path / "out"
+    assert main(["sweep", "--spec", str(spec), "--out", str(out), "--no-plots", "--quiet"]) == 0 and ran
+    err = capsys.readouterr().err
+    assert "warning: no emulated nodes here (creating network namespaces needs root)" in err
+    assert "unshaped" in err and err.index("warning") < err.index("cells in")  # said before anything runs
+    md = (out / "sweep.md").read_text()
+    assert "**Emulation unavailable** (creating network namespaces needs root): every cell ran plainly" in md
+    assert json.loads((out / "sweep.json").read_text())["emulation_unavailable"] == \
+        "creating network namespaces needs root"
 
 
 def test_shipped_sweep_specs_load():

@@ -42,7 +42,8 @@ from typing import Any
 import torch
 
 from c2r_comm.bench.hardware import HardwareProfile
-from c2r_comm.bench.world_layout import LINK_CLASSES, StageLoad, WorldLayout
+from c2r_comm.bench.world_layout import WorldLayout
+from c2r_comm.dispatch.exchange_plan import LINK_CLASSES, StageLoad
 from c2r_comm.topology import Topology
 
 OFF_RANK = LINK_CLASSES[1:]  # classes that use a link

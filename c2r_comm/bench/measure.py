@@ -9,8 +9,8 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -112,33 +112,52 @@ def measure_layer(layer: MoELayer, x_TD: torch.Tensor, grad_TD: torch.Tensor, wa
                   label: str, show_progress: bool, network_interface: Optional[str] = None) -> Measurement:
     """Run warm-up + timed iterations; routing=None uses the layer's router on x_TD.
     network_interface: the node link whose counters measure wire bytes (see Measurement)."""
+    def step(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        out = layer(x) if routing is None else layer.forward_routed(x, *routing)
+        return out.out_TD, out.aux_loss, out.handle
+
+    topology = layer.dispatcher.topology
+    meas, handle = measure_module(layer, step, x_TD, grad_TD, warmup, iters, group, topology, label, show_progress,
+                                  network_interface)
+    d_stats, c_stats, tokens = world_stats(handle.route.plan, topology, x_TD.device, group)
+    return replace(meas, tokens=tokens, dispatch=d_stats, combine=c_stats)
+
+
+def measure_module(module: torch.nn.Module, step: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, Any]],
+                   x_TD: torch.Tensor, grad_TD: torch.Tensor, warmup: int, iters: int, group: Any, topology,
+                   label: str, show_progress: bool,
+                   network_interface: Optional[str] = None) -> tuple[Measurement, Any]:
+    """measure_layer's timing loop for any module (the benchmark's peers use it too): step(x) runs the
+    forward and returns (out_TD, aux_loss, keep); backward is of (out_TD * grad_TD).sum() + aux_loss.
+    Returns the Measurement without traffic (tokens 0, empty CommStats: the caller fills them in with
+    dataclasses.replace) and the last iteration's `keep`."""
     device = x_TD.device
     wire_start = None
     fwd, bwd, total, cpu = [], [], [], []
-    handle = None
+    keep = None
     for i in tqdm(range(warmup + iters), desc=label, disable=not show_progress, file=sys.stderr):
         if i == warmup:
             reset_peak_memory(device)
-        layer.zero_grad(set_to_none=True)
+        module.zero_grad(set_to_none=True)
         x = x_TD.detach().requires_grad_()
         barrier(group, device)
         sync(device)
         if i == warmup:
             wire_start = interface_bytes(network_interface)
         t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-        out = layer(x) if routing is None else layer.forward_routed(x, *routing)
+        out_TD, aux_loss, last = step(x)
         sync(device)
         t1 = time.perf_counter()
-        ((out.out_TD * grad_TD).sum() + out.aux_loss).backward()
+        ((out_TD * grad_TD).sum() + aux_loss).backward()
         sync(device)
         t2, r2 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-        handle = out.handle
+        keep = last
         if i >= warmup:
             fwd.append(t1 - t0)
             bwd.append(t2 - t1)
             total.append(t2 - t0)
             cpu.append((r2.ru_utime - r0.ru_utime, r2.ru_stime - r0.ru_stime))
-    wire_sent, wire_received = _wire_per_iteration(wire_start, network_interface, iters, layer, group, device)
+    wire_sent, wire_received = _wire_per_iteration(wire_start, network_interface, iters, topology, group, device)
     # Slowest rank per iteration.
     times = torch.tensor([fwd, bwd, total, [peak_memory_mb(device)] * iters], dtype=torch.float64, device=device)
     dist.all_reduce(times, op=dist.ReduceOp.MAX, group=group)
@@ -146,18 +165,16 @@ def measure_layer(layer: MoELayer, x_TD: torch.Tensor, grad_TD: torch.Tensor, wa
     cpu_t = torch.tensor(cpu, dtype=torch.float64, device=device)
     dist.all_reduce(cpu_t, group=group)  # summed over ranks, per iteration
     user_s, sys_s = cpu_t.cpu().median(0).values.tolist()
-    d_stats, c_stats, tokens = world_stats(handle.route.plan, layer.dispatcher.topology, device, group)
-    return Measurement(tokens, d_stats, c_stats, Timing.of(fwd), Timing.of(bwd), user_s, sys_s, Timing.of(total), peak[0],
-                       wire_sent, wire_received)
+    return Measurement(0, CommStats(), CommStats(), Timing.of(fwd), Timing.of(bwd), user_s, sys_s, Timing.of(total),
+                       peak[0], wire_sent, wire_received), keep
 
 
 def _wire_per_iteration(start: Optional[InterfaceBytes], network_interface: Optional[str], iters: int,
-                        layer: MoELayer, group: Any, device: torch.device) -> tuple[Optional[float], Optional[float]]:
+                        topo, group: Any, device: torch.device) -> tuple[Optional[float], Optional[float]]:
     """(sent, received) bytes per timed iteration over every node's link (its first rank reads the
     counters; all ranks of a node share the link). One all_reduce, outside the timed region."""
     barrier(group, device)  # every rank's last messages are out before the counters are read
     end = interface_bytes(network_interface)
-    topo = layer.dispatcher.topology
     rank = dist.get_rank(group)
     first_of_node = topo.local_index_of(rank) == 0
     mine = [1.0, float(end.sent - start.sent), float(end.received - start.received)] \

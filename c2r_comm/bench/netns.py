@@ -163,6 +163,7 @@ def create_nodes(nodes: int, inter_node_gbit: Optional[float] = None,
         raise ValueError(f"--nodes = {nodes}: allowed 1..{MAX_NODES}")
     shaping = [tbf_args(r) if r is not None else None for r in (inter_node_gbit, intra_node_gbit)]
     em = EmulatedNodes(os.getpid(), nodes, inter_node_gbit, intra_node_gbit)
+    em.teardown()  # namespaces of a killed earlier process with this same (reused) pid
     try:
         sw = em.switch
         _run(["ip", "netns", "add", sw])

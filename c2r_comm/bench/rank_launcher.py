@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -71,7 +72,12 @@ def start_ranks(em: EmulatedNodes, gpus_per_node: int, argv: Sequence[str]) -> l
 
 
 def stop(procs: Sequence[RankProcess], grace_s: float = GRACE_S) -> None:
-    """SIGTERM every live rank, SIGKILL what is left after grace_s; reap all."""
+    """SIGTERM every live rank, SIGKILL what is left after grace_s; reap all (signals held back)."""
+    with signals_blocked():
+        _stop(procs, grace_s)
+
+
+def _stop(procs: Sequence[RankProcess], grace_s: float) -> None:
     for p in procs:
         if p.proc.poll() is None:
             p.proc.send_signal(signal.SIGTERM)
@@ -93,7 +99,7 @@ def supervise(procs: Sequence[RankProcess], poll_s: float = 0.1) -> tuple[int, O
             if failed:
                 first, code = failed[0]
                 stop(procs)
-                return code, first.rank
+                return (128 - code if code < 0 else code), first.rank  # killed by signal N: 128 + N
             if all(c == 0 for c in codes):
                 return 0, None
             time.sleep(poll_s)
@@ -102,13 +108,26 @@ def supervise(procs: Sequence[RankProcess], poll_s: float = 0.1) -> tuple[int, O
         raise
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def install_signal_handlers() -> dict[int, object]:
-    """SIGINT/SIGTERM raise Interrupted in the main thread (so `finally` blocks clean up); returns
-    the previous handlers."""
+    """SIGINT/SIGTERM/SIGHUP raise Interrupted in the main thread (so `finally` blocks clean up);
+    returns the previous handlers."""
     def handler(signum, _frame):
         raise Interrupted(signum)
 
-    return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    return {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+
+
+@contextmanager
+def signals_blocked():
+    """Hold SIGINT/SIGTERM/SIGHUP back while cleaning up; they are delivered afterwards."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def restore_signal_handlers(previous: dict[int, object]) -> None:

@@ -16,19 +16,15 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from c2r_comm.bench.sweep_run import cell_group, rate_text, speedup_vs_baseline, total_ms
+from c2r_comm.bench.sweep_report import cell_group, rate_text, speedup_vs_baseline, total_ms
+from c2r_comm.placement.plot import matplotlib_available, pyplot
 
 
-def _pyplot() -> Any:
-    try:
-        import matplotlib  # noqa: PLC0415
-    except ImportError:
+def require_matplotlib() -> None:
+    """ValueError saying how to get matplotlib (or skip the plots) when it is not installed."""
+    if not matplotlib_available():
         raise ValueError("sweep plots need matplotlib, which is not installed: pip install 'c2r-comm[plot]' "
-                         "(or pass --no-plots)") from None
-    matplotlib.use("Agg")  # files only, never a display
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    return plt
+                         "(or pass --no-plots)")
 
 
 def _ordered(values) -> list:
@@ -60,7 +56,7 @@ def _save(fig: Any, plt: Any, path: Path) -> Path:
 
 
 def plot_times(records: Sequence[dict], path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     keys = _ordered(cell_group(r) for r in records)
     fig, axes = _panels(plt, keys, lambda k: _group_title(k) + (" (unshaped)" if k[2] is None and
                                                                 records[0]["sweep"]["emulate"] else ""))
@@ -92,7 +88,7 @@ def _combo(r: dict) -> str:
 
 
 def plot_bytes(records: Sequence[dict], path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     keys = _ordered(cell_group(r)[:2] for r in records)
     fig, axes = _panels(plt, keys, lambda k: f"{k[0]}, {k[1]}")
     for ax, key in zip(axes, keys):
@@ -112,7 +108,7 @@ def plot_bytes(records: Sequence[dict], path: Path) -> Path:
 
 
 def plot_speedup(records: Sequence[dict], path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     speedup = speedup_vs_baseline(records)
     keys = _ordered(cell_group(r) for r in records)
     fig, axes = _panels(plt, keys, _group_title)
@@ -130,7 +126,7 @@ def plot_speedup(records: Sequence[dict], path: Path) -> Path:
 
 
 def plot_rates(records: Sequence[dict], path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     keys = _ordered(cell_group(r)[:2] for r in records)
     fig, axes = _panels(plt, keys, lambda k: f"{k[0]}, {k[1]}")
     unshaped_fallback = sum(1 for r in records if rate_text(r).endswith("*"))
@@ -164,6 +160,7 @@ def save_sweep_plots(records: Sequence[dict], out_dir: Path) -> list[Path]:
     """Every plot that the records support, into out_dir; returns the paths written."""
     if not records:
         return []
+    require_matplotlib()
     out_dir = Path(out_dir)
     paths = [plot_times(records, out_dir / "time.png"), plot_bytes(records, out_dir / "bytes.png"),
              plot_speedup(records, out_dir / "speedup.png")]

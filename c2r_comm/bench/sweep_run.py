@@ -1,17 +1,20 @@
-"""Run a SweepSpec: plan/profile steps, then one subprocess per bench launch; collect and report.
+"""Run a SweepSpec: plan/profile steps, then one subprocess per bench launch; collect the records
+(sweep_report.py writes sweep.json and sweep.md from them).
 
 Output directory layout (everything a sweep writes):
     plans/     plan JSONs (`c2r-comm plan`), cached: a rerun with the same inputs reuses them
     profiles/  collaborator stats (`c2r-comm profile`) for c2r routings without a lists file, cached
     configs/   the bench config YAML of each launch
     raw/       each launch's bench JSON;  logs/  each step's and launch's stdout and stderr
-    sweep.json {"name", "git_commit", "git_dirty", "machine", "records": [...], "failures": [...]};
-               every record is bench's (resolved config included) plus "sweep" (the cell's axes),
-               "git_commit", "git_dirty" and "machine"
-    sweep.md   one markdown row per cell (format_sweep_table), then the failures
+    sweep.json, sweep.md   the report (sweep_report.py)
 
-A launch that fails (exit code, timeout, no JSON) is reported with its last stderr lines and the
-sweep goes on; the caller exits non-zero when any failed.
+Plans and profiles are cached by everything that decides them: the command line (method, topology,
+layer, prompt ranges), the planner's default options, and the trace file's size and mtime.
+A launch that fails (exit code, timeout, no JSON or an unreadable one) is reported with its last
+stderr lines and the sweep goes on; its (launch, dispatcher) cells are listed as missing, and the
+caller exits non-zero when any failed. SIGINT, SIGTERM and SIGHUP stop the running launch's process
+group (SIGTERM, then SIGKILL after a grace period) and raise rank_launcher.Interrupted out of
+run_sweep.
 """
 from __future__ import annotations
 
@@ -24,6 +27,10 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
+import time
+import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -32,11 +39,15 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from c2r_comm.bench.rank_launcher import install_signal_handlers, restore_signal_handlers, signals_blocked
 from c2r_comm.bench.sweep_spec import Launch, SweepSpec
+from c2r_comm.placement.planners import PlannerOptions
 
 C2R = (sys.executable, "-m", "c2r_comm")
 TAIL_LINES = 10
 ERROR_LINE = re.compile(r"^c2r-comm [\w-]+: error:|^\w+(Error|Exception)\b")
+STOP_GRACE_S = 30.0  # after SIGTERM, before SIGKILL: emulate removes its namespaces, torchrun stops its ranks
+LAUNCH_TAG = "C2R_SWEEP_LAUNCH"  # in the environment of every process a launch starts, whatever its group
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,7 @@ class Failure:
 class SweepResult:
     records: tuple[dict, ...]
     failures: tuple[Failure, ...]
+    missing: tuple[tuple[str, str], ...] = ()  # (launch name, dispatcher) of every cell without a record
 
 
 # ---- command lines (pure) ---------------------------------------------------------------------
@@ -89,22 +101,30 @@ def _digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:10]
 
 
+def _cache_key(argv: Sequence[str], trace_path: str, *settings: Any) -> str:
+    """What decides a plan or profile: its command line (without --out), other settings it depends on,
+    and the trace file as it is now (size, mtime), so a regenerated trace or a changed setting misses."""
+    stat = os.stat(trace_path)
+    return _digest(list(argv), stat.st_size, stat.st_mtime_ns, *settings)
+
+
 def plan_step(spec: SweepSpec, method: str, topology, out_dir: Path) -> Step:
     t = spec.trace
-    out = out_dir / "plans" / f"{method}_{topology}_layer{t.layer}_{_digest(t.path, t.fit_prompts, t.eval_prompts)}.json"
-    argv = [*C2R, "plan", "--trace", t.path, "--topology", str(topology), "--method", method, "--layers", str(t.layer),
-            "--out", str(out), "--no-png"]
-    argv += ["--fit-prompts", t.fit_prompts] if t.fit_prompts else []
-    argv += ["--eval-prompts", t.eval_prompts] if t.eval_prompts else []
-    return Step("plan", tuple(argv), out)
+    cmd = ["plan", "--trace", t.path, "--topology", str(topology), "--method", method, "--layers", str(t.layer),
+           "--no-png"]
+    cmd += ["--fit-prompts", t.fit_prompts] if t.fit_prompts else []
+    cmd += ["--eval-prompts", t.eval_prompts] if t.eval_prompts else []
+    key = _cache_key(cmd, t.path, asdict(PlannerOptions()))  # the planner's defaults decide the rest
+    out = out_dir / "plans" / f"{method}_{topology}_layer{t.layer}_{key}.json"
+    return Step("plan", (*C2R, *cmd, "--out", str(out)), out)
 
 
 def profile_step(spec: SweepSpec, out_dir: Path) -> Step:
     t = spec.trace
-    out = out_dir / "profiles" / f"collaborators_layer{t.layer}_{_digest(t.path, t.fit_prompts)}.npz"
-    argv = [*C2R, "profile", "--trace", t.path, "--layers", str(t.layer), "--topology", "1x1", "--out", str(out)]
-    argv += ["--prompts", t.fit_prompts] if t.fit_prompts else []
-    return Step("profile", tuple(argv), out)
+    cmd = ["profile", "--trace", t.path, "--layers", str(t.layer), "--topology", "1x1"]
+    cmd += ["--prompts", t.fit_prompts] if t.fit_prompts else []
+    out = out_dir / "profiles" / f"collaborators_layer{t.layer}_{_cache_key(cmd, t.path)}.npz"
+    return Step("profile", (*C2R, *cmd, "--out", str(out)), out)
 
 
 def launch_argv(spec: SweepSpec, launch: Launch, config_path: Path, json_path: Path) -> list[str]:
@@ -202,36 +222,120 @@ def _tail(path: Path) -> tuple[str, ...]:
 
 
 def _run(argv: Sequence[str], log_stem: Path, timeout_s: float) -> tuple[Optional[int], str]:
-    """Run one command in its own process group (so a timeout stops torchrun's ranks too); returns
-    (exit code or None, reason). stdout -> LOG.out, stderr -> LOG.err."""
+    """Run one command in its own process group, every process it starts tagged (LAUNCH_TAG) so that a
+    stop finds them all; returns (exit code or None, reason). stdout -> LOG.out, stderr -> LOG.err.
+    Whatever ends the wait early (the timeout, a stop signal, an error) stops them all first."""
     log_stem.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex
     with open(f"{log_stem}.out", "w") as out, open(f"{log_stem}.err", "w") as err:  # names may hold dots
         try:
-            proc = subprocess.Popen(list(argv), stdout=out, stderr=err, start_new_session=True)
+            proc = subprocess.Popen(list(argv), stdout=out, stderr=err, start_new_session=True,
+                                    env={**os.environ, LAUNCH_TAG: tag})
         except OSError as exc:
             return None, f"could not start: {exc}"
         try:
             code = proc.wait(timeout=timeout_s)
-            return code, "" if code == 0 else f"exit code {code}"
         except subprocess.TimeoutExpired:
-            _stop(proc)
+            _stop(proc, tag)
             return None, f"timed out after {timeout_s:g} s (launch_timeout_s)"
-        except KeyboardInterrupt:
-            _stop(proc)
+        except BaseException:
+            _stop(proc, tag)
             raise
+        return code, "" if code == 0 else f"exit code {code}"
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the child's process group (emulate then removes its namespaces), SIGKILL after 30 s."""
-    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+def _tagged(tag: str) -> dict[int, int]:
+    """pid -> process group of every live process with LAUNCH_TAG=tag in its environment (Linux /proc;
+    a zombie's environment reads empty)."""
+    needle = f"\0{LAUNCH_TAG}={tag}\0".encode()
+    found = {}
+    for entry in Path("/proc").iterdir():
         try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=wait_s)
-            return
+            if entry.name.isdigit() and needle in b"\0" + (entry / "environ").read_bytes():
+                found[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+    return found
+
+
+def _signal(pids, sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
         except ProcessLookupError:
-            return
+            pass
+
+
+def _stop(proc: subprocess.Popen, tag: str, grace_s: float = STOP_GRACE_S) -> None:
+    """Stop every process of a launch: SIGTERM its process group (emulate then stops its ranks and
+    removes its namespaces, torchrun stops its ranks, which run in sessions of their own); once no
+    process of the group is left, SIGTERM the tagged ones that outlived it (a torchrun stopped while
+    starting its ranks); after grace_s, SIGKILL whatever is left. Stop signals are held back meanwhile."""
+    with signals_blocked():
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline, told = time.monotonic() + grace_s, set()
+        while (left := _tagged(tag)) and time.monotonic() < deadline:
+            if proc.pid not in left.values():  # the group is gone: nothing else stops these
+                _signal(set(left) - told, signal.SIGTERM)
+                told |= set(left)
+            time.sleep(0.1)
+        _signal(_tagged(tag), signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # safe: proc is not reaped yet, so its pid is not reused
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            continue
+            pass
+
+
+@contextmanager
+def _stop_signals_raise():
+    """While running: SIGINT/SIGTERM/SIGHUP raise Interrupted (main thread only), then the previous
+    handlers are back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = install_signal_handlers()
+    try:
+        yield
+    finally:
+        restore_signal_handlers(previous)
+
+
+def read_launch_records(job: LaunchJob) -> list[dict]:
+    """bench's JSON of one launch: a list of records of the launch's dispatchers (else ValueError;
+    OSError when it cannot be read)."""
+    records = json.loads(job.json_path.read_text())
+    if not isinstance(records, list) or not all(
+            isinstance(r, dict) and r.get("dispatcher") in job.launch.dispatchers and isinstance(
+                r.get("measurement"), dict) for r in records):
+        raise ValueError(f"not a list of bench records of the dispatchers {list(job.launch.dispatchers)}")
+    return records
+
+
+def _launch_outcome(job: LaunchJob, code: Optional[int], reason: str,
+                    err: Path) -> tuple[list[dict], Optional[Failure]]:
+    """The launch's records, and its Failure: a non-zero exit, a timeout, no JSON or an unreadable one,
+    or dispatchers without a record (the cells of those are missing from the sweep)."""
+    what = f"launch {job.launch.name}"
+    if code != 0:
+        return [], Failure(what, code, reason, _tail(err), str(err))
+    try:
+        records = read_launch_records(job)
+    except FileNotFoundError:
+        return [], Failure(what, None, f"exit code 0 but no {job.json_path.name} was written", _tail(err), str(err))
+    except (OSError, ValueError) as exc:
+        return [], Failure(what, 0, f"unreadable {job.json_path}: {exc}", _tail(err), str(err))
+    lacking = [d for d in job.launch.dispatchers if d not in {r["dispatcher"] for r in records}]
+    if lacking:
+        return records, Failure(what, 0, f"{job.json_path.name} holds no record of {', '.join(lacking)}",
+                                _tail(err), str(err))
+    return records, None
 
 
 def _axes(spec: SweepSpec, job: LaunchJob, dispatcher: str) -> dict[str, Any]:
@@ -244,7 +348,8 @@ def _axes(spec: SweepSpec, job: LaunchJob, dispatcher: str) -> dict[str, Any]:
 
 
 def run_sweep(spec: SweepSpec, jobs: SweepJobs, out_dir: Path, repo: Path, show_progress: bool = True) -> SweepResult:
-    """Run every step (unless its output exists), then every launch whose steps succeeded."""
+    """Run every step (unless its output exists), then every launch whose steps succeeded.
+    A stop signal stops the running launch and raises Interrupted."""
     out_dir = Path(out_dir).resolve()
     logs = out_dir / "logs"
     commit, dirty = git_commit(repo)
@@ -252,9 +357,10 @@ def run_sweep(spec: SweepSpec, jobs: SweepJobs, out_dir: Path, repo: Path, show_
     failed_steps: dict[Path, Failure] = {}
     failures: list[Failure] = []
     records: list[dict] = []
+    missing: list[tuple[str, str]] = []
     bar = tqdm(total=len(jobs.steps) + len(jobs.launches), desc=f"sweep {spec.name}", unit="launch",
                disable=not show_progress, file=sys.stderr)
-    with bar:
+    with bar, _stop_signals_raise():
         for step in jobs.steps:
             bar.set_postfix_str(f"{step.kind} {step.name}")
             if not step.output.is_file():
@@ -268,110 +374,24 @@ def run_sweep(spec: SweepSpec, jobs: SweepJobs, out_dir: Path, repo: Path, show_
             bar.update(1)
         for job in jobs.launches:
             bar.set_postfix_str(job.launch.name)
-            missing = [failed_steps[s.output].what for s in job.needs if s.output in failed_steps]
-            if missing:
-                failures.append(Failure(f"launch {job.launch.name}", None, f"skipped: {', '.join(missing)} failed",
-                                        (), ""))
+            failed_needs = [failed_steps[s.output].what for s in job.needs if s.output in failed_steps]
+            if failed_needs:
+                failures.append(Failure(f"launch {job.launch.name}", None,
+                                        f"skipped: {', '.join(failed_needs)} failed", (), ""))
+                missing += [(job.launch.name, d) for d in job.launch.dispatchers]
                 bar.update(1)
                 continue
             job.config_path.parent.mkdir(parents=True, exist_ok=True)
             job.config_path.write_text(job.config_yaml)
             job.json_path.unlink(missing_ok=True)  # a stale file must not pass for this run's result
             code, reason = _run(job.argv, logs / job.launch.name, spec.launch_timeout_s)
-            err = logs / f"{job.launch.name}.err"
-            if code == 0 and not job.json_path.is_file():
-                code, reason = None, f"exit code 0 but no {job.json_path.name} was written"
-            if code != 0:
-                failures.append(Failure(f"launch {job.launch.name}", code, reason, _tail(err), str(err)))
-            else:
-                for rec in json.loads(job.json_path.read_text()):
-                    rec.update(sweep=_axes(spec, job, rec["dispatcher"]), git_commit=commit, git_dirty=dirty,
-                               machine=machine)
-                    records.append(rec)
+            got, failure = _launch_outcome(job, code, reason, logs / f"{job.launch.name}.err")
+            failures += [failure] if failure else []
+            for rec in got:
+                rec.update(sweep=_axes(spec, job, rec["dispatcher"]), git_commit=commit, git_dirty=dirty,
+                           machine=machine)
+                records.append(rec)
+            done = {rec["dispatcher"] for rec in got}
+            missing += [(job.launch.name, d) for d in job.launch.dispatchers if d not in done]
             bar.update(1)
-    return SweepResult(tuple(records), tuple(failures))
-
-
-# ---- reporting --------------------------------------------------------------------------------
-
-def total_ms(rec: dict) -> float:
-    return rec["measurement"]["total"]["median_ms"]
-
-
-def cell_group(rec: dict) -> tuple:
-    """Records comparable to each other: same topology, routing and inter-node rate."""
-    s = rec["sweep"]
-    return s["topology"], s["routing"], s["inter_node_gbit"]
-
-
-def speedup_vs_baseline(records: Sequence[dict]) -> dict[int, Optional[float]]:
-    """id(record) -> baseline total median / its total median; the baseline is alltoall with contiguous
-    placement of the same topology, routing and rate (None where that did not run)."""
-    base = {cell_group(r): total_ms(r) for r in records
-            if r["sweep"]["dispatcher"] == "alltoall" and r["sweep"]["placement"] == "contiguous"}
-    return {id(r): (base[cell_group(r)] / total_ms(r) if cell_group(r) in base and total_ms(r) > 0 else None)
-            for r in records}
-
-
-def rate_text(rec: dict) -> str:
-    s = rec["sweep"]
-    if not s["emulate"]:
-        return "-"
-    text = "unshaped" if s["inter_node_gbit"] is None else f"{s['inter_node_gbit']:g}"
-    return text + ("*" if rec.get("emulation") is None else "")
-
-
-def _timing(t: dict) -> str:
-    return f"{t['median_ms']:.2f} ({t['p10_ms']:.2f}-{t['p90_ms']:.2f})"
-
-
-def format_sweep_table(records: Sequence[dict]) -> str:
-    head = ("| topology | inter-node Gbit/s | routing | placement | dispatcher | fwd ms p50 (p10-p90) "
-            "| bwd ms p50 (p10-p90) | total ms p50 (p10-p90) | copies/token same-node | copies/token cross-node "
-            "| MB same-node | MB cross-node | peak MB/rank | speed-up vs alltoall+contiguous |")
-    rows = [head, "|" + "|".join("---" for _ in range(head.count("|") - 1)) + "|"]
-    speedup = speedup_vs_baseline(records)
-    for r in records:
-        s, m = r["sweep"], r["measurement"]
-        mb = lambda link: (m["dispatch"][f"bytes_{link}"] + m["combine"][f"bytes_{link}"]) / 1e6  # noqa: E731
-        up = speedup[id(r)]
-        rows.append(f"| {s['topology']} | {rate_text(r)} | {s['routing']} | {s['placement']} | {s['dispatcher']} "
-                    f"| {_timing(m['forward'])} | {_timing(m['backward'])} | {_timing(m['total'])} "
-                    f"| {r['copies_per_token_same_node']:.3f} | {r['copies_per_token_cross_node']:.3f} "
-                    f"| {mb('same_node'):.2f} | {mb('cross_node'):.2f} | {m['peak_memory_mb']:.1f} "
-                    f"| {'-' if up is None else f'{up:.2f}x'} |")
-    return "\n".join(rows)
-
-
-def format_failures(failures: Sequence[Failure]) -> str:
-    lines = []
-    for f in failures:
-        lines.append(f"- {f.what}: {f.reason}" + (f" (log {f.log})" if f.log else ""))
-        lines += [f"    {line}" for line in f.stderr_tail]
-    return "\n".join(lines)
-
-
-def write_reports(spec: SweepSpec, result: SweepResult, out_dir: Path, repo: Path) -> tuple[Path, Path]:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    commit, dirty = (result.records[0]["git_commit"], result.records[0]["git_dirty"]) if result.records \
-        else git_commit(repo)
-    doc = {"name": spec.name, "git_commit": commit, "git_dirty": dirty, "machine": machine_info(),
-           "records": list(result.records), "failures": [asdict(f) for f in result.failures]}
-    json_path, md_path = out_dir / "sweep.json", out_dir / "sweep.md"
-    json_path.write_text(json.dumps(doc, indent=1))
-    b = spec.base
-    md = [f"# sweep {spec.name}", "",
-          f"hidden {b.model.hidden_size}, ffn {b.model.ffn_hidden_size}, {b.model.num_experts} experts top-"
-          f"{b.model.top_k}, {b.run.tokens_per_rank} tokens/rank, {b.run.dtype}; {b.run.iters} timed iterations "
-          f"after {b.run.warmup_iters} warm-up; commit {commit}{' (uncommitted changes)' if dirty else ''}.", "",
-          "Times: the slowest rank per iteration, median (p10-p90). Copies and MB: one forward (dispatch + "
-          "combine, all ranks; backward sends as much again). Peak MB/rank: max over ranks (CPU: peak RSS of "
-          "the rank's process, runtime included; CUDA: max allocated).", ""]
-    if spec.emulate and any(r.get("emulation") is None for r in result.records):
-        md += ["\\* emulation was unavailable for this cell: it ran plainly over loopback, unshaped.", ""]
-    md.append(format_sweep_table(result.records) if result.records else "(no cell completed)")
-    if result.failures:
-        md += ["", "## failures", "", format_failures(result.failures)]
-    md_path.write_text("\n".join(md) + "\n")
-    return json_path, md_path
+    return SweepResult(tuple(records), tuple(failures), tuple(missing))

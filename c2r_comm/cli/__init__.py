@@ -14,6 +14,7 @@ COMMANDS = {
     "bench-experts": ("c2r_comm.cli.experts_cmd", "time forward+backward of one rank's local experts per implementation"),
     "simulate": ("c2r_comm.cli.simulate_cmd", "predict bytes per link class and exchange time of each dispatcher on N nodes x G GPUs (alpha-beta cost model)"),
     "sweep": ("c2r_comm.cli.sweep_cmd", "run a grid of bench cells from one YAML (dispatcher x placement x routing x topology x link rate) -> JSON, markdown, plots"),
+    "check-model": ("c2r_comm.cli.check_model_cmd", "the cost model against a measured bench --phases run: bytes exact, time within a tolerance"),
     "emulate": ("c2r_comm.cli.emulate_cmd", "run a command's ranks on N emulated nodes (network namespaces, shaped links)"),
 }
 

@@ -10,11 +10,12 @@ import argparse
 import os
 import subprocess
 import sys
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 from c2r_comm.bench.measure import BenchRecord, measure_layer
+from c2r_comm.bench.peers import PEERS, bench_peers, peer_names
 from c2r_comm.bench.phases import measure_phases
 from c2r_comm.bench.report import format_phases, format_summary, format_table, write_json
 from c2r_comm.bootstrap import init_distributed, read_launch_env, shutdown
@@ -44,7 +45,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="0-based trace layer index (also the plan's layer); with --trace also 'all' or a comma list")
     p.add_argument("--prompts", default=None,
                    help="A:B trace prompts (0-based, slice style) to deal tokens from, e.g. held-out 800:999")
+    p.add_argument("--peers", default=None,
+                   help=f"comma list of peers {list(PEERS)} run after our dispatchers in the same launch, as rows "
+                        "(optional extra: pip install 'c2r-comm[peers]'; see c2r_comm/bench/peers.py)")
     p.add_argument("--json", help="write one record per dispatcher (with the resolved config) here")
+    p.add_argument("--wire-interface", default=None, metavar="IFNAME",
+                   help="network interface whose byte counters measure what crossed the node link in the timed "
+                        "iterations (c2r-comm emulate passes its nodes' link)")
     p.add_argument("--phases", action="store_true",
                    help="also time each phase alone (layout, count exchange, send, experts, combine; forward and "
                         "backward) and print where the time goes")
@@ -88,7 +95,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Optional[RoutingTr
     return config, trace, layers
 
 
-def _dispatchers(args: argparse.Namespace, config: Config) -> list[str]:
+def dispatcher_names(args: argparse.Namespace) -> list[str]:
     if not args.dispatcher:
         return list(DISPATCHERS)
     names = [n.strip() for n in args.dispatcher.split(",") if n.strip()]
@@ -108,7 +115,8 @@ def _relaunch_under_torchrun(world: int, argv: list[str]) -> int:
 
 def run(args: argparse.Namespace) -> int:
     config, trace, layers = resolve_config(args)
-    names = _dispatchers(args, config)
+    names = dispatcher_names(args)
+    peers = peer_names(getattr(args, "peers", None))  # unknown or not installed: exit 2 before any rank starts
     world = config.parallel.world_size
     if world > 1 and read_launch_env(os.environ) is None:
         return _relaunch_under_torchrun(world, args.argv)
@@ -119,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
         groups = build_process_groups(_topology(config), config.run.timeout_s)
         records = [r for layer in layers for r in
                    bench_all(with_overrides(config, {"placement.layer": layer}), trace, names, groups, ctx.device,
-                             show=ctx.rank == 0, phases=args.phases, network_interface=ctx.network_interface)]
+                             show=ctx.rank == 0, phases=args.phases, network_interface=args.wire_interface,
+                             peers=peers)]
         if ctx.rank == 0:
             print(describe(config, trace, layers, args) + f", {ctx.backend} on {ctx.device.type}")
             print(format_table(records))
@@ -140,7 +149,8 @@ def _topology(config: Config) -> Topology:
 
 
 def bench_all(config: Config, trace: Optional[RoutingTrace], names: list[str], groups, device: torch.device,
-              show: bool, phases: bool = False, network_interface: Optional[str] = None) -> list[BenchRecord]:
+              show: bool, phases: bool = False, network_interface: Optional[str] = None,
+              peers: Sequence[str] = ()) -> list[BenchRecord]:
     run, m = config.run, config.model
     dtype = DTYPES[run.dtype]
     g = torch.Generator().manual_seed(run.seed * 7919 + groups.rank)
@@ -165,6 +175,9 @@ def bench_all(config: Config, trace: Optional[RoutingTrace], names: list[str], g
         resolved = with_overrides(config, {"dispatcher": name}).to_dict()
         records.append(BenchRecord(name, placement, routing_desc, str(groups.topology), resolved, meas, trace_layer,
                                    per_phase))
+    # Peers (--peers): same inputs and routing, timed the same way, one row each (c2r_comm/bench/peers.py).
+    records += bench_peers(peers, config, routing, routing_desc, trace_layer, groups, device, x_TD, grad_TD, show,
+                           network_interface)
     return records
 
 

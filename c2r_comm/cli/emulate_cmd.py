@@ -23,8 +23,8 @@ from typing import Optional
 
 from c2r_comm.bench import netns
 from c2r_comm.bench.rank_launcher import (Interrupted, install_signal_handlers, restore_signal_handlers,
-                                          start_ranks, supervise)
-from c2r_comm.config import ConfigError
+                                          signals_blocked, start_ranks, supervise)
+from c2r_comm.config import ConfigError, parse_topology
 
 SUPPORTED = ("bench",)  # commands whose ranks join a torchrun-style world
 
@@ -45,17 +45,9 @@ def _check_rate(flag: str, value: Optional[float]) -> None:
         raise ConfigError(flag, value, "a link rate in Gbit/s > 0 (omit it for an unshaped link)")
 
 
-def _flag_value(argv: list[str], flag: str) -> Optional[str]:
-    for i, a in enumerate(argv):
-        if a == flag and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith(flag + "="):
-            return a.split("=", 1)[1]
-    return None
-
-
-def prepare_command(args: argparse.Namespace) -> list[str]:
-    """Validate everything and return the inner argv (with --topology filled in)."""
+def prepare_command(args: argparse.Namespace) -> tuple[list[str], Optional[str]]:
+    """Validate everything; return the inner argv (topology, CPU device and the node link's
+    interface filled in) and the bench's --json path."""
     if args.nodes < 1 or args.nodes > netns.MAX_NODES:
         raise ConfigError("--nodes", args.nodes, f"an integer 1..{netns.MAX_NODES}")
     if args.gpus_per_node < 1:
@@ -67,21 +59,28 @@ def prepare_command(args: argparse.Namespace) -> list[str]:
         inner = inner[1:]
     if not inner or inner[0] not in SUPPORTED:
         raise ConfigError("command", " ".join(inner) or "(none)", f"`-- <command> [args]` with command one of {SUPPORTED}")
-    topo = f"{args.nodes}x{args.gpus_per_node}"
-    given = _flag_value(inner, "--topology")
-    if given is None:
-        inner += ["--topology", topo]
-    elif given.lower() != topo:
-        raise ConfigError("--topology", given, f"{topo} (the emulated --nodes x --gpus-per-node), or leave it out")
     from c2r_comm.cli import build_parser
-    from c2r_comm.cli.bench_cmd import resolve_config
+    from c2r_comm.cli.bench_cmd import dispatcher_names, resolve_config
+    bench_args = build_parser().parse_args(inner)
+    topo = (args.nodes, args.gpus_per_node)
+    if bench_args.topology is None:
+        inner += ["--topology", f"{args.nodes}x{args.gpus_per_node}"]
+    elif parse_topology(bench_args.topology) != topo:
+        raise ConfigError("--topology", bench_args.topology,
+                          f"{args.nodes}x{args.gpus_per_node} (the emulated --nodes x --gpus-per-node), or leave it out")
+    # Ranks of all emulated nodes share this machine's GPUs: NCCL would connect them through shared
+    # memory or P2P and never touch the namespaces' links. Emulated nodes are CPU ranks over gloo.
+    if bench_args.device not in (None, "cpu"):
+        raise ConfigError("--device", bench_args.device, "'cpu' (emulated nodes run gloo over their links)")
+    if bench_args.wire_interface is not None:
+        raise ConfigError("--wire-interface", bench_args.wire_interface, "left out: emulate sets its nodes' link")
+    inner += ["--device", "cpu", "--wire-interface", netns.NODE_IFNAME]
     bench_args = build_parser().parse_args(inner)
     resolve_config(bench_args)  # trace, plan, layers, sizes: refused here, before anything exists
-    json_path = _flag_value(inner, "--json")
-    if json_path is not None:
-        parent = Path(json_path).resolve().parent
-        parent.mkdir(parents=True, exist_ok=True)
-    return inner
+    dispatcher_names(bench_args)
+    if bench_args.json is not None:
+        Path(bench_args.json).resolve().parent.mkdir(parents=True, exist_ok=True)
+    return inner, bench_args.json
 
 
 def _plain_run(inner: list[str]) -> int:
@@ -89,14 +88,14 @@ def _plain_run(inner: list[str]) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    inner = prepare_command(args)
+    inner, json_path = prepare_command(args)
     try:
         netns.check_available()
     except netns.EmulationUnavailable as exc:
         print(f"c2r-comm emulate: no emulated nodes ({exc}); running `c2r-comm {' '.join(inner)}` plainly over "
               f"loopback: every node shares one unshaped link", file=sys.stderr)
         code = _plain_run(inner)
-        _annotate_json(inner, None)
+        _annotate_json(json_path, None)
         return code
     stale = netns.remove_stale()
     if stale:
@@ -115,19 +114,23 @@ def run(args: argparse.Namespace) -> int:
     except Interrupted as exc:
         print(f"c2r-comm emulate: {exc}; ranks stopped, namespaces removed", file=sys.stderr)
         return 128 + exc.signum
+    except RuntimeError as exc:  # a set-up command failed (create_nodes removed what it made)
+        print(f"c2r-comm emulate: error: {exc}", file=sys.stderr)
+        return 1
     finally:
-        if em is not None:
-            em.teardown()
-        restore_signal_handlers(previous)
+        with signals_blocked():  # a second Ctrl-C must not interrupt the clean-up
+            if em is not None:
+                em.teardown()
+            restore_signal_handlers(previous)
     if code:
         print(f"c2r-comm emulate: rank {failed_rank} exited with {code}; the other ranks were stopped",
               file=sys.stderr)
         return code
     print(format_wire(wire))
-    _annotate_json(inner, {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node,
-                           "inter_node_gbit": args.inter_node_gbit, "intra_node_gbit": args.intra_node_gbit,
-                           "run_wire_bytes_per_node": [{"node": w.node, "from_node": w.bytes_from_node,
-                                                        "to_node": w.bytes_to_node} for w in wire]})
+    _annotate_json(json_path, {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node,
+                               "inter_node_gbit": args.inter_node_gbit, "intra_node_gbit": args.intra_node_gbit,
+                               "run_wire_bytes_per_node": [{"node": w.node, "from_node": w.bytes_from_node,
+                                                            "to_node": w.bytes_to_node} for w in wire]})
     return 0
 
 
@@ -142,9 +145,8 @@ def format_wire(wire: list[netns.LinkCounters]) -> str:
     return "\n".join(rows)
 
 
-def _annotate_json(inner: list[str], emulation: Optional[dict]) -> None:
+def _annotate_json(path: Optional[str], emulation: Optional[dict]) -> None:
     """Add the emulation (None: plain loopback run) to every record of the bench's --json file."""
-    path = _flag_value(inner, "--json")
     if path is None or not Path(path).is_file():
         return
     records = json.loads(Path(path).read_text())

@@ -26,12 +26,11 @@ from c2r_comm.bench.replay import Replay, copies_of, resolve_expert_copies
 from c2r_comm.bench.world_layout import lay_out_world
 from c2r_comm.config import DTYPES, ConfigError, parse_topology
 from c2r_comm.dispatch import DISPATCHERS, CommStats
+from c2r_comm.layer import DTYPES as TORCH_DTYPES
 from c2r_comm.placement.planners import METHODS, PlannerOptions, plan_layer
 from c2r_comm.plan import PlacementPlan, PlanFile
 from c2r_comm.routing.trace import RoutingTrace, parse_layers, parse_range
 from c2r_comm.topology import Topology
-
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -227,11 +226,9 @@ def format_table(records: list[Record]) -> str:
 
 def save_plot(path: str, records: list[Record], title: str) -> None:
     """Predicted fwd+bwd exchange time vs GPU count, one line per dispatcher x placement."""
-    import matplotlib  # noqa: PLC0415
+    from c2r_comm.placement.plot import pyplot  # noqa: PLC0415 (matplotlib only when plotting)
 
-    matplotlib.use("Agg")  # files only, never a display
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     series: dict[tuple[str, str], list[tuple[int, float]]] = {}
     for r in records:

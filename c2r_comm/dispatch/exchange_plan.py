@@ -97,15 +97,84 @@ class ExchangePlan:
     def traffic(self) -> torch.Tensor:
         """int64 [stages, W, W] rows[sender, receiver] caused by this rank's tokens (host copy)."""
         W = self.world_size
-        out = torch.zeros(len(self.stages), W, W, dtype=torch.int64)
+        return self.add_traffic_to(torch.zeros(len(self.stages), W, W, dtype=torch.int64))
+
+    def add_traffic_to(self, rows_SWW: torch.Tensor) -> torch.Tensor:
+        """rows_SWW += traffic(), in place (a whole world summed in one matrix); returns rows_SWW."""
+        dest_W = torch.arange(self.world_size)
         for i, st in enumerate(self.stages):
-            out[i, torch.tensor(st.sender_of_dest), torch.arange(W)] = st.rows_to_W.cpu()
-        return out
+            rows_SWW[i].index_put_((torch.tensor(st.sender_of_dest, dtype=torch.int64), dest_W),
+                                   st.rows_to_W.cpu(), accumulate=True)
+        return rows_SWW
 
 
 def world_traffic(plans: Sequence[ExchangePlan]) -> torch.Tensor:
     """Every rank's plan combined (same dispatcher and world): rows[stage, sender, receiver]."""
     return torch.stack([p.traffic() for p in plans]).sum(0)
+
+
+LINK_CLASSES = ("local", "same_node", "cross_node")
+
+
+def link_class_WW(topology: Topology) -> torch.Tensor:
+    """int64 [W, W]: LINK_CLASSES index of the link from rank u (row) to rank v (column)."""
+    node_W = torch.arange(topology.world_size) // topology.gpus_per_node
+    cls = torch.where(node_W.unsqueeze(1) == node_W.unsqueeze(0), 1, 2)
+    cls.fill_diagonal_(0)
+    return cls
+
+
+@dataclass(frozen=True)
+class StageLoad:
+    """One stage of a world's traffic classified per link class (LINK_CLASSES order) and rank,
+    dispatch direction; combine sends every row back (sent <-> received, combine_row_bytes).
+
+        rows_sent[c, w]     = sum over receivers v of class c of rows[w, v]
+        rows_recv[c, w]     = sum over senders   u of class c of rows[u, w]
+        messages_sent[c, w] = #{v of class c, v != w : rows[w, v] > 0}      (local: always 0)
+    """
+
+    name: str  # "all2all", "rail", "node"
+    dispatch_row_bytes: int
+    combine_row_bytes: int
+    rows_sent_CW: torch.Tensor  # int64 [3, W]
+    rows_recv_CW: torch.Tensor  # int64 [3, W]
+    messages_sent_CW: torch.Tensor  # int64 [3, W]
+    messages_recv_CW: torch.Tensor  # int64 [3, W]
+
+    @classmethod
+    def of(cls, name: str, dispatch_row_bytes: int, combine_row_bytes: int, rows_WW: torch.Tensor,
+           class_WW: torch.Tensor) -> "StageLoad":
+        in_class_CWW = class_WW.unsqueeze(0) == torch.arange(len(LINK_CLASSES)).view(-1, 1, 1)
+        rows_CWW = torch.where(in_class_CWW, rows_WW.unsqueeze(0), 0)
+        msgs_CWW = in_class_CWW & (rows_WW > 0).unsqueeze(0)
+        msgs_CWW[0] = False  # a local copy is no message
+        return cls(name, dispatch_row_bytes, combine_row_bytes, rows_CWW.sum(2),
+                   rows_CWW.sum(1), msgs_CWW.sum(2), msgs_CWW.sum(1))
+
+    def direction(self, combine: bool) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row bytes, rows sent, rows received, messages sent, messages received) [3, W]."""
+        if combine:
+            return (self.combine_row_bytes, self.rows_recv_CW, self.rows_sent_CW, self.messages_recv_CW,
+                    self.messages_sent_CW)
+        return (self.dispatch_row_bytes, self.rows_sent_CW, self.rows_recv_CW, self.messages_sent_CW,
+                self.messages_recv_CW)
+
+    def stats(self, combine: bool, sender: Optional[int] = None) -> CommStats:
+        """CommStats of what `sender` (None: every rank) sends in this stage, in one direction."""
+        row_bytes, rows, _, msgs, _ = self.direction(combine)
+        if sender is not None:
+            rows, msgs = rows[:, sender:sender + 1], msgs[:, sender:sender + 1]
+        local, same, cross = (int(x) for x in rows.sum(1))
+        return CommStats(rows_local=local, rows_same_node=same, rows_cross_node=cross,
+                         bytes_same_node=same * row_bytes, bytes_cross_node=cross * row_bytes,
+                         messages_same_node=int(msgs[1].sum()), messages_cross_node=int(msgs[2].sum()))
+
+
+def stage_loads(rows_SWW: torch.Tensor, stages: Sequence[StageTraffic], topology: Topology) -> tuple[StageLoad, ...]:
+    class_WW = link_class_WW(topology)
+    return tuple(StageLoad.of(st.name, st.dispatch_row_bytes, st.combine_row_bytes, rows_SWW[i], class_WW)
+                 for i, st in enumerate(stages))
 
 
 def traffic_stats(rows_SWW: torch.Tensor, stages: Sequence[StageTraffic], topology: Topology,
@@ -114,12 +183,6 @@ def traffic_stats(rows_SWW: torch.Tensor, stages: Sequence[StageTraffic], topolo
 
     sender=None: all senders (world totals); else only what `sender` itself puts on its links.
     """
-    dispatch, combine = CommStats(), CommStats()
-    for i, st in enumerate(stages):
-        s_idx, r_idx = rows_SWW[i].nonzero(as_tuple=True)
-        pairs = [(s, r, n) for s, r, n in zip(s_idx.tolist(), r_idx.tolist(), rows_SWW[i][s_idx, r_idx].tolist())]
-        dispatch = dispatch + stats_of_messages([m for m in pairs if sender in (None, m[0])],
-                                                st.dispatch_row_bytes, topology)
-        combine = combine + stats_of_messages([(r, s, n) for s, r, n in pairs if sender in (None, r)],
-                                              st.combine_row_bytes, topology)
-    return dispatch, combine
+    loads = stage_loads(rows_SWW, stages, topology)
+    return (sum((ld.stats(False, sender) for ld in loads), CommStats()),
+            sum((ld.stats(True, sender) for ld in loads), CommStats()))

@@ -109,7 +109,8 @@ class HierarchicalDispatcher(Dispatcher):
         topo, G = self.topology, self.topology.gpus_per_node
         sent, recv = counts.sent_WC, counts.recv_WC
         ex_a = Exchange(self.groups.ep, self.rail_peers, tuple(sent[list(self.rail_peers), 0].tolist()),
-                        tuple(recv[list(self.rail_peers), 0].tolist()), sparse=True)
+                        tuple(recv[list(self.rail_peers), 0].tolist()), sparse=True,
+                        reverse_group=self.groups.ep_reverse)
         node_ranks = topo.ranks_on_node(self.node_index)
         forwarded = recv[list(self.rail_peers), 1:1 + G].sum(0) if self.rail_peers else torch.zeros(G, dtype=torch.int64)
         send_b = sent[node_ranks, 1 + G] + forwarded  # own rows for each GPU here + rail peers' rows

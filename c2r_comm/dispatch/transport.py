@@ -43,6 +43,10 @@ class Exchange:
     send_counts: tuple[int, ...]
     recv_counts: tuple[int, ...]
     sparse: bool  # True: point-to-point to non-empty peers only; False: one all_to_all_single
+    # Sparse only: the same ranks as `group` in a second group. Sends to higher group ranks go on
+    # `group`, to lower ones on `reverse_group` (receives mirror it), so the two directions of a
+    # pair never share a connection (gloo pairs are half duplex; see groups.ProcessGroups).
+    reverse_group: Any = None
 
     @property
     def rows_sent(self) -> int:
@@ -53,7 +57,7 @@ class Exchange:
         return sum(self.recv_counts)
 
     def reversed(self) -> "Exchange":
-        return Exchange(self.group, self.peers, self.recv_counts, self.send_counts, self.sparse)
+        return Exchange(self.group, self.peers, self.recv_counts, self.send_counts, self.sparse, self.reverse_group)
 
     def start(self, send: torch.Tensor, recv: torch.Tensor) -> list:
         """Issue the exchange of send (rows in peer blocks) into recv; returns work handles."""
@@ -61,15 +65,21 @@ class Exchange:
             work = dist.all_to_all_single(recv, send, list(self.recv_counts), list(self.send_counts),
                                           group=self.group, async_op=True)
             return [work]
-        ops, s_off, r_off = [], 0, 0
+        me = dist.get_rank(self.group)
+        up, down = self.group, self.reverse_group if self.reverse_group is not None else self.group
+        ops: dict[int, list] = {id(up): [], id(down): []}  # one batch per group (a batch is one group's)
+        s_off, r_off = 0, 0
         for group_peer, ns, nr in zip(self.peers, self.send_counts, self.recv_counts):
             peer = dist.get_global_rank(self.group, group_peer)  # P2POp's peer is global (torch >= 2.4)
-            if ns:
-                ops.append(dist.P2POp(dist.isend, send.narrow(0, s_off, ns), peer, group=self.group))
+            if ns:  # to a higher rank on `up`; the peer receives it there (from a lower rank)
+                g = up if me < group_peer else down
+                ops[id(g)].append(dist.P2POp(dist.isend, send.narrow(0, s_off, ns), peer, group=g))
             if nr:
-                ops.append(dist.P2POp(dist.irecv, recv.narrow(0, r_off, nr), peer, group=self.group))
+                g = up if group_peer < me else down
+                ops[id(g)].append(dist.P2POp(dist.irecv, recv.narrow(0, r_off, nr), peer, group=g))
             s_off, r_off = s_off + ns, r_off + nr
-        return list(dist.batch_isend_irecv(ops)) if ops else []  # it refuses an empty list
+        # batch_isend_irecv refuses an empty list
+        return [w for batch in ops.values() if batch for w in dist.batch_isend_irecv(batch)]
 
     def run(self, send: torch.Tensor, recv: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Blocking exchange; allocates recv like `send` when not given."""

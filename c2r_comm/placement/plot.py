@@ -22,7 +22,9 @@ def matplotlib_available() -> bool:
     return True
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (files only); ImportError without matplotlib (check
+    matplotlib_available() first to say how to install it)."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")  # files only, never a display
@@ -53,7 +55,7 @@ def draw_coactivation_heatmap(ax: Any, counts_EE: np.ndarray, plan: PlacementPla
 def save_coactivation_png(path: str | Path, counts_EE: np.ndarray, plan: PlacementPlan, topology: Topology,
                           title: str) -> None:
     """The heatmap of draw_coactivation_heatmap alone, as a PNG."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 6))
     draw_coactivation_heatmap(ax, counts_EE, plan, topology, title)
     fig.tight_layout()
@@ -65,7 +67,7 @@ def save_placement_png(path: str | Path, layer: int, plans: Mapping[str, Placeme
                        topology: Topology, per_layer: Mapping[str, Sequence[tuple[int, PlacementMetrics]]],
                        method: str) -> None:
     """plans: method -> plan of `layer`; per_layer: method -> [(layer, eval metrics)] for the line plot."""
-    plt = _pyplot()
+    plt = pyplot()
     E = plans[method].num_experts
     load_E = expert_loads(eval_ids_TK, E)
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.2))
