@@ -19,6 +19,8 @@ stamp=".venv/.c2r-installed-$( (cat pyproject.toml; echo "$extras") | sha256sum 
 if [ ! -f "$stamp" ]; then
   spec="."
   [ -n "$extras" ] && spec=".[$extras]"
-  "${pip[@]}" -e "$spec"
+  # The `peers` extra builds DeepSpeed from its sdist: without its C++/CUDA ops (DS_BUILD_OPS=0 is
+  # DeepSpeed's own build switch), so it installs next to a CPU torch and never pulls another torch.
+  DS_BUILD_OPS="${DS_BUILD_OPS:-0}" "${pip[@]}" -e "$spec"
   touch "$stamp"
 fi

@@ -68,7 +68,7 @@ def _errors(ours, peer, out_o, out_d, gx_o, gx_d):
 def _worker(rank, world):
     import torch.distributed as dist
 
-    from c2r_comm.bench.peers import _recorder, build_deepspeed_peer, deepspeed_traffic
+    from c2r_comm.bench.deepspeed_peer import _recorder, build_deepspeed_peer, deepspeed_traffic
     from c2r_comm.groups import build_process_groups
     from c2r_comm.layer import build_moe_layer
     from c2r_comm.topology import Topology
