@@ -57,7 +57,8 @@ def build_process_groups(topology: Topology, timeout_s: float, ep_group: Optiona
         if i == topology.local_index_of(rank):
             my_rail = g
     ep_reverse = None
-    if dist.get_backend(ep) == "gloo":
-        ep_reverse = dist.new_group(global_ranks, timeout=timeout)
+    backend = dist.get_backend(ep)
+    if backend == "gloo":
+        ep_reverse = dist.new_group(global_ranks, timeout=timeout, backend=backend)
     return ProcessGroups(topology=topology, rank=rank, ep=ep, node=my_node, rail=my_rail, timeout=timeout,
                          ep_reverse=ep_reverse)

@@ -62,6 +62,7 @@ def _processes_with(marker: str) -> list[int]:
     (["--nodes", "2", "--gpus-per-node", "1", "--", "plan"], ["command", "bench"]),
     (["--nodes", "2", "--gpus-per-node", "1", "--", "bench", "--device", "cuda"], ["--device", "'cpu'"]),
     (["--nodes", "2", "--gpus-per-node", "1", "--", "bench", "--dispatcher", "bogus"], ["--dispatcher", "bogus"]),
+    (["--nodes", "2", "--gpus-per-node", "1", "--", "bench", "--peers", "bogus"], ["--peers", "bogus"]),
     (["--nodes", "2", "--gpus-per-node", "2", "--", "bench", "--topology", "2x1"], ["--topology", "2x2"]),
     (["--nodes", "2", "--gpus-per-node", "1", "--", "bench", "--plan", "/nonexistent/plan.json"], ["plan.json"]),
     pytest.param(["--nodes", "2", "--gpus-per-node", "1", "--", "bench", "--trace", str(TRACE), "--layer", "99"],

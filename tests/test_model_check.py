@@ -78,6 +78,12 @@ def test_bad_bench_json_is_refused(tmp_path, capsys, content, words):
     assert all(w in err for w in words), err
 
 
+def test_an_unshaped_run_needs_the_rate_to_assume(bench_run, capsys):
+    trace, out = bench_run  # a loopback run: no emulated rate in its records
+    assert main(["check-model", "--bench-json", str(out), "--trace", str(trace)]) == 2
+    assert "--inter-node-gbit" in capsys.readouterr().err
+
+
 def test_unknown_profile_and_bad_tolerance(tmp_path, capsys):
     trace = tmp_path / "trace.npz"
     RoutingTrace.synthetic(100, 16, 4, num_layers=1, tokens_per_prompt=50, seed=1).save(trace)

@@ -26,6 +26,7 @@ from c2r_comm.bench.cost_model import predict
 from c2r_comm.bench.hardware import HardwareProfile
 from c2r_comm.bench.world_layout import lay_out_world
 from c2r_comm.config import ConfigError, config_from_dict
+from c2r_comm.dispatch import DISPATCHERS
 from c2r_comm.layer import DTYPES
 from c2r_comm.plan import load_layer_plan
 from c2r_comm.routing.trace import RoutingTrace
@@ -41,7 +42,7 @@ class ModelCheck:
     topology: str
     inter_node_gbit: Optional[float]
     bytes_equal: bool
-    measured_mb: float  # off-rank, dispatch + combine, forward, all ranks (the benchmark's accounting)
+    measured_mb: float  # off-rank, dispatch + combine, forward, all ranks: the benchmark's accounting
     model_mb: float
     measured_exchange_ms: float  # sum of the exchange phases' medians
     predicted_exchange_ms: float
@@ -66,10 +67,10 @@ def load_records(path: str | Path) -> list[dict]:
         raise ConfigError("--bench-json", str(path), f"valid JSON ({exc})") from None
     if not isinstance(records, list) or not records:
         raise ConfigError("--bench-json", str(path), "a non-empty list of bench records")
-    for r in records:
-        if not isinstance(r, dict) or r.get("phases") is None or r.get("layer") is None:
-            raise ConfigError("--bench-json", str(path), "records of `c2r-comm bench --trace ... --phases --json`")
-    return records
+    ours = [r for r in records if isinstance(r, dict) and r.get("dispatcher") in DISPATCHERS]  # not peers
+    if not ours or any(r.get("phases") is None or r.get("layer") is None for r in ours):
+        raise ConfigError("--bench-json", str(path), "records of `c2r-comm bench --trace ... --phases --json`")
+    return ours
 
 
 def check_record(record: dict, trace: RoutingTrace, profile: HardwareProfile) -> ModelCheck:
@@ -86,7 +87,10 @@ def check_record(record: dict, trace: RoutingTrace, profile: HardwareProfile) ->
     bytes_equal = (asdict(d_model), asdict(c_model)) == (m["dispatch"], m["combine"])
     emulation = record.get("emulation") or {}
     rate = emulation.get("inter_node_gbit")
-    timed = predict(world, profile.with_rates(inter_node_gbit=rate) if rate else profile)
+    if rate is None:
+        raise ConfigError("--inter-node-gbit", None, f"a link rate: the {record['dispatcher']} record ran on an "
+                          "unshaped link, so the model needs the rate to assume")
+    timed = predict(world, profile.with_rates(inter_node_gbit=rate, intra_node_gbit=emulation.get("intra_node_gbit")))
     measured = sum(record["phases"][d][p]["median_ms"] for d, p in EXCHANGE_PHASES)
     off = lambda s: s["bytes_same_node"] + s["bytes_cross_node"]  # noqa: E731
     slowest = timed.slowest_stage
@@ -97,11 +101,11 @@ def check_record(record: dict, trace: RoutingTrace, profile: HardwareProfile) ->
 
 
 def format_checks(checks: list[ModelCheck], tolerance: float) -> str:
-    rows = ["| topology | Gbit/s | dispatcher | placement | MB measured | MB model | bytes equal | exchange ms measured "
+    rows = ["| topology | Gbit/s | dispatcher | placement | MB bench (accounted) | MB model | bytes equal | exchange ms measured "
             "| exchange ms model | model / measured | within tolerance | model's bottleneck |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in checks:
-        rows.append(f"| {c.topology} | {c.inter_node_gbit if c.inter_node_gbit else 'unshaped'} | {c.dispatcher} "
+        rows.append(f"| {c.topology} | {c.inter_node_gbit} | {c.dispatcher} "
                     f"| {c.placement} | {c.measured_mb:.2f} | {c.model_mb:.2f} | {'yes' if c.bytes_equal else 'NO'} "
                     f"| {c.measured_exchange_ms:.1f} | {c.predicted_exchange_ms:.1f} | {c.ratio:.2f} "
                     f"| {'yes' if abs(c.ratio - 1) <= tolerance else 'no'} | {c.bottleneck} |")

@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", default=None, help="the --prompts the benchmark used, if any")
     p.add_argument("--hardware", default="emulated_cpu", help="hardware profile name or YAML path")
     p.add_argument("--inter-node-gbit", type=float, default=None,
-                   help="link rate (default: each record's emulated rate, else the profile's)")
+                   help="link rate to assume (default: each record's emulated rate; required for unshaped runs)")
     p.add_argument("--tolerance", type=float, default=0.25, help="allowed |model/measured - 1| (default 0.25)")
     p.add_argument("--json", default=None, help="write the comparison here")
 
@@ -32,6 +32,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--tolerance", args.tolerance, "a fraction > 0, e.g. 0.25")
     profile = load_profile(args.hardware).with_rates(inter_node_gbit=args.inter_node_gbit)
     runs = [load_records(p) for p in args.bench_json]  # every file checked before any work
+    unshaped = [r["dispatcher"] for rs in runs for r in rs if not (r.get("emulation") or {}).get("inter_node_gbit")]
+    if unshaped and args.inter_node_gbit is None:
+        raise ConfigError("--inter-node-gbit", None, f"a link rate: records {unshaped} ran on unshaped links "
+                          "(no `c2r-comm emulate --inter-node-gbit`), so the model needs the rate to assume")
     trace = RoutingTrace.load(args.trace)
     if args.prompts:
         trace = trace.select_prompts(*parse_range(args.prompts))

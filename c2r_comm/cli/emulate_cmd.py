@@ -60,6 +60,7 @@ def prepare_command(args: argparse.Namespace) -> tuple[list[str], Optional[str]]
     if not inner or inner[0] not in SUPPORTED:
         raise ConfigError("command", " ".join(inner) or "(none)", f"`-- <command> [args]` with command one of {SUPPORTED}")
     from c2r_comm.cli import build_parser
+    from c2r_comm.bench.peers import peer_names
     from c2r_comm.cli.bench_cmd import dispatcher_names, resolve_config
     bench_args = build_parser().parse_args(inner)
     topo = (args.nodes, args.gpus_per_node)
@@ -74,10 +75,11 @@ def prepare_command(args: argparse.Namespace) -> tuple[list[str], Optional[str]]
         raise ConfigError("--device", bench_args.device, "'cpu' (emulated nodes run gloo over their links)")
     if bench_args.wire_interface is not None:
         raise ConfigError("--wire-interface", bench_args.wire_interface, "left out: emulate sets its nodes' link")
-    inner += ["--device", "cpu", "--wire-interface", netns.NODE_IFNAME]
+    inner += ["--device", "cpu"]
     bench_args = build_parser().parse_args(inner)
     resolve_config(bench_args)  # trace, plan, layers, sizes: refused here, before anything exists
     dispatcher_names(bench_args)
+    peer_names(bench_args.peers)
     if bench_args.json is not None:
         Path(bench_args.json).resolve().parent.mkdir(parents=True, exist_ok=True)
     return inner, bench_args.json
@@ -109,7 +111,9 @@ def run(args: argparse.Namespace) -> int:
               f"{_rate(args.inter_node_gbit)} each way per node, intra-node {_rate(args.intra_node_gbit)}",
               file=sys.stderr)
         before = em.counters()
-        code, failed_rank = supervise(start_ranks(em, args.gpus_per_node, inner))
+        # Only here, on emulated nodes, is the ranks' interface their node's own link.
+        ranks_argv = inner + ["--wire-interface", netns.NODE_IFNAME]
+        code, failed_rank = supervise(start_ranks(em, args.gpus_per_node, ranks_argv))
         wire = [a - b for a, b in zip(em.counters(), before)]
     except Interrupted as exc:
         print(f"c2r-comm emulate: {exc}; ranks stopped, namespaces removed", file=sys.stderr)
