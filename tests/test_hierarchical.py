@@ -21,10 +21,12 @@ TOL = 1e-10  # float64 end to end
 # ---- rank side --------------------------------------------------------------------------------
 def _run_recording(rank: int, case: Case) -> dict:
     """run_case_on_rank, recording every batch_isend_irecv op: (is_send, peer, rows)."""
-    ops_seen, orig = [], dist.batch_isend_irecv
+    ops_seen, groups_seen, orig = [], [], dist.batch_isend_irecv
 
     def recording(ops):
         ops_seen.extend((op.op is dist.isend, op.peer, op.tensor.shape[0]) for op in ops)
+        # gloo direction groups: True where the op went on the EP group itself (WORLD here)
+        groups_seen.extend((op.op is dist.isend, op.peer, op.group in (None, dist.group.WORLD)) for op in ops)
         return orig(ops)
 
     dist.batch_isend_irecv = recording
@@ -33,6 +35,7 @@ def _run_recording(rank: int, case: Case) -> dict:
     finally:
         dist.batch_isend_irecv = orig
     res["p2p"] = ops_seen
+    res["p2p_groups"] = groups_seen
     return res
 
 
@@ -139,6 +142,10 @@ def _check_accounting(cases, by_rank):
             assert all(rows > 0 for _, _, rows in ops), f"{where}: empty P2P message {ops}"
             assert all(not topo.same_node(p, rank) and topo.local_index_of(p) == topo.local_index_of(rank)
                        for _, p, _ in ops), f"{where}: P2P to a non-rail peer {ops}"
+            # gloo: each direction of a pair on its own group (connection): sends to a higher rank
+            # and receives from a lower one on the EP group, the others on its reverse group.
+            for is_send, p, on_ep in res["p2p_groups"]:
+                assert on_ep == ((p > rank) if is_send else (p < rank)), (where, is_send, p, on_ep)
             for p in topo.rail_ranks(topo.local_index_of(rank)):
                 if p == rank:
                     continue
