@@ -20,10 +20,10 @@ class ProcessGroups:
     node: Any  # this rank's node
     rail: Any  # this rank's same-local-index peers across nodes
     timeout: timedelta
-    # gloo only: a second group over the EP ranks. A gloo pair (one TCP connection) moves one
-    # direction at a time, so a peer's send and receive of one exchange take turns; sparse
+    # gloo only: a second group over the EP ranks. On emulated links a gloo pair (one TCP
+    # connection) appeared to move one direction at a time (docs/benchmarks.md, issue 10); sparse
     # exchanges send to higher ranks on `ep` and to lower ranks here, so each direction of a pair
-    # has its own connection and both flow at once (full duplex). None on NCCL (already duplex).
+    # has its own connection. None on NCCL (already duplex).
     ep_reverse: Optional[Any] = None
 
     @property

@@ -45,7 +45,7 @@ class Exchange:
     sparse: bool  # True: point-to-point to non-empty peers only; False: one all_to_all_single
     # Sparse only: the same ranks as `group` in a second group. Sends to higher group ranks go on
     # `group`, to lower ones on `reverse_group` (receives mirror it), so the two directions of a
-    # pair never share a connection (gloo pairs are half duplex; see groups.ProcessGroups).
+    # pair never share a connection (see groups.ProcessGroups.ep_reverse).
     reverse_group: Any = None
 
     @property
