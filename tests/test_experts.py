@@ -36,7 +36,7 @@ def _reference(x_PD: torch.Tensor, counts, weight_dtype=torch.float64):
 
 def _grad_out(out_PD: torch.Tensor) -> torch.Tensor:
     g = torch.Generator().manual_seed(11)
-    return torch.randn(out_PD.shape, generator=g, dtype=torch.float64).to(out_PD.dtype)
+    return torch.randn(out_PD.shape, generator=g, dtype=torch.float64).to(out_PD.device, out_PD.dtype)
 
 
 def _run(experts: GroupedExperts, x_PD: torch.Tensor, counts, offsets_E=None):

@@ -17,6 +17,7 @@ import torch
 from c2r_comm.bench.measure import BenchRecord, measure_layer
 from c2r_comm.bench.peers import PEERS, bench_peers, peer_names
 from c2r_comm.bench.phases import measure_phases
+from c2r_comm.bench.profile import profile_layer
 from c2r_comm.bench.report import format_phases, format_summary, format_table, write_json
 from c2r_comm.bootstrap import init_distributed, read_launch_env, shutdown
 from c2r_comm.config import Config, ConfigError, load_config, parse_topology, with_overrides
@@ -55,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--phases", action="store_true",
                    help="also time each phase alone (layout, count exchange, send, experts, combine; forward and "
                         "backward) and print where the time goes")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after the timed iterations, profile 3 forward+backward steps per dispatcher with "
+                        "torch.profiler: DIR/<dispatcher>_rank<r>.txt (ops by device time) and .json (Chrome trace)")
     for flag in OVERRIDES:
         kind = int if flag in ("tokens_per_rank", "iters", "warmup_iters", "seed", "hidden_size",
                                "ffn_hidden_size", "num_experts", "top_k") else \
@@ -128,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         records = [r for layer in layers for r in
                    bench_all(with_overrides(config, {"placement.layer": layer}), trace, names, groups, ctx.device,
                              show=ctx.rank == 0, phases=args.phases, network_interface=args.wire_interface,
-                             peers=peers)]
+                             peers=peers, profile_dir=args.profile)]
         if ctx.rank == 0:
             print(describe(config, trace, layers, args) + f", {ctx.backend} on {ctx.device.type}")
             print(format_table(records))
@@ -150,7 +154,7 @@ def _topology(config: Config) -> Topology:
 
 def bench_all(config: Config, trace: Optional[RoutingTrace], names: list[str], groups, device: torch.device,
               show: bool, phases: bool = False, network_interface: Optional[str] = None,
-              peers: Sequence[str] = ()) -> list[BenchRecord]:
+              peers: Sequence[str] = (), profile_dir: Optional[str] = None) -> list[BenchRecord]:
     run, m = config.run, config.model
     dtype = DTYPES[run.dtype]
     g = torch.Generator().manual_seed(run.seed * 7919 + groups.rank)
@@ -172,6 +176,8 @@ def bench_all(config: Config, trace: Optional[RoutingTrace], names: list[str], g
                              label=label, show_progress=show, network_interface=network_interface)
         per_phase = measure_phases(layer, x_TD, grad_TD, run.warmup_iters, run.iters, routing, groups.ep,
                                    label=label, show_progress=show) if phases else None
+        if profile_dir:
+            profile_layer(layer, x_TD, grad_TD, routing, 3, profile_dir, name, groups.rank)
         resolved = with_overrides(config, {"dispatcher": name}).to_dict()
         records.append(BenchRecord(name, placement, routing_desc, str(groups.topology), resolved, meas, trace_layer,
                                    per_phase))

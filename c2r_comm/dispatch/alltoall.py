@@ -15,7 +15,8 @@ from c2r_comm.dispatch.base import DispatchHandle, Dispatcher, ExpertBatch, Rout
 from c2r_comm.dispatch.comm import CountExchange
 from c2r_comm.dispatch.exchange_plan import ExchangePlan, StageTraffic
 from c2r_comm.dispatch.layout import RankGeometry, bucket_counts, expert_offsets
-from c2r_comm.dispatch.transport import Exchange, Pending, link, scatter_rows
+from c2r_comm.dispatch.row_sum import RowSum
+from c2r_comm.dispatch.transport import Exchange, Pending, link
 
 
 @dataclass(frozen=True)
@@ -23,11 +24,21 @@ class AllToAllPlan(ExchangePlan):
     pair_order_R: torch.Tensor  # int64 [T*K]: flat (token, choice) index of each sent row, send order
     token_of_row_R: torch.Tensor  # int64 [T*K]: source token of each sent row
 
+    def token_sum(self, dtype: torch.dtype) -> RowSum:
+        """Sum of the T*K sent rows into their tokens (k rows each): the rows in token order are the
+        inverse of pair_order_R, so no sort is needed."""
+        n = self.pair_order_R.shape[0]
+        row_by_pair = torch.empty_like(self.pair_order_R).scatter_(
+            0, self.pair_order_R, torch.arange(n, device=self.pair_order_R.device))
+        per_token = torch.full((self.num_tokens,), self.top_k, dtype=torch.int64, device=self.pair_order_R.device)
+        return RowSum.build(self.token_of_row_R, self.num_tokens, dtype, row_by_pair, per_token)
+
 
 @dataclass(frozen=True)
 class AllToAllHandle(DispatchHandle):
     expert_order_P: torch.Tensor  # received row feeding expert-grouped row p
     arrival_of_P: torch.Tensor  # inverse: expert-grouped row of each received row
+    token_sum: RowSum  # the returned rows into their tokens (combine; dispatch backward)
 
 
 def group_received_by_slot(recv_counts_WL: torch.Tensor, total: int) -> torch.Tensor:
@@ -71,38 +82,35 @@ class AllToAllDispatcher(Dispatcher):
     def _send(self, x_TD, topk_weight_TK, route: Route) -> Pending:
         plan: AllToAllPlan = route.plan
         ex = route.stages[0].exchange
-        T = plan.num_tokens
         token_of_row = plan.token_of_row_R[:ex.rows_sent]
         send_RD = x_TD.detach().index_select(0, token_of_row)
         recv_RD = send_RD.new_empty(ex.rows_received, plan.hidden_size)
         works = ex.start(send_RD, recv_RD)
 
         def finish() -> tuple[ExpertBatch, AllToAllHandle]:
-            (recv_x,) = link(ex, [recv_RD], [x_TD], lambda g: g[0],
-                             lambda back: (scatter_rows(back, token_of_row, T),))
+            token_sum = plan.token_sum(x_TD.dtype)
+            (recv_x,) = link(ex, [recv_RD], [x_TD], lambda g: g[0], lambda back: (token_sum.sum(back),))
             expert_order = group_received_by_slot(route.counts.recv_device_WC, ex.rows_received)
             arrival_of = torch.empty_like(expert_order)
             arrival_of[expert_order] = torch.arange(expert_order.numel(), device=expert_order.device)
             weight_of_row = topk_weight_TK.reshape(-1).index_select(0, plan.pair_order_R[:ex.rows_sent])
-            handle = AllToAllHandle(route, weight_of_row, self.rank, self.topology, expert_order, arrival_of)
+            handle = AllToAllHandle(route, weight_of_row, self.rank, self.topology, expert_order, arrival_of, token_sum)
             return ExpertBatch(recv_x.index_select(0, expert_order), route.tokens_per_expert, route.offsets_E), handle
 
         return Pending(works, finish, (send_RD, recv_RD))
 
     def _combine_start(self, expert_out_PD, handle: AllToAllHandle, weighted: bool) -> Pending:
         ex = handle.route.stages[0].exchange.reversed()
-        T, D = handle.num_tokens, handle.hidden_size
+        D = handle.hidden_size
         # Back to arrival order (one gather), then the return trip.
         send_RD = expert_out_PD.detach().index_select(0, handle.arrival_of_P)
         recv_RD = send_RD.new_empty(ex.rows_received, D)
         works = ex.start(send_RD, recv_RD)
-        plan: AllToAllPlan = handle.route.plan
 
         def finish() -> torch.Tensor:
             (rows_RD,) = link(ex, [recv_RD], [expert_out_PD], lambda g: g[0],
                               lambda back: (back.index_select(0, handle.expert_order_P),))
             weighted = rows_RD * handle.combine_weight.to(rows_RD.dtype).unsqueeze(1)
-            token_of_row = plan.token_of_row_R[:ex.rows_received]
-            return weighted.new_zeros(T, D).index_add_(0, token_of_row, weighted)
+            return handle.token_sum(weighted)
 
         return Pending(works, finish, (send_RD, recv_RD))

@@ -15,9 +15,10 @@ import torch
 from c2r_comm.dispatch.base import DispatchHandle, Dispatcher, ExpertBatch, Route, RouteStage
 from c2r_comm.dispatch.comm import CountExchange, metadata_dtype
 from c2r_comm.dispatch.exchange_plan import ExchangePlan, StageTraffic
-from c2r_comm.dispatch.layout import RankGeometry, bucket_counts, expert_offsets, group_rows, pairs_by_slot
+from c2r_comm.dispatch.layout import RankGeometry, SlotPairs, bucket_counts, expert_offsets, group_rows, pairs_by_slot
 from c2r_comm.dispatch.pack import RowFormat
-from c2r_comm.dispatch.transport import Exchange, Pending, link, scatter_rows
+from c2r_comm.dispatch.row_sum import RowSum
+from c2r_comm.dispatch.transport import Exchange, Pending, link
 
 
 def token_format(x_TD: torch.Tensor, topk_weight_TK: torch.Tensor, id_dtype: torch.dtype) -> RowFormat:
@@ -32,55 +33,64 @@ def grad_format(fmt: RowFormat) -> RowFormat:
     return RowFormat.of(x=(fmt.dtypes[i], fmt.widths[i]), w=(fmt.dtypes[j], fmt.widths[j]))
 
 
-def expanded_grad_packer(gfmt: RowFormat, row_of_pair_P: torch.Tensor, rows: int):
+def expanded_grad_packer(gfmt: RowFormat, pair_sum: RowSum):
     """Backward of `x_PD = recv_x.index_select(0, row_of_pair_P)` fused with the gradient packing:
-    expert-row gradients are added straight into their received row's slot of the send buffer."""
+    expert-row gradients are summed per received row straight into the send buffer."""
     def pack(grads: tuple[torch.Tensor, ...]) -> torch.Tensor:
         g_x_PD, g_w_RK = grads
-        buf = torch.zeros(rows, gfmt.row_bytes, dtype=torch.uint8, device=g_x_PD.device)
-        gfmt.view(buf, "x").index_add_(0, row_of_pair_P, g_x_PD)
+        buf = gfmt.empty(pair_sum.num_out, g_x_PD.device)
+        pair_sum.sum_into(gfmt.view(buf, "x"), g_x_PD)
         gfmt.view(buf, "w").copy_(g_w_RK)
         return buf
     return pack
 
 
 def link_token_rows(ex: Exchange, fmt: RowFormat, recv_RB: torch.Tensor, x_TD: torch.Tensor,
-                    topk_weight_TK: torch.Tensor, token_of_row_R: torch.Tensor,
-                    row_of_pair_P: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    topk_weight_TK: torch.Tensor, token_sum: RowSum,
+                    pairs: Optional[SlotPairs] = None, pair_sum: Optional[RowSum] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Received (x, w) as a function of (x_TD, topk_weight_TK); backward returns their gradients
-    to the source rows and adds them up per token. With row_of_pair_P, x comes back expanded to
-    one row per expert input (x_PD), the gather and its backward fused into this link."""
-    gfmt, T = grad_format(fmt), x_TD.shape[0]
+    to the source rows and adds them up per token (token_sum: the sent rows into their tokens).
+    With pairs (and their pair_sum), x comes back expanded to one row per expert input (x_PD), the
+    gather and its backward fused into this link."""
+    gfmt = grad_format(fmt)
     recv_x = fmt.view(recv_RB, "x")
-    if row_of_pair_P is None:
+    if pairs is None:
         pack = lambda g: gfmt.pack_rows({"x": g[0], "w": g[1]})  # noqa: E731
     else:
-        recv_x = recv_x.index_select(0, row_of_pair_P)
-        pack = expanded_grad_packer(gfmt, row_of_pair_P, recv_RB.shape[0])
+        recv_x = recv_x.index_select(0, pairs.row_of_pair_P)
+        pack = expanded_grad_packer(gfmt, pair_sum)
     return link(ex, [recv_x, fmt.view(recv_RB, "w")], [x_TD, topk_weight_TK], pack,
-                lambda back: (scatter_rows(gfmt.view(back, "x"), token_of_row_R, T),
-                              scatter_rows(gfmt.view(back, "w"), token_of_row_R, T)))
+                lambda back: (token_sum.sum(gfmt.view(back, "x")), token_sum.sum(gfmt.view(back, "w"))))
 
 
-def weighted_partials(expert_out_PD: torch.Tensor, weight_P: Optional[torch.Tensor], row_of_pair_P: torch.Tensor,
-                      rows: int) -> torch.Tensor:
+def weighted_partials(expert_out_PD: torch.Tensor, weight_P: Optional[torch.Tensor], pair_sum: RowSum) -> torch.Tensor:
     """Sum each received row's expert outputs with their routing weights (None: the outputs are
     weighted already): one partial per row."""
     if weight_P is not None:
         expert_out_PD = expert_out_PD * weight_P.to(expert_out_PD.dtype).unsqueeze(1)
-    return expert_out_PD.new_zeros(rows, expert_out_PD.shape[1]).index_add_(0, row_of_pair_P, expert_out_PD)
+    return pair_sum(expert_out_PD)
 
 
 @dataclass(frozen=True)
 class DedupPlan(ExchangePlan):
     token_of_row_R: torch.Tensor  # int64 [T*K] (real rows first): source token of each sent row
+    row_by_token_R: torch.Tensor  # int64 [T*K]: the real rows in token order (then padding)
+    rows_per_token_T: torch.Tensor  # int64 [T]
     slot_RK: torch.Tensor  # [T*K, K] metadata_dtype: destination slot per choice, -1 elsewhere
     row_format: RowFormat
+
+
+    def token_sum(self, rows: int, dtype: torch.dtype) -> RowSum:
+        """Sum of the first `rows` (the real) sent rows into their tokens, known without a sort."""
+        return RowSum.build(self.token_of_row_R[:rows], self.num_tokens, dtype, self.row_by_token_R[:rows],
+                            self.rows_per_token_T)
 
 
 @dataclass(frozen=True)
 class DedupHandle(DispatchHandle):
     row_of_pair_P: torch.Tensor  # received row of each expert input row
+    pair_sum: RowSum  # expert rows into their received rows (combine; dispatch backward)
+    token_sum: RowSum  # sent rows into their tokens (combine's result; dispatch backward)
 
 
 class DedupDispatcher(Dispatcher):
@@ -102,7 +112,7 @@ class DedupDispatcher(Dispatcher):
                              x_TD.shape[1] * x_TD.element_size())
         return DedupPlan(DedupDispatcher.name, rank, W, T, x_TD.shape[1], K, (stage,),
                          torch.cat([rows.counts_G.unsqueeze(1), pairs_WL], 1), status, status_detail, agree,
-                         rows.token_of_row_R, slot_RK, fmt)
+                         rows.token_of_row_R, rows.row_by_token_R, rows.rows_per_token_T, slot_RK, fmt)
 
     def _route(self, plan: DedupPlan, counts: CountExchange) -> Route:
         ex = Exchange(self.groups.ep, tuple(range(self.world_size)), tuple(counts.sent_WC[:, 0].tolist()),
@@ -124,25 +134,24 @@ class DedupDispatcher(Dispatcher):
 
         def finish() -> tuple[ExpertBatch, DedupHandle]:
             pairs = pairs_by_slot(fmt.view(recv_RB, "id"), self.num_local_experts, sum(route.tokens_per_expert))
-            x_PD, recv_w = link_token_rows(ex, fmt, recv_RB, x_TD, topk_weight_TK, token_of_row, pairs.row_of_pair_P)
+            pair_sum = pairs.row_sum(x_TD.dtype)
+            token_sum = plan.token_sum(R, x_TD.dtype)
+            x_PD, recv_w = link_token_rows(ex, fmt, recv_RB, x_TD, topk_weight_TK, token_sum, pairs, pair_sum)
             weight_P = recv_w.reshape(-1).index_select(0, pairs.choice_of_pair_P)
-            handle = DedupHandle(route, weight_P, self.rank, self.topology, pairs.row_of_pair_P)
+            handle = DedupHandle(route, weight_P, self.rank, self.topology, pairs.row_of_pair_P, pair_sum, token_sum)
             return ExpertBatch(x_PD, route.tokens_per_expert, route.offsets_E, weight_P), handle
 
         return Pending(works, finish, (send_RB, recv_RB))
 
     def _combine_start(self, expert_out_PD, handle: DedupHandle, weighted: bool) -> Pending:
-        plan: DedupPlan = handle.route.plan
         ex = handle.route.stages[0].exchange.reversed()
-        partial_RD = weighted_partials(expert_out_PD, None if weighted else handle.combine_weight,
-                                       handle.row_of_pair_P, ex.rows_sent)
+        partial_RD = weighted_partials(expert_out_PD, None if weighted else handle.combine_weight, handle.pair_sum)
         send_RD = partial_RD.detach()
         recv_RD = send_RD.new_empty(ex.rows_received, handle.hidden_size)
         works = ex.start(send_RD, recv_RD)
 
         def finish() -> torch.Tensor:
             (back_RD,) = link(ex, [recv_RD], [partial_RD], lambda g: g[0], lambda back: (back,))
-            token_of_row = plan.token_of_row_R[:ex.rows_received]
-            return back_RD.new_zeros(handle.num_tokens, handle.hidden_size).index_add_(0, token_of_row, back_RD)
+            return handle.token_sum(back_RD)
 
         return Pending(works, finish, (send_RD, recv_RD))

@@ -28,7 +28,8 @@ from c2r_comm.dispatch.exchange_plan import ExchangePlan, StageTraffic
 from c2r_comm.dispatch.layout import (RankGeometry, bucket_counts, distinct_counts, expert_offsets, group_rows,
                                       pairs_by_slot)
 from c2r_comm.dispatch.pack import RowFormat
-from c2r_comm.dispatch.transport import Exchange, Pending, link, scatter_rows
+from c2r_comm.dispatch.row_sum import RowSum
+from c2r_comm.dispatch.transport import Exchange, Pending, link
 from c2r_comm.groups import ProcessGroups
 from c2r_comm.plan import PlacementPlan
 
@@ -47,6 +48,9 @@ class HierarchicalHandle(DispatchHandle):
     # where a stage B row's partial lands in one [T + arrivals] buffer: its own token (own rows)
     # or T + its arrival index (rows that came over stage A)
     target_of_row_R: torch.Tensor
+    pair_sum: RowSum  # expert rows into their stage B rows
+    target_sum: RowSum  # stage B rows into [T + arrivals] by target_of_row_R
+    cross_sum: RowSum  # stage A rows into their tokens
 
 
 class HierarchicalDispatcher(Dispatcher):
@@ -142,7 +146,8 @@ class HierarchicalDispatcher(Dispatcher):
 
         def finish() -> tuple[ExpertBatch, HierarchicalHandle]:
             arrived_RB = buf_RB.narrow(0, r_nodes, r_arrived)
-            arr_x, arr_w = link_token_rows(ex_a, fmt, arrived_RB, x_TD, topk_weight_TK, token_of_cross)
+            cross_sum = RowSum.build(token_of_cross, T, x_TD.dtype)
+            arr_x, arr_w = link_token_rows(ex_a, fmt, arrived_RB, x_TD, topk_weight_TK, cross_sum)
             fan_RB = buf_RB.narrow(0, r_cross, r_own + r_arrived)
             code_FK = fmt.view(fan_RB, "id").long()
             L, G = self.num_local_experts, self.topology.gpus_per_node
@@ -158,37 +163,36 @@ class HierarchicalDispatcher(Dispatcher):
             pairs = pairs_by_slot(torch.where(mine, code_RK % L, L), L, sum(route.tokens_per_expert))
             own_pad = torch.cat([token_of_own, token_of_own.new_zeros(1)])  # safe gather when no own rows
             target = torch.where(fan_of_row < r_own, own_pad[fan_of_row.clamp(max=r_own)], T + fan_of_row - r_own)
-            x_PD, recv_w = self._link_stage_b(ex_b, fmt, recv_RB, x_TD, topk_weight_TK, arr_x, arr_w, target,
-                                              pairs.row_of_pair_P)
+            target_sum = RowSum.build(target, T + r_arrived, x_TD.dtype)
+            pair_sum = pairs.row_sum(x_TD.dtype)
+            x_PD, recv_w = self._link_stage_b(ex_b, fmt, recv_RB, x_TD, topk_weight_TK, arr_x, arr_w, target_sum,
+                                              pairs, pair_sum)
             weight_P = recv_w.reshape(-1).index_select(0, pairs.choice_of_pair_P)
             handle = HierarchicalHandle(route, weight_P, self.rank, self.topology, token_of_cross,
-                                        pairs.row_of_pair_P, target)
+                                        pairs.row_of_pair_P, target, pair_sum, target_sum, cross_sum)
             return ExpertBatch(x_PD, route.tokens_per_expert, route.offsets_E, weight_P), handle
 
         return Pending(works, finish, (buf_RB,))
 
     @staticmethod
-    def _link_stage_b(ex_b, fmt, recv_RB, x_TD, topk_weight_TK, arr_x, arr_w, target_of_row, row_of_pair_P):
+    def _link_stage_b(ex_b, fmt, recv_RB, x_TD, topk_weight_TK, arr_x, arr_w, target_sum: RowSum, pairs, pair_sum):
         """Stage B's received rows, expanded to expert inputs (x_PD) and weights, as a function of
         the fan rows' sources: this rank's own tokens (x_TD, topk_weight_TK) and the stage A
         arrivals (arr_x, arr_w). Backward adds each returned row into one [T + arrivals] buffer."""
         gfmt, T = grad_format(fmt), x_TD.shape[0]
 
         def scatter(back):
-            gx = scatter_rows(gfmt.view(back, "x"), target_of_row, T + arr_x.shape[0])
-            gw = scatter_rows(gfmt.view(back, "w"), target_of_row, T + arr_w.shape[0])
+            gx, gw = target_sum.sum(gfmt.view(back, "x")), target_sum.sum(gfmt.view(back, "w"))
             return gx[:T], gw[:T], gx[T:], gw[T:]
 
-        return link(ex_b, [fmt.view(recv_RB, "x").index_select(0, row_of_pair_P), fmt.view(recv_RB, "w")],
-                    [x_TD, topk_weight_TK, arr_x, arr_w],
-                    expanded_grad_packer(gfmt, row_of_pair_P, recv_RB.shape[0]), scatter)
+        return link(ex_b, [fmt.view(recv_RB, "x").index_select(0, pairs.row_of_pair_P), fmt.view(recv_RB, "w")],
+                    [x_TD, topk_weight_TK, arr_x, arr_w], expanded_grad_packer(gfmt, pair_sum), scatter)
 
     def _combine_start(self, expert_out_PD, handle: HierarchicalHandle, weighted: bool) -> Pending:
         ex_a = handle.route.stages[0].exchange.reversed()
         ex_b = handle.route.stages[1].exchange.reversed()
         D, T = handle.hidden_size, handle.num_tokens
-        partial_RD = weighted_partials(expert_out_PD, None if weighted else handle.combine_weight,
-                                       handle.row_of_pair_P, ex_b.rows_sent)
+        partial_RD = weighted_partials(expert_out_PD, None if weighted else handle.combine_weight, handle.pair_sum)
         send_RD = partial_RD.detach()
         recv_RD = send_RD.new_empty(ex_b.rows_received, D)
         works = ex_b.start(send_RD, recv_RD)
@@ -198,13 +202,13 @@ class HierarchicalDispatcher(Dispatcher):
             # The forwarder sums its node's partials per fan row: own rows straight into their
             # token, arrivals into one partial per (token, source node) to send back over stage A.
             # (ex_a is reversed: it sends back one row per stage A arrival)
-            sums = back_b.new_zeros(T + ex_a.rows_sent, D).index_add_(0, handle.target_of_row_R, back_b)
+            sums = handle.target_sum(back_b)  # [T + stage A arrivals]
             cross_FD = sums[T:]
             send_a = cross_FD.detach().contiguous()
             recv_a = send_a.new_empty(ex_a.rows_received, D)
             for work in ex_a.start(send_a, recv_a):
                 work.wait()
             (back_a,) = link(ex_a, [recv_a], [cross_FD], lambda g: g[0], lambda back: (back,))
-            return sums[:T].index_add(0, handle.token_of_cross_R, back_a)
+            return sums[:T] + handle.cross_sum(back_a)
 
         return Pending(works, finish, (send_RD, recv_RD))

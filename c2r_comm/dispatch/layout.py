@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from c2r_comm.dispatch.row_sum import RowSum
 from c2r_comm.plan import PlacementPlan
 from c2r_comm.topology import Topology
 
@@ -53,6 +54,10 @@ class GroupRows:
     group_of_row_R: torch.Tensor  # int64 [T*K], non-decreasing
     member_RK: torch.Tensor  # bool [T*K, K]: which of the token's k choices live in that group
     counts_G: torch.Tensor  # int64 [groups]: real rows per destination group
+    # The real rows in token order (then padding), and rows per token: the structure of summing
+    # rows back into their tokens (row_sum.RowSum), known without a sort.
+    row_by_token_R: torch.Tensor  # int64 [T*K]
+    rows_per_token_T: torch.Tensor  # int64 [T]
 
 
 def group_rows(group_TK: torch.Tensor, num_groups: int, valid_TK: torch.Tensor | None = None) -> GroupRows:
@@ -70,13 +75,19 @@ def group_rows(group_TK: torch.Tensor, num_groups: int, valid_TK: torch.Tensor |
     stride = max(T, 1)
     token_TK = torch.arange(T, device=device).unsqueeze(1).expand(T, K)
     key = torch.where(first, group_TK * stride + token_TK, num_groups * stride).reshape(-1)
-    key = torch.sort(key).values  # keys of real rows are distinct: no stability needed
+    key, choice_of_row = torch.sort(key)  # keys of real rows are distinct: no stability needed
     group_of_row = torch.div(key, stride, rounding_mode="floor")
     token_of_row = key - group_of_row * stride
     member_RK = group_TK.index_select(0, token_of_row) == group_of_row.unsqueeze(1) if T else \
         torch.zeros(0, K, dtype=torch.bool, device=device)
     counts = bucket_counts(group_of_row, num_groups + 1)[:num_groups]
-    return GroupRows(token_of_row, group_of_row, member_RK, counts)
+    # Real rows in token order: the first choices in (token, k) order, each replaced by its row.
+    first_flat = first.reshape(-1)
+    row_of_choice = torch.empty_like(choice_of_row).scatter_(0, choice_of_row, torch.arange(T * K, device=device))
+    rank_in_token_order = torch.where(first_flat, torch.cumsum(first_flat, 0) - 1, T * K)  # T*K: a dump slot
+    row_by_token = torch.zeros(T * K + 1, dtype=torch.int64, device=device).scatter_(
+        0, rank_in_token_order, row_of_choice)[:T * K]
+    return GroupRows(token_of_row, group_of_row, member_RK, counts, row_by_token, first.sum(1))
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,15 @@ class SlotPairs:
 
     row_of_pair_P: torch.Tensor  # int64 [pairs]: received row each expert input comes from
     choice_of_pair_P: torch.Tensor  # int64 [pairs]: flat index row*K + k into the [rows, K] metadata
+    # The pairs in received-row order and pairs per row: the structure of summing expert outputs
+    # back into one partial per received row (row_sum.RowSum), known without a sort.
+    pair_by_row_P: torch.Tensor  # int64 [pairs]
+    pairs_per_row_R: torch.Tensor  # int64 [rows]
+
+    def row_sum(self, dtype: torch.dtype) -> "RowSum":
+        """Sum of expert rows into their received rows (combine; dispatch's backward)."""
+        return RowSum.build(self.row_of_pair_P, self.pairs_per_row_R.shape[0], dtype, self.pair_by_row_P,
+                            self.pairs_per_row_R)
 
 
 def pairs_by_slot(slot_RK: torch.Tensor, num_local_experts: int, num_pairs: int) -> SlotPairs:
@@ -98,7 +118,11 @@ def pairs_by_slot(slot_RK: torch.Tensor, num_local_experts: int, num_pairs: int)
     here = (flat >= 0) & (flat < num_local_experts)
     key = torch.where(here, flat, num_local_experts)
     choice = torch.sort(key, stable=True).indices[:num_pairs]
-    return SlotPairs(torch.div(choice, max(K, 1), rounding_mode="floor"), choice)
+    # Pair p's place in (row, k) order is how many real choices come before its choice.
+    place = (torch.cumsum(here, 0) - 1).index_select(0, choice)
+    pair_by_row = torch.empty_like(choice).scatter_(0, place, torch.arange(num_pairs, device=choice.device))
+    return SlotPairs(torch.div(choice, max(K, 1), rounding_mode="floor"), choice, pair_by_row,
+                     here.reshape(R, K).sum(1))
 
 
 def expert_offsets(pairs_per_slot_L: torch.Tensor) -> torch.Tensor:

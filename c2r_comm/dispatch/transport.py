@@ -144,8 +144,3 @@ def link(exchange: Exchange, outputs: Sequence[torch.Tensor], inputs: Sequence[t
     """Attach arrived `outputs` to the autograd graph of `inputs` (see module doc)."""
     return _Arrived.apply(Link(exchange, pack_grads, scatter), tuple(outputs), *inputs)
 
-
-def scatter_rows(grad_rows: torch.Tensor, index_R: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """The gradient of `src.index_select(0, index_R)`: rows added back at their source index."""
-    out = grad_rows.new_zeros((num_rows,) + tuple(grad_rows.shape[1:]))
-    return out.index_add_(0, index_R, grad_rows)

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU checks of the phased-engine issue, as one script for a lent GPU machine (see docs/benchmarks.md):
+# world size 1 on NCCL, DeepSeek-V2-Lite layer shapes (hidden 2048, expert FFN 1408, 64 experts, top-6),
+# 16,384 tokens routed by the trace's layer 12, bf16.
+#   bash launch/gpu_checks.sh [TRACE] [RESULTS_DIR]
+# Needs torch with CUDA, numpy, pyyaml, pytest, tqdm (installs nothing). Every step has its own time limit
+# and log, so one failing step does not hide the others' results.
+set -u
+TRACE=${1:-../shared/traces/deepseek_v2_lite_prefill_dev.npz}
+RES=${2:-${OUT:-out/gpu_checks}}
+mkdir -p "$RES"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-$(command -v python || command -v python3)}
+SHAPES=(--hidden-size 2048 --ffn-hidden-size 1408)
+
+step() {  # step NAME LIMIT_S CMD...: run CMD, log to RES/NAME.log, keep going on failure
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" >"$RES/$name.log" 2>&1
+  local rc=$?
+  echo "$name: exit $rc in $((SECONDS - t0)) s" | tee -a "$RES/steps.txt"
+  tail -n 40 "$RES/$name.log"
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(), \
+torch.cuda.get_device_capability(), 'grouped_mm', hasattr(torch, '_grouped_mm'))"; } >"$RES/machine.txt" 2>&1
+cat "$RES/machine.txt"
+
+# CUDA tests: local experts (bf16 grouped path vs float64) and the layer on NCCL (every dispatcher vs float64).
+step pytest_experts 240 $PY -m pytest -q -x -p no:cacheprovider tests/test_experts.py tests/test_cuda_layer.py
+# Grouped-GEMM experts alone: 16,384 tokens x top-6 rows, uniform over the 64 experts.
+step bench_experts 180 $PY -m c2r_comm bench-experts --device cuda --dtype bfloat16 --rows 98304 \
+  --num-experts 64 "${SHAPES[@]}" --iters 20 --warmup 3 --json "$RES/bench_experts.json"
+# The layer per dispatcher: fwd+bwd, phases (experts alone on the trace's rows; dispatch + combine), profile.
+for d in dedup alltoall hierarchical; do
+  step "bench_$d" 240 $PY -m c2r_comm bench --topology 1x1 --device cuda --dtype bfloat16 "${SHAPES[@]}" \
+    --tokens-per-rank 16384 --trace "$TRACE" --layer 12 --dispatcher "$d" --iters 20 --warmup-iters 3 \
+    --phases --json "$RES/bench_$d.json" --profile "$RES/profile"
+done
+rm -f "$RES"/profile/*.json  # Chrome traces are large; the tables say where time goes
+cat "$RES/steps.txt"
