@@ -11,7 +11,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 import yaml
 
@@ -148,6 +148,23 @@ class RunConfig:
         _require(self.device in DEVICES, "run.device", self.device, f"one of {DEVICES}")
 
 
+OVERLAP_AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    # Token chunks one MoE layer pipelines (dispatch of chunk c+1 and combine of c-1 in flight while
+    # the experts compute chunk c; mirrored in backward). 1: the serial order. "auto": picked on the
+    # layer's first forward from one serial step's exchange and expert times (schedule/auto.py).
+    overlap_degree: Union[int, str] = 1
+
+    def __post_init__(self) -> None:
+        ok = self.overlap_degree == OVERLAP_AUTO or (
+            isinstance(self.overlap_degree, int) and not isinstance(self.overlap_degree, bool)
+            and 1 <= self.overlap_degree <= 64)
+        _require(ok, "schedule.overlap_degree", self.overlap_degree, f"an integer 1..64 or '{OVERLAP_AUTO}'")
+
+
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -156,6 +173,7 @@ class Config:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def __post_init__(self) -> None:
         _require(self.dispatcher in DISPATCHERS, "dispatcher", self.dispatcher, f"one of {DISPATCHERS}")
@@ -181,6 +199,8 @@ def _check_type(value: Any, hint: Any, field_name: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        if len(inner) > 1:  # e.g. int or "auto": the dataclass's own check names what is allowed
+            return value
         return _check_type(value, inner[0], field_name)
     if hint is bool:
         _require(isinstance(value, bool), field_name, value, "true or false")

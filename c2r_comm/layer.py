@@ -6,19 +6,21 @@ source adds the partials. See docs/architecture.md.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
 
-from c2r_comm.config import Config
+from c2r_comm.config import OVERLAP_AUTO, Config
 from c2r_comm.dispatch import DispatchHandle, Dispatcher, build_dispatcher
 from c2r_comm.experts import GroupedExperts, SharedExpert
 from c2r_comm.plan import PlacementPlan, load_layer_plan
 from c2r_comm.routing.factory import build_router
 from c2r_comm.routing.router import RouterOutput, TopKRouter
 from c2r_comm.groups import ProcessGroups
+from c2r_comm.schedule import ChunkPipeline, agree_overlap_degree, timed_serial_forward
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -27,21 +29,44 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class MoEOutput:
     out_TD: torch.Tensor
     aux_loss: torch.Tensor  # router's weighted auxiliary losses (zero for trace-driven routing)
-    handle: DispatchHandle
+    handles: tuple[DispatchHandle, ...]  # one per token chunk (one when the layer runs serially)
     routing: Optional[RouterOutput] = None
 
 
 class MoELayer(nn.Module):
+    """overlap_degree: token chunks to pipeline (schedule/pipeline.py); 1 runs dispatch -> experts ->
+    combine serially; "auto" decides on the first forward (schedule/auto.py) and prints the choice."""
+
     def __init__(self, router: TopKRouter, dispatcher: Dispatcher, experts: GroupedExperts,
-                 shared_expert: Optional[SharedExpert] = None):
+                 shared_expert: Optional[SharedExpert] = None, overlap_degree: Union[int, str] = 1):
         super().__init__()
         if experts.num_local_experts != dispatcher.num_local_experts:
             raise ValueError(f"experts hold {experts.num_local_experts} local experts, the dispatcher's plan "
                              f"puts {dispatcher.num_local_experts} on each rank")
+        if not (overlap_degree == OVERLAP_AUTO or (isinstance(overlap_degree, int) and overlap_degree >= 1)):
+            raise ValueError(f"overlap_degree {overlap_degree!r}: allowed an integer >= 1 or '{OVERLAP_AUTO}'")
         self.router, self.dispatcher, self.experts, self.shared_expert = router, dispatcher, experts, shared_expert
+        # None until "auto" has measured its first forward
+        self.overlap_degree: Optional[int] = None if overlap_degree == OVERLAP_AUTO else overlap_degree
 
     def forward_routed(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> MoEOutput:
         """The layer with routing given (from a router or a recorded trace)."""
+        zero = x_TD.new_zeros((), dtype=torch.float32)
+        if self.overlap_degree is None:  # auto: this forward runs serially and is timed
+            timing = timed_serial_forward(self.dispatcher, self.experts, self.shared_expert, x_TD, topk_idx_TK,
+                                          topk_weight_TK)
+            choice = agree_overlap_degree(timing, self.dispatcher.groups.ep)
+            self.overlap_degree = choice.degree
+            if self.dispatcher.rank == 0:
+                print(f"c2r-comm: schedule.overlap_degree auto -> {choice.degree} (one serial forward, slowest "
+                      f"rank: exchange {choice.exchange_s * 1e3:.1f} ms of which {choice.hideable_exchange_s * 1e3:.1f}"
+                      f" ms hideable, experts {choice.experts_s * 1e3:.1f} ms; rule in schedule/auto.py)",
+                      file=sys.stderr)
+            return MoEOutput(timing.out_TD, zero, (timing.handle,))
+        if self.overlap_degree > 1:
+            run = ChunkPipeline(self.dispatcher, self.experts, self.shared_expert, self.overlap_degree)(
+                x_TD, topk_idx_TK, topk_weight_TK)
+            return MoEOutput(run.out_TD, zero, tuple(ch.handle for ch in run.chunks))
         batch, handle = self.dispatcher.dispatch(x_TD, topk_idx_TK, topk_weight_TK)
         # Dispatchers that weight at the experts hand over weight_P; the experts apply it to their
         # [P, F] activation (cheaper than scaling [P, D] outputs) and combine only sums.
@@ -49,12 +74,12 @@ class MoELayer(nn.Module):
         out_TD = self.dispatcher.combine(y_PD, handle, weighted=batch.weight_P is not None)
         if self.shared_expert is not None:
             out_TD = out_TD + self.shared_expert(x_TD)
-        return MoEOutput(out_TD, x_TD.new_zeros((), dtype=torch.float32), handle)
+        return MoEOutput(out_TD, zero, (handle,))
 
     def forward(self, x_TD: torch.Tensor) -> MoEOutput:
         routing = self.router(x_TD)
         out = self.forward_routed(x_TD, routing.topk_idx_TK, routing.topk_weight_TK)
-        return MoEOutput(out.out_TD, routing.aux_loss, out.handle, routing)
+        return MoEOutput(out.out_TD, routing.aux_loss, out.handles, routing)
 
 
 def build_moe_layer(config: Config, groups: ProcessGroups, device: torch.device,
@@ -73,4 +98,4 @@ def build_moe_layer(config: Config, groups: ProcessGroups, device: torch.device,
     if m.num_shared_experts:
         ffn = m.num_shared_experts * (m.shared_ffn_hidden_size or m.ffn_hidden_size)
         shared = SharedExpert(m.hidden_size, ffn, run.seed, dtype).to(device)
-    return MoELayer(router.to(dtype=dtype), disp, experts, shared)
+    return MoELayer(router.to(dtype=dtype), disp, experts, shared, config.schedule.overlap_degree)

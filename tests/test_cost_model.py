@@ -74,7 +74,7 @@ def gloo_worker(rank: int, world: int, shapes: tuple[tuple[int, int], ...], exam
                 layout = world_of(case)
                 where = f"rank {rank} {case}"
                 assert layout.rank_stats(rank) == (handle.dispatch_stats, handle.combine_stats), where
-                bench_d, bench_c, tokens_all = world_stats(handle.route.plan, groups.topology, torch.device("cpu"),
+                bench_d, bench_c, tokens_all = world_stats([handle.route.plan], groups.topology, torch.device("cpu"),
                                                            groups.ep)
                 assert layout.world_stats() == (bench_d, bench_c), where
                 assert layout.tokens == tokens_all == sum(case.tokens_of(r) for r in range(world)), where

@@ -107,3 +107,26 @@ def test_two_micro_batches_in_flight_on_cuda(nccl_world_of_one, dispatcher):
                        + [p.grad.clone() for p in experts.parameters()])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dispatcher", sorted(DISPATCHERS))
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
+def test_pipelined_layer_on_cuda_equals_serial(nccl_world_of_one, dispatcher, dtype, tol):
+    """overlap_degree 2 (chunks, the exchange thread in backward, deferred weight gradients; bf16:
+    grouped GEMMs) gives the serial layer's output and gradients on the GPU's streams."""
+    x, idx, w, grad = _inputs(torch.float32, seed=4)
+    results = []
+    for degree in (1, 2):
+        config = _config(dtype)
+        config = type(config)(**{**config.__dict__, "schedule": type(config.schedule)(overlap_degree=degree)})
+        layer = build_moe_layer(config, nccl_world_of_one, torch.device("cuda"), dispatcher=dispatcher)
+        xd = x.to("cuda", getattr(torch, dtype)).clone().requires_grad_()
+        wd = w.cuda().clone().requires_grad_()
+        out = layer.forward_routed(xd, idx.cuda(), wd)
+        assert len(out.handles) == degree
+        (out.out_TD * grad.to(out.out_TD)).sum().backward()
+        results.append([out.out_TD.detach().float(), xd.grad.float(), wd.grad.float()]
+                       + [p.grad.float() for p in layer.experts.parameters()])
+    for a, b in zip(*results):
+        scale = max(b.abs().max().item(), 1e-6)
+        assert (a - b).abs().max().item() <= tol * scale

@@ -63,7 +63,7 @@ def _with_trace(trace_path: Path, **fields) -> dict:
     ({"emulate": True, "rates": [0, None]}, "rates[0]", "Gbit/s > 0"),
     ({"emulate": True, "rates": [0.1, 0.1]}, "rates[1]", "at most once"),
     ({"emulate": "yes"}, "emulate", "true or false"),
-    ({"overlap_degrees": [1, 2]}, "overlap_degrees[1]", "overlap scheduler"),
+    ({"overlap_degrees": [1, 0]}, "overlap_degrees[1]", "token chunks"),
     ({"iters": 0}, "iters", "integer >= 1"),
     ({"warmup_iters": -1}, "warmup_iters", "integer >= 0"),
     ({"launch_timeout_s": 0}, "launch_timeout_s", "seconds > 0"),
@@ -115,7 +115,7 @@ def test_plan_file_must_fit_every_topology(trace_path, tmp_path):
 
 def test_bad_spec_fails_in_the_cli_before_anything_runs(tmp_path, capsys):
     spec = tmp_path / "bad.yaml"
-    spec.write_text(yaml.safe_dump({**TINY, "topologies": ["1x2"], "overlap_degrees": [2]}))
+    spec.write_text(yaml.safe_dump({**TINY, "topologies": ["1x2"], "overlap_degrees": [0]}))
     out = tmp_path / "out"
     assert main(["sweep", "--spec", str(spec), "--out", str(out)]) == 2
     assert "overlap_degrees[0]" in capsys.readouterr().err

@@ -9,6 +9,10 @@ Implementations, all with the same weights (init_expert_weights), rows and outpu
   grouped_mm         GroupedExperts forced onto grouped GEMM, where torch has grouped_mm for the
                      device, dtype and shape (otherwise listed under `skipped` with torch's reason)
   stacked_index      the implementation before unbind: stacked weights indexed w[i] per expert
+  deferred_wgrad     only with chunks > 1: the pipelined layer's experts (schedule/deferred_wgrad.py),
+                     input gradients per chunk, weight gradients once over every chunk
+With chunks = C > 1 every implementation runs the rows as C chunks (each expert's rows split evenly
+in order), forward and backward one chunk after another, as the pipelined layer does.
 One iteration = forward + backward; grads are set to None between iterations (as zero_grad does) and
 the implementations take turns each iteration, so machine noise hits them alike.
 """
@@ -24,6 +28,7 @@ import torch.nn as nn
 
 from c2r_comm.bench.timing import Timing, sync
 from c2r_comm.experts import GroupedExperts, expert_offsets, init_expert_weights, swiglu
+from c2r_comm.schedule.deferred_wgrad import DeferredWeightGrads, deferred_experts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 REFERENCE = "per_expert_params"
@@ -40,11 +45,14 @@ class ExpertsBenchConfig:
     iters: int = 20
     warmup: int = 3
     seed: int = 0
+    chunks: int = 1
 
     def validate(self) -> None:
         for name in ("num_experts", "hidden_size", "ffn_hidden_size", "iters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)}: allowed an integer >= 1")
+        if self.chunks < 1:
+            raise ValueError(f"chunks = {self.chunks}: allowed an integer >= 1")
         for name in ("rows", "warmup"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} = {getattr(self, name)}: allowed an integer >= 0")
@@ -122,12 +130,55 @@ def split_rows(rows: int, num_experts: int, seed: int) -> tuple[int, ...]:
     return tuple(torch.bincount(pick_P, minlength=num_experts).tolist())
 
 
+def _chunk_counts(counts: tuple[int, ...], chunks: int) -> list[tuple[int, ...]]:
+    """Each expert's rows split evenly (in order) over `chunks` chunks: rows per expert per chunk."""
+    return [tuple(n // chunks + (1 if c < n % chunks else 0) for n in counts) for c in range(chunks)]
+
+
+def _chunk_rows(x_PD: torch.Tensor, counts: tuple[int, ...], per_chunk: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    """The rows of each chunk, grouped by expert (one gather per chunk)."""
+    starts = [0]
+    for n in counts:
+        starts.append(starts[-1] + n)
+    done, out = [0] * len(counts), []
+    for chunk in per_chunk:
+        idx = [torch.arange(starts[e] + done[e], starts[e] + done[e] + n) for e, n in enumerate(chunk)]
+        done = [d + n for d, n in zip(done, chunk)]
+        out.append(x_PD.index_select(0, torch.cat(idx).to(x_PD.device)))
+    return out
+
+
 def _step(impl: nn.Module, x_PD: torch.Tensor, counts: tuple[int, ...], offsets_E: torch.Tensor,
-          grad_PD: torch.Tensor) -> torch.Tensor:
+          grad_PD: torch.Tensor, chunks: int = 1) -> torch.Tensor:
     x_PD = x_PD.detach().requires_grad_()
-    out_PD = impl(x_PD, counts, offsets_E) if isinstance(impl, GroupedExperts) else impl(x_PD, counts)
-    out_PD.backward(grad_PD)
-    return out_PD.detach()
+    if chunks == 1 and not isinstance(impl, DeferredChunks):
+        out_PD = impl(x_PD, counts, offsets_E) if isinstance(impl, GroupedExperts) else impl(x_PD, counts)
+        out_PD.backward(grad_PD)
+        return out_PD.detach()
+    per_chunk = _chunk_counts(counts, chunks)
+    xs, gs = _chunk_rows(x_PD.detach(), counts, per_chunk), _chunk_rows(grad_PD, counts, per_chunk)
+    sink = DeferredWeightGrads(impl.experts) if isinstance(impl, DeferredChunks) else None
+    outs = []
+    for x, g, c in zip(xs, gs, per_chunk):
+        x = x.requires_grad_()
+        offs = expert_offsets(torch.tensor(c, device=x.device))
+        if sink is not None:
+            y = deferred_experts(sink, x, c, offs, None)
+        else:
+            y = impl(x, c, offs) if isinstance(impl, GroupedExperts) else impl(x, c)
+        y.backward(g)
+        outs.append(y.detach())
+    if sink is not None:
+        sink.flush()
+    return torch.cat([o.split(list(c)) [e] for e in range(len(counts)) for o, c in zip(outs, per_chunk)])
+
+
+class DeferredChunks(nn.Module):
+    """Marks GroupedExperts to be run the pipelined layer's way (deferred weight gradients)."""
+
+    def __init__(self, experts: GroupedExperts):
+        super().__init__()
+        self.experts = experts
 
 
 def build_impls(cfg: ExpertsBenchConfig, device: torch.device) -> dict[str, tuple[nn.Module, str]]:
@@ -142,6 +193,9 @@ def build_impls(cfg: ExpertsBenchConfig, device: torch.device) -> dict[str, tupl
     except ValueError as exc:  # no grouped_mm in this torch, or unaligned rows
         impls["grouped_mm"] = (None, str(exc))
     impls["stacked_index"] = (StackedIndexExperts(*args), "loop")
+    if cfg.chunks > 1:
+        deferred = GroupedExperts(*args)
+        impls["deferred_wgrad"] = (DeferredChunks(deferred), "grouped_mm" if deferred.grouped_mm_path() else "loop")
     return impls
 
 
@@ -159,7 +213,7 @@ def run_experts_bench(cfg: ExpertsBenchConfig) -> ExpertsBenchResult:
             skipped[name] = path
             continue
         try:  # first call doubles as the correctness check (and fails early where torch lacks a kernel)
-            out_PD = _step(impl, x_PD, counts, offsets_E, grad_PD)
+            out_PD = _step(impl, x_PD, counts, offsets_E, grad_PD, cfg.chunks)
         except RuntimeError as exc:
             skipped[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
             continue
@@ -171,7 +225,7 @@ def run_experts_bench(cfg: ExpertsBenchConfig) -> ExpertsBenchResult:
             impl.zero_grad(set_to_none=True)
             sync(device)
             t0 = time.perf_counter()
-            _step(impl, x_PD, counts, offsets_E, grad_PD)
+            _step(impl, x_PD, counts, offsets_E, grad_PD, cfg.chunks)
             sync(device)
             if it >= cfg.warmup:
                 samples[name].append(time.perf_counter() - t0)

@@ -10,7 +10,7 @@ import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -22,6 +22,7 @@ from c2r_comm.dispatch import CommStats, ExchangePlan, traffic_stats
 from c2r_comm.layer import MoELayer
 
 if TYPE_CHECKING:
+    from c2r_comm.bench.overlap import OverlapResult
     from c2r_comm.bench.phases import PhaseTimes
 
 
@@ -62,6 +63,7 @@ class BenchRecord:
     measurement: Measurement
     layer: Optional[int] = None  # trace layer the routing came from (None: the router)
     phases: Optional["PhaseTimes"] = None  # per-phase medians (bench --phases)
+    overlap: Optional["OverlapResult"] = None  # serial vs pipelined (bench --overlap-degree)
 
     @property
     def tokens(self) -> int:
@@ -93,17 +95,23 @@ class BenchRecord:
                  copies_per_token_cross_node=self.per_token(self.dispatch.rows_cross_node),
                  copies_per_token_off_rank=self.per_token(self.dispatch.rows_off_rank),
                  mb_sent=self.mb_sent, cross_node_mb=self.cross_node_mb)
+        if self.overlap is not None:
+            d["overlap"].update(efficiency=self.overlap.efficiency, speedup=self.overlap.speedup,
+                                overlapped_vs_max=self.overlap.vs_max)
         return d
 
 
-def world_stats(plan: ExchangePlan, topology, device: torch.device, group: Any) -> tuple[CommStats, CommStats, int]:
-    """(dispatch, combine, tokens) over all ranks: every rank's plan traffic summed (one all_reduce,
-    outside the timed region)."""
-    t = torch.cat([plan.traffic().reshape(-1), torch.tensor([plan.num_tokens])]).to(device)
+def world_stats(plans: Sequence[ExchangePlan], topology, device: torch.device,
+                group: Any) -> tuple[CommStats, CommStats, int]:
+    """(dispatch, combine, tokens) over all ranks and all of one step's token chunks: every rank's
+    plan traffic summed (one all_reduce, outside the timed region)."""
+    first = plans[0]
+    traffic = torch.stack([p.traffic() for p in plans]).sum(0).reshape(-1)
+    t = torch.cat([traffic, torch.tensor([sum(p.num_tokens for p in plans)])]).to(device)
     dist.all_reduce(t, group=group)
     t = t.cpu()
-    traffic = t[:-1].reshape(len(plan.stages), plan.world_size, plan.world_size)
-    dispatch, combine = traffic_stats(traffic, plan.stages, topology)
+    traffic = t[:-1].reshape(len(first.stages), first.world_size, first.world_size)
+    dispatch, combine = traffic_stats(traffic, first.stages, topology)
     return dispatch, combine, int(t[-1])
 
 
@@ -114,12 +122,12 @@ def measure_layer(layer: MoELayer, x_TD: torch.Tensor, grad_TD: torch.Tensor, wa
     network_interface: the node link whose counters measure wire bytes (see Measurement)."""
     def step(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
         out = layer(x) if routing is None else layer.forward_routed(x, *routing)
-        return out.out_TD, out.aux_loss, out.handle
+        return out.out_TD, out.aux_loss, out.handles
 
     topology = layer.dispatcher.topology
-    meas, handle = measure_module(layer, step, x_TD, grad_TD, warmup, iters, group, topology, label, show_progress,
+    meas, handles = measure_module(layer, step, x_TD, grad_TD, warmup, iters, group, topology, label, show_progress,
                                   network_interface)
-    d_stats, c_stats, tokens = world_stats(handle.route.plan, topology, x_TD.device, group)
+    d_stats, c_stats, tokens = world_stats([h.route.plan for h in handles], topology, x_TD.device, group)
     return replace(meas, tokens=tokens, dispatch=d_stats, combine=c_stats)
 
 

@@ -24,7 +24,7 @@ this module checks the whole (fields, base config, cross-axis rules) and expands
     emulate: true               # run cells under `c2r-comm emulate` (network namespaces)
     rates: [0.1, 0.2, 0.5, 1.0, null]   # inter-node Gbit/s; null = unshaped namespaces
     intra_node_gbit: null
-    overlap_degrees: [1]
+    overlap_degrees: [1, 2]     # schedule.overlap_degree of the layer (1 = serial; each its own launch)
     iters: 10
     warmup_iters: 2
     launch_timeout_s: 3600
@@ -49,7 +49,6 @@ from c2r_comm.bench.sweep_axes import (PLANNED_METHODS, PlacementAxis, RoutingAx
 from c2r_comm.config import DISPATCHERS, Config, ConfigError, config_from_dict, load_config, with_overrides
 from c2r_comm.topology import Topology
 
-OVERLAP_DEGREES = (1,)  # the overlap scheduler (c2r_comm/schedule/overlap.py) does not exist yet
 FIELDS = ("name", "base", "trace", "layer", "fit_prompts", "eval_prompts", "dispatchers", "placements", "routings",
           "topologies", "emulate", "rates", "intra_node_gbit", "overlap_degrees", "iters", "warmup_iters",
           "launch_timeout_s")
@@ -75,7 +74,8 @@ class Launch:
     @property
     def name(self) -> str:
         rate = "" if self.rate_gbit is None else f"-{self.rate_gbit:g}gbit"
-        text = f"{self.index:03d}-{self.topology}-{self.routing.label}-{self.placement.label}{rate}"
+        chunks = "" if self.overlap_degree == 1 else f"-C{self.overlap_degree}"
+        text = f"{self.index:03d}-{self.topology}-{self.routing.label}-{self.placement.label}{rate}{chunks}"
         return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text.replace("<=", "le"))
 
 
@@ -110,7 +110,8 @@ class SweepSpec:
         r = launch.routing
         over: dict[str, Any] = {"parallel.nodes": launch.topology.nodes,
                                 "parallel.gpus_per_node": launch.topology.gpus_per_node,
-                                "routing.kind": "topk" if r.kind == "trace" else r.kind, "placement.plan": plan_path}
+                                "routing.kind": "topk" if r.kind == "trace" else r.kind, "placement.plan": plan_path,
+                                "schedule.overlap_degree": launch.overlap_degree}
         if r.kind == "c2r":
             over.update({"routing.top_t": r.top_t, "routing.collaborators": r.collaborators or collaborators_path})
         if r.kind == "device_constrained":
@@ -224,9 +225,9 @@ def spec_from_dict(data: Any, base_dir: Path) -> SweepSpec:
     intra = _rate(data.get("intra_node_gbit"), "intra_node_gbit")
     degrees = _list(data, "overlap_degrees", [1])
     for i, d in enumerate(degrees):
-        if d not in OVERLAP_DEGREES:
-            raise ConfigError(f"overlap_degrees[{i}]", d, f"only {list(OVERLAP_DEGREES)}: the overlap scheduler "
-                                                          "(c2r_comm/schedule/overlap.py) does not exist yet")
+        if not (isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 64):
+            raise ConfigError(f"overlap_degrees[{i}]", d, "token chunks the layer pipelines: an integer 1..64 "
+                                                          "(schedule.overlap_degree; 1 = serial)")
     timeout = data.get("launch_timeout_s", 3600)
     if not isinstance(timeout, numbers.Real) or isinstance(timeout, bool) or not timeout > 0:
         raise ConfigError("launch_timeout_s", timeout, "seconds > 0")

@@ -16,6 +16,7 @@ import torch
 
 from c2r_comm.bench.measure import BenchRecord, measure_layer
 from c2r_comm.bench.peers import PEERS, bench_peers, peer_names
+from c2r_comm.bench.overlap import OverlapResult, format_overlap, parse_overlap_degree
 from c2r_comm.bench.phases import measure_phases
 from c2r_comm.bench.profile import profile_layer
 from c2r_comm.bench.report import format_phases, format_summary, format_table, write_json
@@ -56,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--phases", action="store_true",
                    help="also time each phase alone (layout, count exchange, send, experts, combine; forward and "
                         "backward) and print where the time goes")
+    p.add_argument("--overlap-degree", default=None, type=parse_overlap_degree, metavar="C|auto",
+                   help="also run the layer pipelined over C token chunks (or auto) and report exchange-only, "
+                        "experts-only, serial and overlapped times and the overlap efficiency (implies --phases)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="after the timed iterations, profile 3 forward+backward steps per dispatcher with "
                         "torch.profiler: DIR/<dispatcher>_rank<r>.txt (ops by device time) and .json (Chrome trace)")
@@ -132,12 +136,14 @@ def run(args: argparse.Namespace) -> int:
         records = [r for layer in layers for r in
                    bench_all(with_overrides(config, {"placement.layer": layer}), trace, names, groups, ctx.device,
                              show=ctx.rank == 0, phases=args.phases, network_interface=args.wire_interface,
-                             peers=peers, profile_dir=args.profile)]
+                             peers=peers, profile_dir=args.profile, overlap_degree=args.overlap_degree)]
         if ctx.rank == 0:
             print(describe(config, trace, layers, args) + f", {ctx.backend} on {ctx.device.type}")
             print(format_table(records))
-            if args.phases:
+            if args.phases or args.overlap_degree is not None:
                 print(format_phases(records))
+            if args.overlap_degree is not None:
+                print(format_overlap([(r.dispatcher, r.overlap) for r in records if r.overlap is not None]))
             if len(layers) > 1:
                 print(format_summary(records))
             if args.json:
@@ -154,7 +160,8 @@ def _topology(config: Config) -> Topology:
 
 def bench_all(config: Config, trace: Optional[RoutingTrace], names: list[str], groups, device: torch.device,
               show: bool, phases: bool = False, network_interface: Optional[str] = None,
-              peers: Sequence[str] = (), profile_dir: Optional[str] = None) -> list[BenchRecord]:
+              peers: Sequence[str] = (), profile_dir: Optional[str] = None,
+              overlap_degree: Optional[int | str] = None) -> list[BenchRecord]:
     run, m = config.run, config.model
     dtype = DTYPES[run.dtype]
     g = torch.Generator().manual_seed(run.seed * 7919 + groups.rank)
@@ -169,6 +176,9 @@ def bench_all(config: Config, trace: Optional[RoutingTrace], names: list[str], g
         routing_desc = f"trace layer {trace_layer}"
     placement = os.path.basename(config.placement.plan) if config.placement.plan else "contiguous"
     records = []
+    if overlap_degree is not None:  # the rows below are the serial layer; the pipelined one is extra
+        config = with_overrides(config, {"schedule.overlap_degree": 1})
+        phases = True
     for name in names:
         layer = build_moe_layer(config, groups, device, dispatcher=name)
         label = f"{name:>12}" + (f" layer {trace_layer:>2}" if trace_layer is not None else "")
@@ -176,11 +186,18 @@ def bench_all(config: Config, trace: Optional[RoutingTrace], names: list[str], g
                              label=label, show_progress=show, network_interface=network_interface)
         per_phase = measure_phases(layer, x_TD, grad_TD, run.warmup_iters, run.iters, routing, groups.ep,
                                    label=label, show_progress=show) if phases else None
+        overlap = None
+        if overlap_degree is not None:
+            piped = build_moe_layer(with_overrides(config, {"schedule.overlap_degree": overlap_degree}), groups,
+                                    device, dispatcher=name)
+            piped_meas = measure_layer(piped, x_TD, grad_TD, run.warmup_iters, run.iters, routing, groups.ep,
+                                       label=label + f" C={overlap_degree}", show_progress=show)
+            overlap = OverlapResult.of(per_phase, meas, piped_meas, piped.overlap_degree, overlap_degree)
         if profile_dir:
             profile_layer(layer, x_TD, grad_TD, routing, 3, profile_dir, name, groups.rank)
         resolved = with_overrides(config, {"dispatcher": name}).to_dict()
         records.append(BenchRecord(name, placement, routing_desc, str(groups.topology), resolved, meas, trace_layer,
-                                   per_phase))
+                                   per_phase, overlap))
     # Peers (--peers): same inputs and routing, timed the same way, one row each (c2r_comm/bench/peers.py).
     records += bench_peers(peers, config, routing, routing_desc, trace_layer, groups, device, x_TD, grad_TD, show,
                            network_interface)

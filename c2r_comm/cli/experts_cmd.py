@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=DEFAULTS.iters, help="timed forward+backward iterations")
     p.add_argument("--warmup", type=int, default=DEFAULTS.warmup, help="untimed iterations first")
     p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="weights, rows and the row split")
+    p.add_argument("--chunks", type=int, default=DEFAULTS.chunks,
+                   help="run the rows as C chunks, as the pipelined layer does (schedule.overlap_degree); adds "
+                        "deferred_wgrad, the pipeline's experts (weight gradients once over all chunks)")
     p.add_argument("--json", default=None, help="write the config, split, timings and ratios here")
 
 
@@ -40,15 +43,15 @@ def run(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise ValueError(f"--threads {args.threads}: allowed an integer >= 1")
     cfg = ExpertsBenchConfig(args.num_experts, args.hidden_size, args.ffn_hidden_size, args.rows, args.dtype,
-                             args.device, args.iters, args.warmup, args.seed)
+                             args.device, args.iters, args.warmup, args.seed, args.chunks)
     cfg.validate()
     torch.set_num_threads(args.threads)
     res = run_experts_bench(cfg)
     print(f"{cfg.num_experts} experts, hidden {cfg.hidden_size}, ffn {cfg.ffn_hidden_size}, {cfg.rows} rows, "
           f"{cfg.dtype} on {cfg.device} ({res.device_name}), {res.threads} thread(s), torch {res.torch_version}; "
-          f"fwd+bwd over {cfg.iters} iters after {cfg.warmup} warmup")
+          f"fwd+bwd over {cfg.iters} iters after {cfg.warmup} warmup" + (f", rows in {cfg.chunks} chunks" if cfg.chunks > 1 else ""))
     print(format_experts_table(res))
-    for name in ("grouped_experts", "stacked_index", "grouped_mm"):
+    for name in ("grouped_experts", "stacked_index", "grouped_mm", "deferred_wgrad"):
         ratio = res.ratio(name)
         if ratio is not None:
             print(f"{name} / {REFERENCE} = {ratio:.3f}")

@@ -197,7 +197,7 @@ class HierarchicalDispatcher(Dispatcher):
         recv_RD = send_RD.new_empty(ex_b.rows_received, D)
         works = ex_b.start(send_RD, recv_RD)
 
-        def finish() -> torch.Tensor:
+        def finish() -> Pending[torch.Tensor]:
             (back_b,) = link(ex_b, [recv_RD], [partial_RD], lambda g: g[0], lambda back: (back,))
             # The forwarder sums its node's partials per fan row: own rows straight into their
             # token, arrivals into one partial per (token, source node) to send back over stage A.
@@ -206,9 +206,12 @@ class HierarchicalDispatcher(Dispatcher):
             cross_FD = sums[T:]
             send_a = cross_FD.detach().contiguous()
             recv_a = send_a.new_empty(ex_a.rows_received, D)
-            for work in ex_a.start(send_a, recv_a):
-                work.wait()
-            (back_a,) = link(ex_a, [recv_a], [cross_FD], lambda g: g[0], lambda back: (back,))
-            return sums[:T] + handle.cross_sum(back_a)
+            works_a = ex_a.start(send_a, recv_a)  # the cross-node return, in flight until waited on
 
-        return Pending(works, finish, (send_RD, recv_RD))
+            def finish_a() -> torch.Tensor:
+                (back_a,) = link(ex_a, [recv_a], [cross_FD], lambda g: g[0], lambda back: (back,))
+                return sums[:T] + handle.cross_sum(back_a)
+
+            return Pending(works_a, finish_a, (send_a, recv_a))
+
+        return Pending(works, finish, (send_RD, recv_RD), then=True)

@@ -92,13 +92,34 @@ class Exchange:
 
 class Pending(Generic[T]):
     """An exchange in flight. `wait()` waits for its work handles, then runs the post-processing
-    (which may start and wait for a next stage) and returns its result; at most once."""
+    and returns its result; at most once.
 
-    def __init__(self, works: Sequence[Any], finish: Callable[[], T], buffers: Sequence[torch.Tensor] = ()):
-        self._works, self._finish, self._buffers = list(works), finish, tuple(buffers)
+    A multi-stage exchange (hierarchical combine: the node-local return, then the cross-node one)
+    gives `then=True`: its post-processing starts the next stage and returns that stage's Pending.
+    `wait()` follows the chain to the end; `advance()` only waits for the current stage and issues
+    the next one, so a scheduler can put the next (slow) stage in flight early and compute while it
+    moves. For a single-stage Pending `advance()` does nothing."""
+
+    def __init__(self, works: Sequence[Any], finish: Callable[[], Any], buffers: Sequence[torch.Tensor] = (),
+                 then: bool = False):
+        self._works, self._finish, self._buffers, self._then = list(works), finish, tuple(buffers), then
         self._done = False
 
+    def advance(self) -> "Pending[T]":
+        """Wait for the current stage and issue the next; no-op on the last stage."""
+        if self._then and not self._done:
+            nxt = self._take()
+            self._works, self._finish, self._buffers, self._then = nxt._works, nxt._finish, nxt._buffers, nxt._then
+            self._done = False
+        return self
+
     def wait(self) -> T:
+        result = self._take()
+        while isinstance(result, Pending):
+            result = result.wait()
+        return result
+
+    def _take(self) -> Any:
         if self._done:
             raise RuntimeError("Pending.wait() was already called; an exchange's result is returned once")
         for work in self._works:

@@ -1,0 +1,161 @@
+"""The pipelined layer (schedule/pipeline.py): C in {1, 2, 4} chunks give the serial layer's outputs
+and every gradient (float64), with every dispatcher, on 2 and 4 ranks and 2x2 for hierarchical;
+with uneven and zero token counts across ranks, chunks that are empty on some ranks, and a shared
+expert. Also: a chunk's handle refuses another chunk's expert rows, and `auto` picks the degree."""
+from __future__ import annotations
+
+import pytest
+import torch
+from moe_cases import Case, make_plan, rank_inputs
+from ranks import run_ranks
+
+from c2r_comm.dispatch import build_dispatcher
+from c2r_comm.experts import GroupedExperts, SharedExpert
+from c2r_comm.groups import build_process_groups
+from c2r_comm.layer import MoELayer
+from c2r_comm.schedule import choose_overlap_degree
+from c2r_comm.topology import Topology
+
+
+def _layer(case: Case, rank: int, groups, degree, shared: bool) -> MoELayer:
+    plan = make_plan(case)
+    disp = build_dispatcher(case.dispatcher, plan, groups, case.hidden)
+    experts = GroupedExperts.for_rank(plan, rank, case.hidden, case.ffn, case.seed, dtype=torch.float64)
+    shared_expert = SharedExpert(case.hidden, 5, case.seed, torch.float64) if shared else None
+    return MoELayer(None, disp, experts, shared_expert, overlap_degree=degree)
+
+
+def _step(layer: MoELayer, case: Case, rank: int):
+    x, idx, w, grad = rank_inputs(case, rank)
+    x.requires_grad_(), w.requires_grad_()
+    out = layer.forward_routed(x, idx, w)
+    (out.out_TD * grad).sum().backward()
+    params = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in layer.parameters()]
+    return [out.out_TD.detach(), x.grad, w.grad] + params, len(out.handles)
+
+
+def worker(rank: int, world: int, cases: list[Case], degrees: list[int]) -> list[float]:
+    errors = []
+    for case in cases:
+        groups = build_process_groups(Topology(case.nodes, case.gpus_per_node), timeout_s=60)
+        for shared in (False, True):
+            serial, _ = _step(_layer(case, rank, groups, 1, shared), case, rank)
+            for degree in degrees:
+                got, chunks = _step(_layer(case, rank, groups, degree, shared), case, rank)
+                assert chunks == degree
+                errors.append(max(float((a - b).abs().max()) if a.numel() else 0.0 for a, b in zip(got, serial)))
+    return errors
+
+
+CASES_2 = [Case(d, tokens=t, seed=s) for d in ("alltoall", "dedup")
+           for s, t in ((0, (9, 5)), (1, (0, 6)), (2, (3, 1)))] + \
+    [Case("hierarchical", nodes=2, gpus_per_node=1, tokens=(7, 2), seed=6)]
+
+
+def test_pipelined_equals_serial_on_2_ranks():
+    for errs in run_ranks(2, worker, CASES_2, [2, 4], timeout_s=240):
+        assert max(errs) < 1e-10, errs
+
+
+def test_pipelined_equals_serial_on_4_ranks_and_2x2_hierarchical():
+    cases = [Case("dedup", gpus_per_node=4, tokens=(7, 0, 2, 5), plan="random", seed=3),
+             Case("alltoall", gpus_per_node=4, tokens=(4, 4, 1, 6), seed=4),
+             Case("hierarchical", nodes=2, gpus_per_node=2, tokens=(6, 3, 0, 5), plan="random", seed=5)]
+    for errs in run_ranks(4, worker, cases, [2, 4], timeout_s=240):
+        assert max(errs) < 1e-10, errs
+
+
+def _wrong_handle_worker(rank: int, world: int) -> str:
+    case = Case("dedup", tokens=(8, 3) if rank == 0 else (2, 6))
+    groups = build_process_groups(Topology(1, 2), timeout_s=60)
+    layer = _layer(case, rank, groups, 2, shared=False)
+    disp = layer.dispatcher
+    x, idx, w, _ = rank_inputs(case, rank)
+    routes = [disp.exchange_counts(disp.layout(xc, ic, wc)) for xc, ic, wc in
+              zip(x.tensor_split(2), idx.tensor_split(2), w.tensor_split(2))]
+    batches = [disp.send(xc, wc, r).wait() for xc, wc, r in zip(x.tensor_split(2), w.tensor_split(2), routes)]
+    (b0, h0), (b1, h1) = batches
+    if b0.x_PD.shape[0] == b1.x_PD.shape[0]:
+        return "same row count"  # not the case for these inputs (asserted by the caller)
+    try:
+        disp.combine_start(b1.x_PD, h0)
+    except ValueError as exc:
+        return f"refused: {exc}"
+    return "accepted"
+
+
+def test_a_chunks_handle_refuses_another_chunks_rows():
+    for res in run_ranks(2, _wrong_handle_worker):
+        assert res.startswith("refused"), res
+
+
+@pytest.mark.parametrize("exchange_s,experts_s,want", [
+    (0.001, 1.0, 1), (1.0, 0.001, 1), (0.0, 0.0, 1),  # one side negligible
+    (0.2, 1.0, 2), (1.0, 1.0, 2), (1.0, 0.6, 2),  # experts on the critical path
+    (1.0, 0.5, 4), (1.0, 0.3, 4)])  # link-bound
+def test_auto_rule(exchange_s, experts_s, want):
+    assert choose_overlap_degree(exchange_s, experts_s) == want
+
+
+def _auto_worker(rank: int, world: int) -> tuple[int, int]:
+    case = Case("dedup", tokens=(6, 4))
+    groups = build_process_groups(Topology(1, 2), timeout_s=60)
+    layer = _layer(case, rank, groups, "auto", shared=False)
+    assert layer.overlap_degree is None
+    _, chunks_first = _step(layer, case, rank)
+    decided = layer.overlap_degree
+    _, chunks_next = _step(layer, case, rank)
+    return decided, chunks_first, chunks_next
+
+
+def test_auto_decides_on_the_first_forward_and_every_rank_agrees():
+    results = run_ranks(2, _auto_worker)
+    assert results[0][0] == results[1][0] and results[0][0] in (1, 2, 4)
+    assert all(r[1] == 1 and r[2] == r[0] for r in results)
+
+
+def _fake_timer_worker(rank: int, world: int, exchange_s: list[float], experts_s: float,
+                       busy_share: float) -> tuple[int, float]:
+    from c2r_comm.schedule import agree_overlap_degree, timed_serial_forward
+    case = Case("dedup", tokens=(5, 5))
+    groups = build_process_groups(Topology(1, 2), timeout_s=60)
+    layer = _layer(case, rank, groups, 1, shared=False)
+    x, idx, w, _ = rank_inputs(case, rank)
+    half = exchange_s[rank] / 2  # dispatch and combine each take half of this rank's exchange time
+    ticks = iter([0.0, half, half + experts_s, 2 * half + experts_s])
+    # machine (idle, total) ticks: the cores are busy `busy_share` of the exchange
+    cpu = iter([(0.0, 0.0), (50.0 * (1 - busy_share), 50.0), (50.0 * (1 - busy_share), 50.0),
+                (100.0 * (1 - busy_share), 100.0)])
+    timing = timed_serial_forward(layer.dispatcher, layer.experts, None, x, idx, w, timer=lambda: next(ticks),
+                                  cpu_ticks=lambda: next(cpu))
+    choice = agree_overlap_degree(timing, groups.ep)
+    return choice.degree, choice.exchange_s
+
+
+# forward times; the rule sees the step estimate (2 x exchange, 3 x experts = 3.0 s): 6.0 >= 2 x 3.0 -> 4
+@pytest.mark.parametrize("exchange_s,busy_share,want", [
+    ([0.001, 0.002], 0.0, 1), ([0.01, 0.3], 0.0, 2), ([0.9, 3.0], 0.0, 4),
+    ([0.9, 1.6], 0.97, 1)])  # CPU experts: an exchange while the cores are busy is nothing to hide
+def test_auto_agrees_on_the_slowest_ranks_exchange(exchange_s, busy_share, want):
+    for degree, e in run_ranks(2, _fake_timer_worker, exchange_s, 1.0, busy_share):
+        assert degree == want and e == pytest.approx(max(exchange_s))
+
+
+def _inline_worker(rank: int, world: int, case: Case) -> float:
+    """The GPU order (exchanges run inline, no exchange thread) gives the serial results too."""
+    from c2r_comm.schedule import ChunkPipeline
+    groups = build_process_groups(Topology(case.nodes, case.gpus_per_node), timeout_s=60)
+    serial, _ = _step(_layer(case, rank, groups, 1, shared=True), case, rank)
+    layer = _layer(case, rank, groups, 1, shared=True)
+    x, idx, w, grad = rank_inputs(case, rank)
+    x.requires_grad_(), w.requires_grad_()
+    run = ChunkPipeline(layer.dispatcher, layer.experts, layer.shared_expert, 3, exchange_thread=False)(x, idx, w)
+    (run.out_TD * grad).sum().backward()
+    got = [run.out_TD.detach(), x.grad, w.grad] + [p.grad for p in layer.parameters()]
+    return max(float((a - b).abs().max()) if a.numel() else 0.0 for a, b in zip(got, serial))
+
+
+@pytest.mark.parametrize("case", [Case("dedup", tokens=(8, 3), seed=7),
+                                  Case("hierarchical", nodes=2, gpus_per_node=1, tokens=(4, 9), seed=8)])
+def test_pipeline_without_exchange_thread_equals_serial(case):
+    assert max(run_ranks(2, _inline_worker, case)) < 1e-10
