@@ -1,7 +1,13 @@
-"""init_distributed(): one process group from torchrun's or mpirun's environment, or a single process.
+"""init_distributed(): one process group from torchrun's, mpiexec's or srun's launch, or a single process.
 
-The launcher's environment (RANK/WORLD_SIZE/LOCAL_RANK from torchrun, OMPI_COMM_WORLD_* from Open
-MPI) is the standard contract between launcher and program, so it is read here and nowhere else.
+The launcher's environment is the standard contract between launcher and program, so it is read
+here and nowhere else:
+  * torchrun: RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE, rendezvous from MASTER_ADDR/PORT;
+  * mpiexec / mpirun (MPICH: PMI_RANK, Open MPI: OMPI_COMM_WORLD_RANK, PMIx: PMIX_RANK) and srun
+    (SLURM_PROCID): mpi4py (the `mpi` extra) gives rank, size and the local rank (a shared-memory
+    split of COMM_WORLD), and rank 0 broadcasts its host name and a free port, so nobody sets
+    MASTER_ADDR/PORT. Under Open MPI with MASTER_ADDR and MASTER_PORT set, its variables suffice and
+    mpi4py is not needed.
 """
 from __future__ import annotations
 
@@ -39,19 +45,51 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+MPI_RANK_VARIABLES = {"PMI_RANK": "MPICH (mpiexec)", "OMPI_COMM_WORLD_RANK": "Open MPI (mpirun)",
+                      "PMIX_RANK": "a PMIx launcher", "SLURM_PROCID": "Slurm (srun)"}
+
+
+def mpi_launcher(env: Mapping[str, str]) -> Optional[str]:
+    """Which MPI-style launcher started this process (from its rank variable), or None."""
+    return next((name for var, name in MPI_RANK_VARIABLES.items() if var in env), None)
+
+
+def launched(env: Mapping[str, str]) -> bool:
+    """Whether a launcher (torchrun, MPI, srun) started this process; cheap, no rendezvous."""
+    return ("RANK" in env and "WORLD_SIZE" in env) or mpi_launcher(env) is not None
+
+
+def mpi_rendezvous(launcher: str) -> LaunchEnv:
+    """Rank, size and local rank from mpi4py; rank 0's host and a free port broadcast to all."""
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:
+        raise ValueError(f"started by {launcher}: install the mpi extra (pip install 'c2r-comm[mpi]', mpi4py) so "
+                         "ranks can find each other, or set MASTER_ADDR and MASTER_PORT (Open MPI only)") from exc
+    comm = MPI.COMM_WORLD
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    local_rank, local_size = local.Get_rank(), local.Get_size()
+    local.Free()
+    address = (socket.gethostname(), _free_port()) if comm.Get_rank() == 0 else None
+    host, port = comm.bcast(address, root=0)
+    return LaunchEnv(comm.Get_rank(), comm.Get_size(), local_rank, f"tcp://{host}:{port}", local_size)
+
+
 def read_launch_env(env: Mapping[str, str]) -> Optional[LaunchEnv]:
-    """torchrun (RANK...) or Open MPI (OMPI_COMM_WORLD_*) with MASTER_ADDR/MASTER_PORT; None if neither."""
+    """The launch this process belongs to (see the module doc); None when no launcher started it.
+    Under an MPI launcher without MASTER_ADDR/PORT this is a collective (mpi4py broadcast)."""
     if "RANK" in env and "WORLD_SIZE" in env:
         return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "env://",
                          int(env.get("LOCAL_WORLD_SIZE", 1)))
-    if "OMPI_COMM_WORLD_RANK" in env:
-        if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
-            raise ValueError("under mpirun, set MASTER_ADDR and MASTER_PORT (launch/mpirun.sh does this)")
+    launcher = mpi_launcher(env)
+    if launcher is None:
+        return None
+    if "OMPI_COMM_WORLD_RANK" in env and "MASTER_ADDR" in env and "MASTER_PORT" in env:
         return LaunchEnv(int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
                          int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)),
                          f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}",
                          int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", 1)))
-    return None
+    return mpi_rendezvous(launcher)
 
 
 def pick_device(requested: str, local_rank: int, local_world_size: int = 1) -> torch.device:

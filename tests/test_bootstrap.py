@@ -1,10 +1,12 @@
 """Launcher environments and the device rule (no GPU here: the CUDA branches are checked as errors)."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
-from c2r_comm.bootstrap import pick_device, read_launch_env
+from c2r_comm.bootstrap import MPI_RANK_VARIABLES, launched, pick_device, read_launch_env
 
 
 def test_torchrun_and_mpirun_environments():
@@ -13,9 +15,18 @@ def test_torchrun_and_mpirun_environments():
     env = read_launch_env({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
                            "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "MASTER_ADDR": "h0", "MASTER_PORT": "29511"})
     assert (env.rank, env.world_size, env.local_world_size, env.init_method) == (2, 4, 2, "tcp://h0:29511")
-    with pytest.raises(ValueError, match="MASTER_ADDR"):
-        read_launch_env({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"})
     assert read_launch_env({}) is None
+
+
+@pytest.mark.parametrize("var", ["PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"])
+def test_mpi_launch_without_mpi4py_names_the_launcher_and_the_fix(var, monkeypatch):
+    """Under an MPI launcher without MASTER_ADDR/PORT the ranks meet through mpi4py; without it, a
+    clear error (tests/test_mpi_launch.py runs the real thing under mpiexec)."""
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # `from mpi4py import MPI` raises ImportError
+    assert launched({var: "0"})
+    with pytest.raises(ValueError, match=r"install the mpi extra .*MASTER_ADDR") as info:
+        read_launch_env({var: "0"})
+    assert MPI_RANK_VARIABLES[var] in str(info.value)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU rule")

@@ -112,8 +112,9 @@ def test_two_micro_batches_in_flight_on_cuda(nccl_world_of_one, dispatcher):
 @pytest.mark.parametrize("dispatcher", sorted(DISPATCHERS))
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
 def test_pipelined_layer_on_cuda_equals_serial(nccl_world_of_one, dispatcher, dtype, tol):
-    """overlap_degree 2 (chunks, the exchange thread in backward, deferred weight gradients; bf16:
-    grouped GEMMs) gives the serial layer's output and gradients on the GPU's streams."""
+    """overlap_degree 2 (chunks; backward pieces inline on the autograd device thread, where an
+    exchange thread would hang; deferred weight gradients; bf16: grouped GEMMs) gives the serial
+    layer's output and gradients on the GPU."""
     x, idx, w, grad = _inputs(torch.float32, seed=4)
     results = []
     for degree in (1, 2):

@@ -209,6 +209,18 @@ def test_bench_measures_every_implementation_on_the_same_rows():
         run_experts_bench(ExpertsBenchConfig(dtype="int8"))
 
 
+def test_bench_chunked_rows_and_the_pipelines_deferred_weight_gradients():
+    """--chunks: every implementation runs the rows as chunks (outputs in the original order), and
+    deferred_wgrad (the pipelined layer's experts) joins them, on the same rows and weights."""
+    res = run_experts_bench(ExpertsBenchConfig(num_experts=3, hidden_size=8, ffn_hidden_size=12, rows=20, iters=2,
+                                               warmup=0, chunks=3, dtype="float64"))
+    names = {r.name for r in res.results}
+    assert {"grouped_experts", "per_expert_params", "deferred_wgrad"} <= names
+    assert all(r.max_abs_diff < 1e-12 for r in res.results)
+    with pytest.raises(ValueError, match="chunks"):
+        run_experts_bench(ExpertsBenchConfig(chunks=0))
+
+
 def test_bench_experts_command_prints_table_and_writes_json(tmp_path):
     out = tmp_path / "experts.json"
     cmd = [sys.executable, "-m", "c2r_comm", "bench-experts", "--iters", "1", "--warmup", "0", "--rows", "64",

@@ -97,7 +97,7 @@ def test_auto_rule(exchange_s, experts_s, want):
     assert choose_overlap_degree(exchange_s, experts_s) == want
 
 
-def _auto_worker(rank: int, world: int) -> tuple[int, int]:
+def _auto_worker(rank: int, world: int) -> tuple[int, int, int]:
     case = Case("dedup", tokens=(6, 4))
     groups = build_process_groups(Topology(1, 2), timeout_s=60)
     layer = _layer(case, rank, groups, "auto", shared=False)

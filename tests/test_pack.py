@@ -30,3 +30,14 @@ def test_pack_then_view_round_trips(x_dtype, w_dtype, id_dtype, rows):
     assert torch.equal(views["x"], x_TD[token_R]) and torch.equal(views["w"], w_TK[token_R])
     assert torch.equal(views["id"], ids_RK)
     assert all(v.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr() for v in views.values())  # views
+
+
+def test_wide_fields_sit_on_16_byte_offsets_in_16_byte_rows():
+    """GPU copies of the token field run vectorised only on 16-byte aligned rows."""
+    for x_dtype, D in ((torch.bfloat16, 2048), (torch.float32, 5), (torch.float16, 7)):
+        fmt = RowFormat.of(x=(x_dtype, D), w=(torch.float32, 6), id=(torch.int16, 6))
+        for name, dtype, width, offset in zip(fmt.names, fmt.dtypes, fmt.widths, fmt.offsets):
+            size = torch.empty(0, dtype=dtype).element_size()
+            assert offset % (16 if size * width >= 16 else size) == 0, (name, offset)
+        assert fmt.row_bytes % 16 == 0
+    assert RowFormat.of(x=(torch.bfloat16, 2048), w=(torch.float32, 6), id=(torch.int16, 6)).row_bytes == 4144

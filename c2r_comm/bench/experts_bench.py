@@ -148,20 +148,34 @@ def _chunk_rows(x_PD: torch.Tensor, counts: tuple[int, ...], per_chunk: list[tup
     return out
 
 
+@dataclass(frozen=True)
+class ChunkedRows:
+    """The rows split into chunks once, outside the timed loop (as the pipeline gets them)."""
+
+    counts: tuple[tuple[int, ...], ...]  # rows per expert, per chunk
+    x: tuple[torch.Tensor, ...]
+    grad: tuple[torch.Tensor, ...]
+    offsets: tuple[torch.Tensor, ...]
+
+    @classmethod
+    def of(cls, x_PD: torch.Tensor, grad_PD: torch.Tensor, counts: tuple[int, ...], chunks: int) -> "ChunkedRows":
+        per_chunk = _chunk_counts(counts, chunks)
+        offs = tuple(expert_offsets(torch.tensor(c, device=x_PD.device)) for c in per_chunk)
+        return cls(tuple(per_chunk), tuple(_chunk_rows(x_PD, counts, per_chunk)),
+                   tuple(_chunk_rows(grad_PD, counts, per_chunk)), offs)
+
+
 def _step(impl: nn.Module, x_PD: torch.Tensor, counts: tuple[int, ...], offsets_E: torch.Tensor,
-          grad_PD: torch.Tensor, chunks: int = 1) -> torch.Tensor:
-    x_PD = x_PD.detach().requires_grad_()
-    if chunks == 1 and not isinstance(impl, DeferredChunks):
+          grad_PD: torch.Tensor, chunked: Optional[ChunkedRows] = None) -> torch.Tensor:
+    if chunked is None:
+        x_PD = x_PD.detach().requires_grad_()
         out_PD = impl(x_PD, counts, offsets_E) if isinstance(impl, GroupedExperts) else impl(x_PD, counts)
         out_PD.backward(grad_PD)
         return out_PD.detach()
-    per_chunk = _chunk_counts(counts, chunks)
-    xs, gs = _chunk_rows(x_PD.detach(), counts, per_chunk), _chunk_rows(grad_PD, counts, per_chunk)
     sink = DeferredWeightGrads(impl.experts) if isinstance(impl, DeferredChunks) else None
     outs = []
-    for x, g, c in zip(xs, gs, per_chunk):
-        x = x.requires_grad_()
-        offs = expert_offsets(torch.tensor(c, device=x.device))
+    for x, g, c, offs in zip(chunked.x, chunked.grad, chunked.counts, chunked.offsets):
+        x = x.detach().requires_grad_()
         if sink is not None:
             y = deferred_experts(sink, x, c, offs, None)
         else:
@@ -170,7 +184,7 @@ def _step(impl: nn.Module, x_PD: torch.Tensor, counts: tuple[int, ...], offsets_
         outs.append(y.detach())
     if sink is not None:
         sink.flush()
-    return torch.cat([o.split(list(c)) [e] for e in range(len(counts)) for o, c in zip(outs, per_chunk)])
+    return torch.cat([o.split(list(c))[e] for e in range(len(counts)) for o, c in zip(outs, chunked.counts)])
 
 
 class DeferredChunks(nn.Module):
@@ -207,13 +221,14 @@ def run_experts_bench(cfg: ExpertsBenchConfig) -> ExpertsBenchResult:
     x_PD = torch.randn(cfg.rows, cfg.hidden_size, generator=g).to(device=device, dtype=dtype)
     grad_PD = torch.randn(cfg.rows, cfg.hidden_size, generator=g).to(device=device, dtype=dtype)
     offsets_E = expert_offsets(torch.tensor(counts, device=device))  # as the dispatcher will pass it
+    chunked = ChunkedRows.of(x_PD, grad_PD, counts, cfg.chunks) if cfg.chunks > 1 else None
     impls, skipped, ref_out = {}, {}, None
     for name, (impl, path) in build_impls(cfg, device).items():
         if impl is None:
             skipped[name] = path
             continue
         try:  # first call doubles as the correctness check (and fails early where torch lacks a kernel)
-            out_PD = _step(impl, x_PD, counts, offsets_E, grad_PD, cfg.chunks)
+            out_PD = _step(impl, x_PD, counts, offsets_E, grad_PD, chunked)
         except RuntimeError as exc:
             skipped[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
             continue
@@ -225,7 +240,7 @@ def run_experts_bench(cfg: ExpertsBenchConfig) -> ExpertsBenchResult:
             impl.zero_grad(set_to_none=True)
             sync(device)
             t0 = time.perf_counter()
-            _step(impl, x_PD, counts, offsets_E, grad_PD, cfg.chunks)
+            _step(impl, x_PD, counts, offsets_E, grad_PD, chunked)
             sync(device)
             if it >= cfg.warmup:
                 samples[name].append(time.perf_counter() - t0)

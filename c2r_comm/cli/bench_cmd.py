@@ -20,7 +20,7 @@ from c2r_comm.bench.overlap import OverlapResult, format_overlap, parse_overlap_
 from c2r_comm.bench.phases import measure_phases
 from c2r_comm.bench.profile import profile_layer
 from c2r_comm.bench.report import format_phases, format_summary, format_table, write_json
-from c2r_comm.bootstrap import init_distributed, read_launch_env, shutdown
+from c2r_comm.bootstrap import init_distributed, launched, shutdown
 from c2r_comm.config import Config, ConfigError, load_config, parse_topology, with_overrides
 from c2r_comm.dispatch import DISPATCHERS
 from c2r_comm.layer import DTYPES, build_moe_layer
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     names = dispatcher_names(args)
     peers = peer_names(getattr(args, "peers", None))  # unknown or not installed: exit 2 before any rank starts
     world = config.parallel.world_size
-    if world > 1 and read_launch_env(os.environ) is None:
+    if world > 1 and not launched(os.environ):
         return _relaunch_under_torchrun(world, args.argv)
 
     ctx = init_distributed(config.run.timeout_s, config.run.device)

@@ -8,6 +8,7 @@ exchange already says how many rows of each (source, slot) arrive, so no metadat
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -15,7 +16,7 @@ from c2r_comm.dispatch.base import DispatchHandle, Dispatcher, ExpertBatch, Rout
 from c2r_comm.dispatch.comm import CountExchange
 from c2r_comm.dispatch.exchange_plan import ExchangePlan, StageTraffic
 from c2r_comm.dispatch.layout import RankGeometry, bucket_counts, expert_offsets
-from c2r_comm.dispatch.row_sum import RowSum
+from c2r_comm.dispatch.row_sum import RowSum, sources_by_destination
 from c2r_comm.dispatch.transport import Exchange, Pending, link
 
 
@@ -24,14 +25,15 @@ class AllToAllPlan(ExchangePlan):
     pair_order_R: torch.Tensor  # int64 [T*K]: flat (token, choice) index of each sent row, send order
     token_of_row_R: torch.Tensor  # int64 [T*K]: source token of each sent row
 
-    def token_sum(self, dtype: torch.dtype) -> RowSum:
-        """Sum of the T*K sent rows into their tokens (k rows each): the rows in token order are the
-        inverse of pair_order_R, so no sort is needed."""
-        n = self.pair_order_R.shape[0]
-        row_by_pair = torch.empty_like(self.pair_order_R).scatter_(
+    def token_sum(self, dtype: torch.dtype, use_csr: Optional[bool] = None) -> RowSum:
+        """Sum of the T*K sent rows into their tokens (k rows each): row of (token, k) from the
+        inverse of pair_order_R, ascending per token with one small sort (no global sort)."""
+        n, T, K = self.pair_order_R.shape[0], self.num_tokens, self.top_k
+        row_of_pair = torch.empty_like(self.pair_order_R).scatter_(
             0, self.pair_order_R, torch.arange(n, device=self.pair_order_R.device))
-        per_token = torch.full((self.num_tokens,), self.top_k, dtype=torch.int64, device=self.pair_order_R.device)
-        return RowSum.build(self.token_of_row_R, self.num_tokens, dtype, row_by_pair, per_token)
+        by_token, per_token = sources_by_destination(row_of_pair.reshape(T, K),
+                                                     torch.ones(T, K, dtype=torch.bool, device=row_of_pair.device), n)
+        return RowSum.build(self.token_of_row_R, T, dtype, by_token, per_token, use_csr)
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,7 @@ class HierarchicalDispatcher(Dispatcher):
         T, K = topk_idx_TK.shape
         rank_TK = e2r[topk_idx_TK]
         node_TK = torch.div(rank_TK, G, rounding_mode="floor")
-        rows = group_rows((node_TK - my_node - 1) % N, N)  # rotated: own node is group N-1
+        rows = group_rows((node_TK - my_node - 1) % N, N, with_token_order=False)  # rotated: own node is group N-1
         code_TK = (rank_TK % G) * L + e2s[topk_idx_TK]
         meta = metadata_dtype(G * L)
         code_RK = torch.where(rows.member_RK, code_TK.index_select(0, rows.token_of_row_R), -1).to(meta)
@@ -153,7 +153,7 @@ class HierarchicalDispatcher(Dispatcher):
             L, G = self.num_local_experts, self.topology.gpus_per_node
             here = code_FK >= 0
             gpu_FK = torch.where(here, torch.div(code_FK, L, rounding_mode="floor"), 0)
-            fan_of_row = group_rows(gpu_FK, G, valid_TK=here).token_of_row_R[:ex_b.rows_sent]
+            fan_of_row = group_rows(gpu_FK, G, valid_TK=here, with_token_order=False).token_of_row_R[:ex_b.rows_sent]
             send_RB = fan_RB.index_select(0, fan_of_row)  # forward packed rows unchanged
             recv_RB = fmt.empty(ex_b.rows_received, device)
             for work in ex_b.start(send_RB, recv_RB):

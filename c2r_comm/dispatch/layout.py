@@ -8,10 +8,11 @@ of a dispatch; until then row tensors are padded to T*K with sentinel rows sorte
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-from c2r_comm.dispatch.row_sum import RowSum
+from c2r_comm.dispatch.row_sum import RowSum, sources_by_destination
 from c2r_comm.plan import PlacementPlan
 from c2r_comm.topology import Topology
 
@@ -55,15 +56,18 @@ class GroupRows:
     member_RK: torch.Tensor  # bool [T*K, K]: which of the token's k choices live in that group
     counts_G: torch.Tensor  # int64 [groups]: real rows per destination group
     # The real rows in token order (then padding), and rows per token: the structure of summing
-    # rows back into their tokens (row_sum.RowSum), known without a sort.
-    row_by_token_R: torch.Tensor  # int64 [T*K]
-    rows_per_token_T: torch.Tensor  # int64 [T]
+    # rows back into their tokens (row_sum.RowSum); the real rows first, ascending within a token.
+    row_by_token_R: Optional[torch.Tensor]  # int64 [T*K] (None: with_token_order=False)
+    rows_per_token_T: Optional[torch.Tensor]  # int64 [T]
 
 
-def group_rows(group_TK: torch.Tensor, num_groups: int, valid_TK: torch.Tensor | None = None) -> GroupRows:
+def group_rows(group_TK: torch.Tensor, num_groups: int, valid_TK: torch.Tensor | None = None,
+               with_token_order: bool = True) -> GroupRows:
     """Rows for the distinct (token, group) pairs of group_TK (int64 [T, K] in 0..num_groups-1).
 
     Choices with valid_TK False (e.g. 'not on this node') make no row and are never members.
+    with_token_order=False skips row_by_token_R / rows_per_token_T (left None) for callers that
+    never sum rows back into tokens.
     """
     T, K = group_TK.shape
     device = group_TK.device
@@ -81,13 +85,12 @@ def group_rows(group_TK: torch.Tensor, num_groups: int, valid_TK: torch.Tensor |
     member_RK = group_TK.index_select(0, token_of_row) == group_of_row.unsqueeze(1) if T else \
         torch.zeros(0, K, dtype=torch.bool, device=device)
     counts = bucket_counts(group_of_row, num_groups + 1)[:num_groups]
-    # Real rows in token order: the first choices in (token, k) order, each replaced by its row.
-    first_flat = first.reshape(-1)
+    if not with_token_order:
+        return GroupRows(token_of_row, group_of_row, member_RK, counts, None, None)
+    # Real rows in token order: each token's first choices, replaced by their rows (ascending).
     row_of_choice = torch.empty_like(choice_of_row).scatter_(0, choice_of_row, torch.arange(T * K, device=device))
-    rank_in_token_order = torch.where(first_flat, torch.cumsum(first_flat, 0) - 1, T * K)  # T*K: a dump slot
-    row_by_token = torch.zeros(T * K + 1, dtype=torch.int64, device=device).scatter_(
-        0, rank_in_token_order, row_of_choice)[:T * K]
-    return GroupRows(token_of_row, group_of_row, member_RK, counts, row_by_token, first.sum(1))
+    row_by_token, rows_per_token = sources_by_destination(row_of_choice.reshape(T, K), first, T * K)
+    return GroupRows(token_of_row, group_of_row, member_RK, counts, row_by_token, rows_per_token)
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ class SlotPairs:
     row_of_pair_P: torch.Tensor  # int64 [pairs]: received row each expert input comes from
     choice_of_pair_P: torch.Tensor  # int64 [pairs]: flat index row*K + k into the [rows, K] metadata
     # The pairs in received-row order and pairs per row: the structure of summing expert outputs
-    # back into one partial per received row (row_sum.RowSum), known without a sort.
+    # back into one partial per received row (row_sum.RowSum), ascending within a row.
     pair_by_row_P: torch.Tensor  # int64 [pairs]
     pairs_per_row_R: torch.Tensor  # int64 [rows]
 
@@ -117,12 +120,12 @@ def pairs_by_slot(slot_RK: torch.Tensor, num_local_experts: int, num_pairs: int)
     flat = slot_RK.reshape(-1).long()
     here = (flat >= 0) & (flat < num_local_experts)
     key = torch.where(here, flat, num_local_experts)
-    choice = torch.sort(key, stable=True).indices[:num_pairs]
-    # Pair p's place in (row, k) order is how many real choices come before its choice.
-    place = (torch.cumsum(here, 0) - 1).index_select(0, choice)
-    pair_by_row = torch.empty_like(choice).scatter_(0, place, torch.arange(num_pairs, device=choice.device))
-    return SlotPairs(torch.div(choice, max(K, 1), rounding_mode="floor"), choice, pair_by_row,
-                     here.reshape(R, K).sum(1))
+    order = torch.sort(key, stable=True).indices
+    choice = order[:num_pairs]
+    # Each row's pairs (ascending), from the pair position of every (row, k) choice.
+    pair_of_choice = torch.empty_like(order).scatter_(0, order, torch.arange(R * K, device=order.device))
+    pair_by_row, pairs_per_row = sources_by_destination(pair_of_choice.reshape(R, K), here.reshape(R, K), num_pairs)
+    return SlotPairs(torch.div(choice, max(K, 1), rounding_mode="floor"), choice, pair_by_row, pairs_per_row)
 
 
 def expert_offsets(pairs_per_slot_L: torch.Tensor) -> torch.Tensor:

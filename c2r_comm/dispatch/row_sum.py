@@ -8,8 +8,9 @@ one atomic add per element, which on a GPU is several times slower than moving t
 product; docs/benchmarks.md). A `RowSum` holds the sum's structure, built once per dispatch
 without a host sync, and runs it as a CSR sparse x dense product where the device has one (CUDA),
 else as `index_add_` (CPU, where it is fast and needs no structure). The CSR's column order is
-the source rows sorted by destination: a caller that knows that order passes it (no sort), else
-`RowSum.build` sorts once.
+the source rows sorted by destination, ascending within each (cuSPARSE's CSR rule): a caller that
+knows each destination's sources passes that order (`sources_by_destination`: one small sort per
+destination), else `RowSum.build` sorts all sources once (stable, so ascending within each).
 """
 from __future__ import annotations
 
@@ -19,25 +20,31 @@ from typing import Optional
 
 import torch
 
-_CSR_OK: dict[tuple[torch.device, torch.dtype], bool] = {}
+CSR_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def csr_sum_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether a CSR x dense product of `dtype` runs on `device` (CUDA only; probed once per pair)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return False
-    key = (device, dtype)
-    if key not in _CSR_OK:
-        try:
-            ones = torch.ones(2, device=device, dtype=dtype)
-            idx = torch.arange(3, device=device).clamp(max=2)
-            m = torch.sparse_csr_tensor(idx, idx[:2], ones, size=(2, 2), check_invariants=False)
-            _CSR_OK[key] = bool(torch.equal(m @ torch.ones(2, 4, device=device, dtype=dtype),
-                                            torch.ones(2, 4, device=device, dtype=dtype)))
-        except (RuntimeError, NotImplementedError):
-            _CSR_OK[key] = False
-    return _CSR_OK[key]
+def csr_sum_available(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether row sums run as CSR x dense products: on CUDA (cuSPARSE SpMM), for float dtypes.
+    Elsewhere index_add_ is as fast and needs no structure."""
+    return torch.device(device).type == "cuda" and dtype in CSR_DTYPES
+
+
+def sources_by_destination(source_DK: torch.Tensor, valid_DK: torch.Tensor, num_sources: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR order of a sum whose destination d gathers the sources source_DK[d, k] where valid_DK:
+    (the sources in destination order, ascending within each destination; sources per destination).
+
+    One small sort per destination row (k entries: a batched sort, no global sort of the sources)
+    makes the column indices ascending within each row, as cuSPARSE requires of CSR. No host sync:
+    `num_sources` (every valid entry, exactly once) comes from the count exchange.
+    """
+    D, K = source_DK.shape
+    big = torch.iinfo(torch.int64).max
+    ordered_DK = torch.sort(torch.where(valid_DK, source_DK, big), dim=1).values  # valid first, ascending
+    keep = (ordered_DK != big).reshape(-1)
+    place = torch.where(keep, torch.cumsum(keep, 0) - 1, num_sources)  # num_sources: a dump slot
+    by_dest = torch.zeros(num_sources + 1, dtype=torch.int64, device=source_DK.device).scatter_(
+        0, place, torch.where(keep, ordered_DK.reshape(-1), 0))[:num_sources]
+    return by_dest, valid_DK.sum(1)
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,7 @@ class RowSum:
               per_dest_N: Optional[torch.Tensor] = None, use_csr: Optional[bool] = None) -> "RowSum":
         """index_S: destinations. by_dest_S / per_dest_N: the source rows in destination order and
         the rows per destination, when the caller has them (else one sort and one count here).
+        by_dest_S must list each destination's sources in ascending order (CSR column order).
         use_csr: None picks by device and dtype (csr_sum_available); True forces it (tests)."""
         index_S = index_S.long()
         if use_csr is None:

@@ -53,7 +53,10 @@ def _silu_grad(z: torch.Tensor) -> torch.Tensor:
 
 class DeferredWeightGrads:
     """Weight-gradient inputs of every chunk of one pipelined backward; `flush()` turns them into
-    the experts' weight gradients (added to `.grad`, as autograd would)."""
+    the experts' weight gradients, added to `.grad` directly. Autograd's AccumulateGrad does not run
+    for them, so hooks registered with register_post_accumulate_grad_hook on the expert weights do
+    not fire (gradient hooks of data-parallel wrappers see the shared expert and router weights but
+    not these: reduce expert gradients after backward)."""
 
     def __init__(self, experts: GroupedExperts):
         self.experts = experts
@@ -72,17 +75,29 @@ class DeferredWeightGrads:
         ex = self.experts
         L = ex.num_local_experts
         counts = [sum(ch[1][e] for ch in self._chunks) for e in range(L)]
-        pieces = [[t.split(list(ch[1])) for t in ch[0]] for ch in self._chunks]  # chunk -> tensor -> expert
-        x, a_s, gy, g_hg, g_hu = (torch.cat([pieces[c][i][e] for e in range(L) for c in range(len(pieces))])
-                                  for i in range(5))
+        chunks, self._chunks = self._chunks, []
+        pieces = [[t.split(list(ch[1])) for t in ch[0]] for ch in chunks]  # chunk -> tensor -> expert
+        offsets_all = [ch[2] for ch in chunks]
+        del chunks
+        rows = []
+        for i in range(5):  # regroup one tensor at a time, dropping the chunks' copies as we go
+            rows.append(torch.cat([pieces[c][i][e] for e in range(L) for c in range(len(pieces))]))
+            for c in range(len(pieces)):
+                pieces[c][i] = None
+        x, a_s, gy, g_hg, g_hu = rows
+        del rows, pieces
         grouped = ex.grouped_mm_path() and x.shape[0] > 0 and x.dtype == ex.w_gate_LDF.dtype
         offsets = None
         if grouped:  # the chunks' end offsets add up to those of the summed counts (on the device)
-            offsets = sum(ch[2] for ch in self._chunks) if all(ch[2] is not None for ch in self._chunks) else \
+            offsets = sum(offsets_all) if all(o is not None for o in offsets_all) else \
                 torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
         grads = (_per_expert_outer(x, g_hg, counts, offsets, grouped),
                  _per_expert_outer(x, g_hu, counts, offsets, grouped),
                  _per_expert_outer(a_s, gy, counts, offsets, grouped))
+        if grouped:  # grouped_mm leaves groups without rows undefined on some GPUs: their gradient is 0
+            for e in (e for e, n in enumerate(counts) if n == 0):
+                for g in grads:
+                    g[e].zero_()
         for p, g in zip((ex.w_gate_LDF, ex.w_up_LDF, ex.w_down_LFD), grads):
             if p.requires_grad:
                 g = g.to(p.dtype)
@@ -90,7 +105,6 @@ class DeferredWeightGrads:
                     p.grad = g
                 else:
                     p.grad.add_(g)
-        self._chunks.clear()
 
 
 class DeferredSwiGLU(torch.autograd.Function):

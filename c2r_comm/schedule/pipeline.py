@@ -23,9 +23,12 @@ weight-gradient GEMMs run.
 
 The exchange thread is for CPU tensors (gloo), where an exchange blocks the thread that waits on
 it. On a GPU the autograd engine runs a CUDA backward, this layer's included, on its device thread;
-a backward started from a second thread would queue on that busy thread and never run. There an
-exchange only queues work on NCCL's stream (wait() makes the compute stream wait, the host does not
-block), so the same pieces run in the same order on the calling thread and the GPU overlaps them.
+a backward started from a second thread would queue on that busy thread and never run (an H200
+run hung so). There the same pieces run in the same order on the calling thread. The backward
+exchanges then overlap nothing yet. Each is one autograd Function whose backward starts the
+exchange and at once makes the compute stream wait for it, so every later kernel queues behind
+it. Forward overlap on a GPU is unaffected: every dispatch is issued before the first expert
+kernel. Backward overlap on a GPU needs a link whose backward is split into start and wait.
 
 Chunks are views of the layer's tokens (`tensor_split`: no copies); a rank may have fewer tokens
 than chunks (empty chunks still take part in every exchange) and ranks may hold different token
@@ -97,6 +100,8 @@ class ChunkPipeline:
 
     def __call__(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> PipelineRun:
         """Forward; the result's out_TD is differentiable w.r.t. x_TD, topk_weight_TK and every parameter."""
+        if not torch.is_grad_enabled():  # inference: no graphs to keep, no Function
+            return self.run_forward(x_TD, topk_idx_TK, topk_weight_TK)
         params = [p for m in (self.experts, self.shared_expert) if m is not None for p in m.parameters()]
         holder: list[PipelineRun] = []
         out_TD = _PipelinedMoE.apply(self, holder, x_TD, topk_weight_TK, topk_idx_TK, *params)
@@ -142,10 +147,17 @@ class ChunkPipeline:
     def run_backward(self, run: PipelineRun, grad_TD: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         grad_TD = grad_TD.contiguous()
         grads = grad_TD.tensor_split(len(run.chunks))
-        thread = self.exchange_thread if self.exchange_thread is not None else grad_TD.device.type == "cpu"
-        if thread:
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="c2r-comm-exchange") as comm:
+        on_cpu = grad_TD.device.type == "cpu"
+        if self.exchange_thread and not on_cpu:
+            raise ValueError("exchange_thread=True needs CPU tensors: on a GPU the layer's backward runs on the "
+                             "autograd engine's device thread, and a backward started from another thread would "
+                             "wait for it forever")
+        if self.exchange_thread if self.exchange_thread is not None else on_cpu:
+            comm = ThreadPoolExecutor(max_workers=1, thread_name_prefix="c2r-comm-exchange")
+            try:
                 self._backward_pieces(run, grads, grad_TD, comm.submit)
+            finally:  # on an error drop the queued exchanges; the one running ends or times out
+                comm.shutdown(wait=True, cancel_futures=True)
         else:
             self._backward_pieces(run, grads, grad_TD, _run_now)
         grad_x = _gather_grads([ch.x_leaf for ch in run.chunks], run.shared_x_leaf)
