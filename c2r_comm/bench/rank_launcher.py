@@ -1,4 +1,5 @@
-"""Start one process per rank inside the emulated nodes' namespaces, and supervise them.
+"""Start one process per rank inside the emulated nodes' namespaces, and supervise them; and
+`run_supervised`, the same hygiene for bench's own torchrun launch.
 
 Each rank gets torchrun's environment contract (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
 GROUP_RANK, MASTER_ADDR/PORT) plus GLOO_SOCKET_IFNAME naming its node's interface, so
@@ -34,9 +35,19 @@ class Interrupted(Exception):
         super().__init__(f"stopped by {signal.Signals(signum).name}")
 
 
+def set_parent_death_signal(signum: int = signal.SIGKILL) -> None:
+    """This process gets `signum` when its parent dies (Linux prctl; elsewhere nothing). If the parent
+    is already gone (re-parented before the call), exit at once."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signum))
+    if os.getppid() != parent:
+        os._exit(128 + int(signum))
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    set_parent_death_signal(signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -133,3 +144,44 @@ def signals_blocked():
 def restore_signal_handlers(previous: dict[int, object]) -> None:
     for s, h in previous.items():
         signal.signal(s, h)
+
+
+def run_supervised(cmd: Sequence[str], env: dict[str, str], grace_s: float = GRACE_S) -> int:
+    """Run `cmd` (e.g. torchrun) so that nothing outlives this process: it gets its own process group
+    and SIGTERM when this process dies; SIGINT/SIGTERM/SIGHUP here stop its whole group (SIGTERM,
+    then SIGKILL after grace_s) and return 128 + the signal. Otherwise its exit code."""
+    proc = subprocess.Popen(list(cmd), env=env, start_new_session=True,
+                            preexec_fn=lambda: set_parent_death_signal(signal.SIGTERM))
+    previous = install_signal_handlers()
+    try:
+        code = proc.wait()
+        return 128 - code if code < 0 else code
+    except Interrupted as stopped:
+        with signals_blocked():
+            _stop_group(proc, grace_s)
+        return 128 + stopped.signum
+    except BaseException:
+        with signals_blocked():
+            _stop_group(proc, grace_s)
+        raise
+    finally:
+        restore_signal_handlers(previous)
+
+
+def _stop_group(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM the child's process group, SIGKILL whatever of it is left after grace_s; reap the child.
+    (torchrun starts each rank in a session of its own: ranks die through their parent-death signal.)"""
+    _killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    _killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _killpg(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        pass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
+import signal
 import sys
 from typing import Optional, Sequence
 
@@ -19,6 +19,7 @@ from c2r_comm.bench.peers import PEERS, bench_peers, peer_names
 from c2r_comm.bench.overlap import OverlapResult, format_overlap, parse_overlap_degree
 from c2r_comm.bench.phases import measure_phases
 from c2r_comm.bench.profile import profile_layer
+from c2r_comm.bench.rank_launcher import run_supervised, set_parent_death_signal
 from c2r_comm.bench.report import format_phases, format_summary, format_table, write_json
 from c2r_comm.bootstrap import init_distributed, launched, shutdown
 from c2r_comm.config import Config, ConfigError, load_config, parse_topology, with_overrides
@@ -60,6 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlap-degree", default=None, type=parse_overlap_degree, metavar="C|auto",
                    help="also run the layer pipelined over C token chunks (or auto) and report exchange-only, "
                         "experts-only, serial and overlapped times and the overlap efficiency (implies --phases)")
+    p.add_argument("--die-with-parent", action="store_true",
+                   help="exit (SIGKILL) when the parent process dies; bench's own torchrun launch sets it on its ranks")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="after the timed iterations, profile 3 forward+backward steps per dispatcher with "
                         "torch.profiler: DIR/<dispatcher>_rank<r>.txt (ops by device time) and .json (Chrome trace)")
@@ -114,11 +117,13 @@ def dispatcher_names(args: argparse.Namespace) -> list[str]:
 
 
 def _relaunch_under_torchrun(world: int, argv: list[str]) -> int:
+    """torchrun with `world` local ranks; nothing of it outlives this process (rank_launcher.run_supervised):
+    torchrun gets SIGTERM when we die, and each rank SIGKILL when torchrun dies (--die-with-parent)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-           "-m", "c2r_comm", *argv]
+           "-m", "c2r_comm", *argv, "--die-with-parent"]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # ranks share the machine's cores
-    return subprocess.call(cmd, env=env)
+    return run_supervised(cmd, env)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -128,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
     world = config.parallel.world_size
     if world > 1 and not launched(os.environ):
         return _relaunch_under_torchrun(world, args.argv)
+    if args.die_with_parent:
+        set_parent_death_signal(signal.SIGKILL)
 
     ctx = init_distributed(config.run.timeout_s, config.run.device)
     try:

@@ -1,0 +1,64 @@
+"""bench's own torchrun launch leaves nothing running: SIGTERM, SIGINT or SIGKILL to the `c2r-comm
+bench` process ends torchrun and every rank within seconds (issue 14, defect 1)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc, uses prctl")
+
+
+def _processes_with(marker: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if marker.encode() in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _wait_for(predicate, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return predicate()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=lambda s: s.name)
+def test_signal_to_bench_leaves_no_process(tmp_path, signum):
+    marker = str(tmp_path / f"hygiene-{signum.name}.json")  # in the argv of the launcher, torchrun and every rank
+    cmd = [sys.executable, "-m", "c2r_comm", "bench", "--config", str(REPO / "configs" / "cpu_demo.yaml"),
+           "--topology", "1x2", "--iters", "100000", "--warmup-iters", "0", "--tokens-per-rank", "16",
+           "--hidden-size", "16", "--ffn-hidden-size", "16", "--dispatcher", "dedup", "--json", marker]
+    launcher = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        # the launcher, torchrun and 2 ranks are up
+        assert _wait_for(lambda: len(_processes_with(marker)) >= 4, 120), _processes_with(marker)
+        time.sleep(2)  # ranks inside the timed loop
+        launcher.send_signal(signum)
+        launcher.wait(timeout=30)
+        assert _wait_for(lambda: not _processes_with(marker), 15), f"left running: {_processes_with(marker)}"
+        if signum != signal.SIGKILL:
+            assert launcher.returncode == 128 + signum
+    finally:
+        for pid in _processes_with(marker):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
