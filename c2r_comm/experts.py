@@ -8,13 +8,15 @@ Two ways to run the local experts, same results to floating-point tolerance:
     launches). Used where `grouped_mm_available(device, dtype)` says the installed torch has a fast
     kernel for it, i.e. CUDA sm90/sm100 with bf16 (elsewhere torch's grouped_mm is a per-group loop,
     on CUDA with a host sync), and hidden/ffn rows are 16-byte aligned.
-  * loop: per-expert *views* of the stacked weights made once per forward with `unbind(0)`, so backward
-    stacks the weight grads once instead of zero-filling the whole [L, D, F] gradient per expert.
+  * loop: per-expert *views* of the stacked weights (one `unbind`), as one autograd node whose
+    backward writes each expert's weight gradient straight into the stacked [L, D, F] gradient (no
+    per-expert zero-fill of the whole gradient, no stack copy afterwards).
 """
 from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -98,22 +100,100 @@ def grouped_swiglu(x_PD: torch.Tensor, w_gate_LDF: torch.Tensor, w_up_LDF: torch
     return out_PD
 
 
+def per_expert_mm(x_PK: torch.Tensor, w_LKN: torch.Tensor, counts: Sequence[int], offsets_E: Optional[torch.Tensor],
+                  grouped: bool) -> torch.Tensor:
+    """Row block e of x times w[e], for every expert e (rows grouped by expert): one grouped GEMM,
+    or a loop over the experts' weight views."""
+    if grouped:
+        return grouped_mm_op()(x_PK, w_LKN, offs=offsets_E)
+    parts = [c @ w for c, w in zip(torch.split(x_PK, list(counts)), w_LKN.unbind(0))]
+    return torch.cat(parts) if parts else x_PK.new_zeros(0, w_LKN.shape[2])
+
+
+def per_expert_outer(a_PM: torch.Tensor, b_PN: torch.Tensor, counts: Sequence[int], offsets_E: Optional[torch.Tensor],
+                     grouped: bool) -> torch.Tensor:
+    """[L, M, N]: a_e^T b_e per expert (the weight gradient of a grouped projection), each written
+    straight into the stacked result (no per-expert temporaries stacked afterwards)."""
+    if grouped:
+        out = grouped_mm_op()(a_PM.t(), b_PN, offs=offsets_E)
+        for e in (e for e, n in enumerate(counts) if n == 0):  # undefined on some GPUs for empty groups
+            out[e].zero_()
+        return out
+    out = a_PM.new_empty(len(counts), a_PM.shape[1], b_PN.shape[1])
+    for e, (a, b) in enumerate(zip(torch.split(a_PM, list(counts)), torch.split(b_PN, list(counts)))):
+        torch.mm(a.t(), b, out=out[e])  # no rows: zeros
+    return out
+
+
+@dataclass(frozen=True)
+class SwiGLUSaved:
+    """What SwiGLU's backward needs from its forward (rows grouped by expert)."""
+
+    x: torch.Tensor
+    hg: torch.Tensor  # x Wg
+    hu: torch.Tensor  # x Wu
+    a: torch.Tensor  # silu(hg) * hu
+    a_s: torch.Tensor  # a * routing weight (a when there is none)
+
+
+def swiglu_rows_forward(x_PD, weight_P, w_gate, w_up, w_down, counts, offsets_E, grouped) -> tuple[torch.Tensor, SwiGLUSaved]:
+    """y = ((silu(x Wg) * x Wu) * s) Wd per expert, and what backward needs."""
+    hg = per_expert_mm(x_PD, w_gate, counts, offsets_E, grouped)
+    hu = per_expert_mm(x_PD, w_up, counts, offsets_E, grouped)
+    a = F.silu(hg) * hu
+    a_s = a if weight_P is None else a * weight_P.to(a.dtype).unsqueeze(1)
+    return per_expert_mm(a_s, w_down, counts, offsets_E, grouped), SwiGLUSaved(x_PD, hg, hu, a, a_s)
+
+
+def swiglu_rows_backward(saved: SwiGLUSaved, gy_PD, weight_P, w_gate, w_up, w_down, counts, offsets_E, grouped):
+    """Input gradients (gx, g_weight or None) and the weight-gradient inputs (g_hg, g_hu):
+    gWg = x^T g_hg, gWu = x^T g_hu, gWd = a_s^T gy, per expert."""
+    g_as = per_expert_mm(gy_PD, w_down.transpose(1, 2), counts, offsets_E, grouped)
+    g_weight, g_a = None, g_as
+    if weight_P is not None:
+        g_weight = (g_as * saved.a).sum(1).to(weight_P.dtype)
+        g_a = g_as * weight_P.to(g_as.dtype).unsqueeze(1)
+    g_hu = g_a * F.silu(saved.hg)
+    g_hg = torch.ops.aten.silu_backward(g_a * saved.hu, saved.hg)  # fused: grad * silu'(hg)
+    gx = per_expert_mm(g_hg, w_gate.transpose(1, 2), counts, offsets_E, grouped) + \
+        per_expert_mm(g_hu, w_up.transpose(1, 2), counts, offsets_E, grouped)
+    return gx, g_weight, g_hg, g_hu
+
+
+class _LoopSwiGLU(torch.autograd.Function):
+    """The loop path as one autograd node: per-expert GEMMs over weight views, and a backward that
+    writes each expert's weight gradient straight into the stacked [L, D, F] gradient (autograd over
+    `unbind` views would stack L separate gradients afterwards: a full extra copy per weight)."""
+
+    @staticmethod
+    def forward(ctx, counts, x_PD, weight_P, w_gate, w_up, w_down):
+        y, saved = swiglu_rows_forward(x_PD, weight_P, w_gate, w_up, w_down, counts, None, False)
+        ctx.counts, ctx.has_weight = counts, weight_P is not None
+        ctx.save_for_backward(saved.x, saved.hg, saved.hu, saved.a, saved.a_s,
+                              weight_P if weight_P is not None else x_PD.new_zeros(0), w_gate, w_up, w_down)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy_PD):
+        x, hg, hu, a, a_s, weight_P, w_gate, w_up, w_down = ctx.saved_tensors
+        counts, gy_PD = ctx.counts, gy_PD.contiguous()
+        saved = SwiGLUSaved(x, hg, hu, a, a_s)
+        gx, g_weight, g_hg, g_hu = swiglu_rows_backward(saved, gy_PD, weight_P if ctx.has_weight else None,
+                                                        w_gate, w_up, w_down, counts, None, False)
+        n = ctx.needs_input_grad
+        g_gate = per_expert_outer(x, g_hg, counts, None, False) if n[3] else None
+        g_up = per_expert_outer(x, g_hu, counts, None, False) if n[4] else None
+        g_down = per_expert_outer(a_s, gy_PD, counts, None, False) if n[5] else None
+        return None, gx if n[1] else None, g_weight if n[2] else None, g_gate, g_up, g_down
+
+
 def looped_swiglu(x_PD: torch.Tensor, tokens_per_expert: Sequence[int], w_gate_LDF: torch.Tensor,
                   w_up_LDF: torch.Tensor, w_down_LFD: torch.Tensor, weight_P: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Every local expert's SwiGLU on its rows, one expert at a time over per-expert weight views.
-
-    `unbind(0)` makes all L views in one autograd node, whose backward stacks the L weight grads once
-    (indexing w[i] per expert would zero-fill and add into the whole [L, D, F] grad L times).
-    """
-    chunks = torch.split(x_PD, list(tokens_per_expert))
-    weights = zip(w_gate_LDF.unbind(0), w_up_LDF.unbind(0), w_down_LFD.unbind(0))
-    # Empty chunks still run (a [0, D] matmul), so every weight gets a (zero) gradient.
-    if weight_P is None:
-        outs = [swiglu(c_ND, *w) for c_ND, w in zip(chunks, weights)]
-    else:
-        scales = torch.split(weight_P.to(x_PD.dtype).unsqueeze(1), list(tokens_per_expert))
-        outs = [swiglu(c_ND, *w, scale_N1=s_N1) for c_ND, w, s_N1 in zip(chunks, weights, scales)]
-    return torch.cat(outs) if outs else x_PD.new_zeros(0, x_PD.shape[1])
+    """Every local expert's SwiGLU on its rows, one expert at a time over per-expert weight views,
+    as one autograd node (_LoopSwiGLU). Empty experts still get a (zero) weight gradient."""
+    return _LoopSwiGLU.apply(tuple(int(n) for n in tokens_per_expert), x_PD, weight_P, w_gate_LDF, w_up_LDF,
+                             w_down_LFD)
 
 
 class GroupedExperts(nn.Module):

@@ -21,34 +21,9 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from c2r_comm.experts import GroupedExperts, grouped_mm_op
-
-
-def _per_expert_mm(x_PK: torch.Tensor, w_LKN: torch.Tensor, counts: Sequence[int], offsets_E: Optional[torch.Tensor],
-                   grouped: bool) -> torch.Tensor:
-    """Row block e of x times w[e], for every expert e (rows grouped by expert)."""
-    if grouped:
-        return grouped_mm_op()(x_PK, w_LKN, offs=offsets_E)
-    parts = [c @ w for c, w in zip(torch.split(x_PK, list(counts)), w_LKN.unbind(0))]
-    return torch.cat(parts) if parts else x_PK.new_zeros(0, w_LKN.shape[2])
-
-
-def _per_expert_outer(a_PM: torch.Tensor, b_PN: torch.Tensor, counts: Sequence[int], offsets_E: Optional[torch.Tensor],
-                      grouped: bool) -> torch.Tensor:
-    """[L, M, N]: a_e^T b_e per expert (the weight gradient of a grouped projection)."""
-    if grouped:
-        return grouped_mm_op()(a_PM.t(), b_PN, offs=offsets_E)
-    out = a_PM.new_empty(len(counts), a_PM.shape[1], b_PN.shape[1])
-    for e, (a, b) in enumerate(zip(torch.split(a_PM, list(counts)), torch.split(b_PN, list(counts)))):
-        torch.mm(a.t(), b, out=out[e])  # straight into the stacked gradient (no stack copy); no rows: zeros
-    return out
-
-
-def _silu_grad(z: torch.Tensor) -> torch.Tensor:
-    sig = torch.sigmoid(z)
-    return sig * (1 + z * (1 - sig))
+from c2r_comm.experts import (GroupedExperts, SwiGLUSaved, per_expert_outer, swiglu_rows_backward,
+                               swiglu_rows_forward)
 
 
 class DeferredWeightGrads:
@@ -91,13 +66,9 @@ class DeferredWeightGrads:
         if grouped:  # the chunks' end offsets add up to those of the summed counts (on the device)
             offsets = sum(offsets_all) if all(o is not None for o in offsets_all) else \
                 torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
-        grads = (_per_expert_outer(x, g_hg, counts, offsets, grouped),
-                 _per_expert_outer(x, g_hu, counts, offsets, grouped),
-                 _per_expert_outer(a_s, gy, counts, offsets, grouped))
-        if grouped:  # grouped_mm leaves groups without rows undefined on some GPUs: their gradient is 0
-            for e in (e for e, n in enumerate(counts) if n == 0):
-                for g in grads:
-                    g[e].zero_()
+        grads = (per_expert_outer(x, g_hg, counts, offsets, grouped),
+                 per_expert_outer(x, g_hu, counts, offsets, grouped),
+                 per_expert_outer(a_s, gy, counts, offsets, grouped))
         for p, g in zip((ex.w_gate_LDF, ex.w_up_LDF, ex.w_down_LFD), grads):
             if p.requires_grad:
                 g = g.to(p.dtype)
@@ -120,16 +91,12 @@ class DeferredSwiGLU(torch.autograd.Function):
             x_PD = x_PD.contiguous()
             if offsets_E is None:
                 offsets_E = torch.tensor(counts, device=x_PD.device).cumsum(0).to(torch.int32)
-        hg = _per_expert_mm(x_PD, w_gate, counts, offsets_E, grouped)
-        hu = _per_expert_mm(x_PD, w_up, counts, offsets_E, grouped)
-        a = F.silu(hg) * hu
-        s = None if weight_P is None else weight_P.to(a.dtype).unsqueeze(1)
-        a_s = a if s is None else a * s
+        y, saved = swiglu_rows_forward(x_PD, weight_P, w_gate, w_up, w_down, counts, offsets_E, grouped)
         ctx.sink, ctx.counts, ctx.offsets, ctx.grouped = sink, counts, offsets_E, grouped
         ctx.has_weight = weight_P is not None
-        ctx.save_for_backward(x_PD, hg, hu, a, a_s, weight_P if weight_P is not None else x_PD.new_zeros(0),
-                              w_gate, w_up, w_down)
-        return _per_expert_mm(a_s, w_down, counts, offsets_E, grouped)
+        ctx.save_for_backward(saved.x, saved.hg, saved.hu, saved.a, saved.a_s,
+                              weight_P if weight_P is not None else x_PD.new_zeros(0), w_gate, w_up, w_down)
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -137,17 +104,9 @@ class DeferredSwiGLU(torch.autograd.Function):
         x, hg, hu, a, a_s, weight_P, w_gate, w_up, w_down = ctx.saved_tensors
         counts, offsets, grouped = ctx.counts, ctx.offsets, ctx.grouped
         gy_PD = gy_PD.contiguous()
-        g_as = _per_expert_mm(gy_PD, w_down.transpose(1, 2), counts, offsets, grouped)
-        g_weight = None
-        if ctx.has_weight:
-            g_weight = (g_as * a).sum(1).to(weight_P.dtype)
-            g_a = g_as * weight_P.to(g_as.dtype).unsqueeze(1)
-        else:
-            g_a = g_as
-        g_hu = g_a * F.silu(hg)
-        g_hg = g_a * hu * _silu_grad(hg)
-        gx = _per_expert_mm(g_hg, w_gate.transpose(1, 2), counts, offsets, grouped) + \
-            _per_expert_mm(g_hu, w_up.transpose(1, 2), counts, offsets, grouped)
+        gx, g_weight, g_hg, g_hu = swiglu_rows_backward(SwiGLUSaved(x, hg, hu, a, a_s), gy_PD,
+                                                        weight_P if ctx.has_weight else None, w_gate, w_up, w_down,
+                                                        counts, offsets, grouped)
         ctx.sink.add((x, a_s, gy_PD, g_hg, g_hu), counts, offsets)
         return None, None, None, gx, g_weight, None, None, None
 
