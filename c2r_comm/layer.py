@@ -20,7 +20,7 @@ from c2r_comm.plan import PlacementPlan, load_layer_plan
 from c2r_comm.routing.factory import build_router
 from c2r_comm.routing.router import RouterOutput, TopKRouter
 from c2r_comm.groups import ProcessGroups
-from c2r_comm.schedule import ChunkPipeline, agree_overlap_degree, timed_serial_forward
+from c2r_comm.schedule import ChunkPipeline, agree_overlap_degree, serial_forward, timed_serial_forward
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -67,14 +67,8 @@ class MoELayer(nn.Module):
             run = ChunkPipeline(self.dispatcher, self.experts, self.shared_expert, self.overlap_degree)(
                 x_TD, topk_idx_TK, topk_weight_TK)
             return MoEOutput(run.out_TD, zero, tuple(ch.handle for ch in run.chunks))
-        batch, handle = self.dispatcher.dispatch(x_TD, topk_idx_TK, topk_weight_TK)
-        # Dispatchers that weight at the experts hand over weight_P; the experts apply it to their
-        # [P, F] activation (cheaper than scaling [P, D] outputs) and combine only sums.
-        y_PD = self.experts(batch.x_PD, batch.tokens_per_expert, batch.offsets_E, batch.weight_P)
-        out_TD = self.dispatcher.combine(y_PD, handle, weighted=batch.weight_P is not None)
-        if self.shared_expert is not None:
-            out_TD = out_TD + self.shared_expert(x_TD)
-        return MoEOutput(out_TD, zero, (handle,))
+        res = serial_forward(self.dispatcher, self.experts, self.shared_expert, x_TD, topk_idx_TK, topk_weight_TK)
+        return MoEOutput(res.out_TD, zero, (res.handle,))
 
     def forward(self, x_TD: torch.Tensor) -> MoEOutput:
         routing = self.router(x_TD)

@@ -16,7 +16,7 @@ from c2r_comm.dispatch.base import DispatchHandle, Dispatcher, ExpertBatch, Rout
 from c2r_comm.dispatch.comm import CountExchange
 from c2r_comm.dispatch.exchange_plan import ExchangePlan, StageTraffic
 from c2r_comm.dispatch.layout import RankGeometry, bucket_counts, expert_offsets
-from c2r_comm.dispatch.row_sum import RowSum, sources_by_destination
+from c2r_comm.dispatch.row_sum import RowSum, csr_sum_available, sources_by_destination
 from c2r_comm.dispatch.transport import Exchange, Pending, link
 
 
@@ -29,11 +29,13 @@ class AllToAllPlan(ExchangePlan):
         """Sum of the T*K sent rows into their tokens (k rows each): row of (token, k) from the
         inverse of pair_order_R, ascending per token with one small sort (no global sort)."""
         n, T, K = self.pair_order_R.shape[0], self.num_tokens, self.top_k
+        if not (csr_sum_available(self.pair_order_R.device, dtype) if use_csr is None else use_csr):
+            return RowSum.build(self.token_of_row_R, T, dtype, use_csr=False)  # index_add_: no order needed
         row_of_pair = torch.empty_like(self.pair_order_R).scatter_(
             0, self.pair_order_R, torch.arange(n, device=self.pair_order_R.device))
         by_token, per_token = sources_by_destination(row_of_pair.reshape(T, K),
                                                      torch.ones(T, K, dtype=torch.bool, device=row_of_pair.device), n)
-        return RowSum.build(self.token_of_row_R, T, dtype, by_token, per_token, use_csr)
+        return RowSum.build(self.token_of_row_R, T, dtype, by_token, per_token, use_csr=True)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from c2r_comm.dispatch.comm import CountExchange, metadata_dtype
 from c2r_comm.dispatch.exchange_plan import ExchangePlan, StageTraffic
 from c2r_comm.dispatch.layout import RankGeometry, SlotPairs, bucket_counts, expert_offsets, group_rows, pairs_by_slot
 from c2r_comm.dispatch.pack import RowFormat
-from c2r_comm.dispatch.row_sum import RowSum
+from c2r_comm.dispatch.row_sum import RowSum, csr_sum_available
 from c2r_comm.dispatch.transport import Exchange, Pending, link
 
 
@@ -74,21 +74,20 @@ def weighted_partials(expert_out_PD: torch.Tensor, weight_P: Optional[torch.Tens
 @dataclass(frozen=True)
 class DedupPlan(ExchangePlan):
     token_of_row_R: torch.Tensor  # int64 [T*K] (real rows first): source token of each sent row
-    row_by_token_R: torch.Tensor  # int64 [T*K]: the real rows in token order (then padding)
-    rows_per_token_T: torch.Tensor  # int64 [T]
+    row_by_token_R: Optional[torch.Tensor]  # int64 [T*K]: real rows in token order (None: no CSR sum)
+    rows_per_token_T: Optional[torch.Tensor]  # int64 [T]
     slot_RK: torch.Tensor  # [T*K, K] metadata_dtype: destination slot per choice, -1 elsewhere
     row_format: RowFormat
 
-
     def token_sum(self, rows: int, dtype: torch.dtype) -> RowSum:
-        """Sum of the first `rows` (the real) sent rows into their tokens, known without a sort."""
-        return RowSum.build(self.token_of_row_R[:rows], self.num_tokens, dtype, self.row_by_token_R[:rows],
-                            self.rows_per_token_T)
+        """Sum of the first `rows` (the real) sent rows into their tokens (the layout's token order
+        when it made one for a CSR sum)."""
+        by_token = None if self.row_by_token_R is None else self.row_by_token_R[:rows]
+        return RowSum.build(self.token_of_row_R[:rows], self.num_tokens, dtype, by_token, self.rows_per_token_T)
 
 
 @dataclass(frozen=True)
 class DedupHandle(DispatchHandle):
-    row_of_pair_P: torch.Tensor  # received row of each expert input row
     pair_sum: RowSum  # expert rows into their received rows (combine; dispatch backward)
     token_sum: RowSum  # sent rows into their tokens (combine's result; dispatch backward)
 
@@ -103,7 +102,7 @@ class DedupDispatcher(Dispatcher):
         e2r, e2s = geo.rank_of_expert_E, geo.slot_of_expert_E
         T, K = topk_idx_TK.shape
         rank_TK, slot_TK = e2r[topk_idx_TK], e2s[topk_idx_TK]
-        rows = group_rows(rank_TK, W)
+        rows = group_rows(rank_TK, W, with_token_order=csr_sum_available(x_TD.device, x_TD.dtype))
         pairs_WL = bucket_counts(rank_TK * L + slot_TK, W * L).reshape(W, L)
         meta = metadata_dtype(L)
         slot_RK = torch.where(rows.member_RK, slot_TK.index_select(0, rows.token_of_row_R), -1).to(meta)
@@ -133,12 +132,13 @@ class DedupDispatcher(Dispatcher):
         works = ex.start(send_RB, recv_RB)
 
         def finish() -> tuple[ExpertBatch, DedupHandle]:
-            pairs = pairs_by_slot(fmt.view(recv_RB, "id"), self.num_local_experts, sum(route.tokens_per_expert))
+            pairs = pairs_by_slot(fmt.view(recv_RB, "id"), self.num_local_experts, sum(route.tokens_per_expert),
+                                  with_row_order=csr_sum_available(x_TD.device, x_TD.dtype))
             pair_sum = pairs.row_sum(x_TD.dtype)
             token_sum = plan.token_sum(R, x_TD.dtype)
             x_PD, recv_w = link_token_rows(ex, fmt, recv_RB, x_TD, topk_weight_TK, token_sum, pairs, pair_sum)
             weight_P = recv_w.reshape(-1).index_select(0, pairs.choice_of_pair_P)
-            handle = DedupHandle(route, weight_P, self.rank, self.topology, pairs.row_of_pair_P, pair_sum, token_sum)
+            handle = DedupHandle(route, weight_P, self.rank, self.topology, pair_sum, token_sum)
             return ExpertBatch(x_PD, route.tokens_per_expert, route.offsets_E, weight_P), handle
 
         return Pending(works, finish, (send_RB, recv_RB))

@@ -28,7 +28,7 @@ from c2r_comm.dispatch.exchange_plan import ExchangePlan, StageTraffic
 from c2r_comm.dispatch.layout import (RankGeometry, bucket_counts, distinct_counts, expert_offsets, group_rows,
                                       pairs_by_slot)
 from c2r_comm.dispatch.pack import RowFormat
-from c2r_comm.dispatch.row_sum import RowSum
+from c2r_comm.dispatch.row_sum import RowSum, csr_sum_available
 from c2r_comm.dispatch.transport import Exchange, Pending, link
 from c2r_comm.groups import ProcessGroups
 from c2r_comm.plan import PlacementPlan
@@ -43,13 +43,10 @@ class HierarchicalPlan(ExchangePlan):
 
 @dataclass(frozen=True)
 class HierarchicalHandle(DispatchHandle):
-    token_of_cross_R: torch.Tensor  # source token of each stage A row (send order)
-    row_of_pair_P: torch.Tensor  # stage B received row of each expert input row
-    # where a stage B row's partial lands in one [T + arrivals] buffer: its own token (own rows)
-    # or T + its arrival index (rows that came over stage A)
-    target_of_row_R: torch.Tensor
     pair_sum: RowSum  # expert rows into their stage B rows
-    target_sum: RowSum  # stage B rows into [T + arrivals] by target_of_row_R
+    # stage B rows into one [T + arrivals] buffer: a row's partial lands on its own token (own
+    # rows) or on T + its arrival index (rows that came over stage A)
+    target_sum: RowSum
     cross_sum: RowSum  # stage A rows into their tokens
 
 
@@ -160,7 +157,8 @@ class HierarchicalDispatcher(Dispatcher):
                 work.wait()
             code_RK = fmt.view(recv_RB, "id").long()
             mine = (code_RK >= 0) & (torch.div(code_RK, L, rounding_mode="floor") == self.local_index)
-            pairs = pairs_by_slot(torch.where(mine, code_RK % L, L), L, sum(route.tokens_per_expert))
+            pairs = pairs_by_slot(torch.where(mine, code_RK % L, L), L, sum(route.tokens_per_expert),
+                                  with_row_order=csr_sum_available(x_TD.device, x_TD.dtype))
             own_pad = torch.cat([token_of_own, token_of_own.new_zeros(1)])  # safe gather when no own rows
             target = torch.where(fan_of_row < r_own, own_pad[fan_of_row.clamp(max=r_own)], T + fan_of_row - r_own)
             target_sum = RowSum.build(target, T + r_arrived, x_TD.dtype)
@@ -168,8 +166,7 @@ class HierarchicalDispatcher(Dispatcher):
             x_PD, recv_w = self._link_stage_b(ex_b, fmt, recv_RB, x_TD, topk_weight_TK, arr_x, arr_w, target_sum,
                                               pairs, pair_sum)
             weight_P = recv_w.reshape(-1).index_select(0, pairs.choice_of_pair_P)
-            handle = HierarchicalHandle(route, weight_P, self.rank, self.topology, token_of_cross,
-                                        pairs.row_of_pair_P, target, pair_sum, target_sum, cross_sum)
+            handle = HierarchicalHandle(route, weight_P, self.rank, self.topology, pair_sum, target_sum, cross_sum)
             return ExpertBatch(x_PD, route.tokens_per_expert, route.offsets_E, weight_P), handle
 
         return Pending(works, finish, (buf_RB,))

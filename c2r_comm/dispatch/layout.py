@@ -101,20 +101,22 @@ class SlotPairs:
     choice_of_pair_P: torch.Tensor  # int64 [pairs]: flat index row*K + k into the [rows, K] metadata
     # The pairs in received-row order and pairs per row: the structure of summing expert outputs
     # back into one partial per received row (row_sum.RowSum), ascending within a row.
-    pair_by_row_P: torch.Tensor  # int64 [pairs]
-    pairs_per_row_R: torch.Tensor  # int64 [rows]
+    pair_by_row_P: Optional[torch.Tensor]  # int64 [pairs] (None: with_row_order=False)
+    pairs_per_row_R: Optional[torch.Tensor]  # int64 [rows]
+    num_rows: int  # received rows
 
     def row_sum(self, dtype: torch.dtype) -> "RowSum":
         """Sum of expert rows into their received rows (combine; dispatch's backward)."""
-        return RowSum.build(self.row_of_pair_P, self.pairs_per_row_R.shape[0], dtype, self.pair_by_row_P,
-                            self.pairs_per_row_R)
+        return RowSum.build(self.row_of_pair_P, self.num_rows, dtype, self.pair_by_row_P, self.pairs_per_row_R)
 
 
-def pairs_by_slot(slot_RK: torch.Tensor, num_local_experts: int, num_pairs: int) -> SlotPairs:
+def pairs_by_slot(slot_RK: torch.Tensor, num_local_experts: int, num_pairs: int,
+                  with_row_order: bool = True) -> SlotPairs:
     """slot_RK: a local slot per (row, choice), anything outside 0..L-1 where that choice is not here.
 
     `num_pairs` (known from the count exchange) is how many choices are real; one stable sort
-    groups them by slot, keeping arrival order inside a slot.
+    groups them by slot, keeping arrival order inside a slot. with_row_order=False skips
+    pair_by_row_P / pairs_per_row_R (left None) where the row sums will not be CSR products.
     """
     R, K = slot_RK.shape
     flat = slot_RK.reshape(-1).long()
@@ -122,10 +124,13 @@ def pairs_by_slot(slot_RK: torch.Tensor, num_local_experts: int, num_pairs: int)
     key = torch.where(here, flat, num_local_experts)
     order = torch.sort(key, stable=True).indices
     choice = order[:num_pairs]
+    row_of_pair = torch.div(choice, max(K, 1), rounding_mode="floor")
+    if not with_row_order:
+        return SlotPairs(row_of_pair, choice, None, None, R)
     # Each row's pairs (ascending), from the pair position of every (row, k) choice.
     pair_of_choice = torch.empty_like(order).scatter_(0, order, torch.arange(R * K, device=order.device))
     pair_by_row, pairs_per_row = sources_by_destination(pair_of_choice.reshape(R, K), here.reshape(R, K), num_pairs)
-    return SlotPairs(torch.div(choice, max(K, 1), rounding_mode="floor"), choice, pair_by_row, pairs_per_row)
+    return SlotPairs(row_of_pair, choice, pair_by_row, pairs_per_row, R)
 
 
 def expert_offsets(pairs_per_slot_L: torch.Tensor) -> torch.Tensor:

@@ -35,9 +35,9 @@ def sources_by_destination(source_DK: torch.Tensor, valid_DK: torch.Tensor, num_
 
     One small sort per destination row (k entries: a batched sort, no global sort of the sources)
     makes the column indices ascending within each row, as cuSPARSE requires of CSR. No host sync:
-    `num_sources` (every valid entry, exactly once) comes from the count exchange.
+    `num_sources` is a host bound (at least the number of valid entries: from the count exchange, or
+    the padded T*K of a layout); the valid entries fill the first places of the result.
     """
-    D, K = source_DK.shape
     big = torch.iinfo(torch.int64).max
     ordered_DK = torch.sort(torch.where(valid_DK, source_DK, big), dim=1).values  # valid first, ascending
     keep = (ordered_DK != big).reshape(-1)

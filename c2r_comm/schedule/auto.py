@@ -76,24 +76,38 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def serial_forward(dispatcher: Dispatcher, experts: nn.Module, shared_expert: Optional[nn.Module],
+                   x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
+                   timed: bool = False) -> SerialTiming:
+    """The serial layer forward: dispatch -> experts -> combine (+ shared expert). Untimed it adds no
+    sync; timed (`timed_serial_forward`) the times are filled in, else 0."""
+    return timed_serial_forward(dispatcher, experts, shared_expert, x_TD, topk_idx_TK, topk_weight_TK,
+                                timer=None if not timed else time.perf_counter)
+
+
 def timed_serial_forward(dispatcher: Dispatcher, experts: nn.Module, shared_expert: Optional[nn.Module],
                          x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
-                         timer: Callable[[], float] = time.perf_counter,
+                         timer: Optional[Callable[[], float]] = time.perf_counter,
                          cpu_ticks: Callable[[], tuple[float, float]] = machine_cpu_ticks) -> SerialTiming:
-    """The serial layer forward (same result as the untimed one), timing exchange and experts
-    (wall clock `timer`; `cpu_ticks`: the machine's (idle, total) CPU tick counters)."""
+    """The serial layer forward, timing exchange and experts (wall clock `timer`; `cpu_ticks`: the
+    machine's (idle, total) CPU tick counters). timer=None: no timing and no device syncs."""
     device = x_TD.device
-    _sync(device)
-    t0, c0 = timer(), cpu_ticks()
+
+    def mark() -> tuple[float, tuple[float, float]]:
+        if timer is None:
+            return 0.0, (0.0, 0.0)
+        _sync(device)
+        return timer(), cpu_ticks()
+
+    t0, c0 = mark()
     batch, handle = dispatcher.dispatch(x_TD, topk_idx_TK, topk_weight_TK)
-    _sync(device)
-    t1, c1 = timer(), cpu_ticks()
+    # Dispatchers that weight at the experts hand over weight_P; the experts apply it to their
+    # [P, F] activation (cheaper than scaling [P, D] outputs) and combine only sums.
+    t1, c1 = mark()
     y_PD = experts(batch.x_PD, batch.tokens_per_expert, batch.offsets_E, batch.weight_P)
-    _sync(device)
-    t2, c2 = timer(), cpu_ticks()
+    t2, c2 = mark()
     out_TD = dispatcher.combine(y_PD, handle, weighted=batch.weight_P is not None)
-    _sync(device)
-    t3, c3 = timer(), cpu_ticks()
+    t3, c3 = mark()
     if shared_expert is not None:
         out_TD = out_TD + shared_expert(x_TD)
     idle = (c1[0] - c0[0]) + (c3[0] - c2[0])
