@@ -122,3 +122,17 @@ def init_distributed(timeout_s: float, device: str = "auto") -> DistContext:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def report_to_launcher(exc: BaseException) -> None:
+    """Hand a fatal error (e.g. a CommError) to torchrun, whose end-of-run summary then shows its
+    message instead of "To enable traceback see ...": torchrun names a per-rank error file in
+    TORCHELASTIC_ERROR_FILE. Under other launchers this does nothing (the rank prints the error)."""
+    if "TORCHELASTIC_ERROR_FILE" not in os.environ:
+        return
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+    try:
+        ErrorHandler().record_exception(exc)
+    except OSError:
+        pass  # the summary falls back to the exit code; the rank has printed the error itself

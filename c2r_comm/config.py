@@ -6,10 +6,12 @@ so a typo in a sweep fails once, up front, with a message a user can act on.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import types
 import typing
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -126,6 +128,9 @@ class PlacementConfig:
         _require(self.layer >= 0, "placement.layer", self.layer, "a 0-based layer index >= 0")
 
 
+MAX_TIMEOUT_S = timedelta.max.total_seconds() // 10  # well inside what timedelta and the process group hold
+
+
 @dataclass(frozen=True)
 class RunConfig:
     tokens_per_rank: int = 512
@@ -144,7 +149,8 @@ class RunConfig:
         _require(self.dtype in DTYPES, "run.dtype", self.dtype, f"one of {DTYPES}")
         _require(self.warmup_iters >= 0, "run.warmup_iters", self.warmup_iters, "an integer >= 0")
         _require(self.iters >= 1, "run.iters", self.iters, "an integer >= 1")
-        _require(self.timeout_s > 0, "run.timeout_s", self.timeout_s, "seconds > 0")
+        _require(math.isfinite(self.timeout_s) and 0 < self.timeout_s <= MAX_TIMEOUT_S, "run.timeout_s",
+                 self.timeout_s, f"a finite number of seconds > 0 (at most {MAX_TIMEOUT_S:.0f})")
         _require(self.device in DEVICES, "run.device", self.device, f"one of {DEVICES}")
 
 
@@ -239,8 +245,16 @@ def load_config(path: str | Path) -> Config:
     path = Path(path)
     if not path.is_file():
         raise ConfigError("--config", str(path), "an existing YAML file")
-    with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError("--config", str(path), f"a valid YAML file ({where}{problem})") from None
+    except UnicodeDecodeError:
+        raise ConfigError("--config", str(path), "a UTF-8 YAML text file") from None
     return config_from_dict(data)
 
 

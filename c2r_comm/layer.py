@@ -86,7 +86,8 @@ def build_moe_layer(config: Config, groups: ProcessGroups, device: torch.device,
     gate_rng = torch.Generator().manual_seed(run.seed)  # replicated router: same gate on every rank
     router = build_router(m, config.routing, plan, groups.topology, config.placement.layer, generator=gate_rng)
     router = router.to(device)
-    disp = build_dispatcher(dispatcher or config.dispatcher, plan, groups, m.hidden_size, run.debug_checks)
+    disp = build_dispatcher(dispatcher or config.dispatcher, plan, groups, m.hidden_size, run.debug_checks,
+                            label=f"layer {config.placement.layer}")
     experts = GroupedExperts.for_rank(plan, groups.rank, m.hidden_size, m.ffn_hidden_size, run.seed, dtype, device)
     shared = None
     if m.num_shared_experts:

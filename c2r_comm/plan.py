@@ -131,26 +131,81 @@ class PlanFile:
         Path(path).write_text(json.dumps(self.to_json(), indent=1))
 
     @classmethod
-    def from_json(cls, doc: Mapping[str, Any]) -> "PlanFile":
-        try:
-            topo = Topology(int(doc["topology"]["nodes"]), int(doc["topology"]["gpus_per_node"]))
-            num_experts = int(doc["num_experts"])
-            layers, metrics = {}, {}
-            for key, entry in doc["layers"].items():
-                plan = PlacementPlan(tuple(entry["expert_to_rank"]), topo.world_size)
+    def from_json(cls, doc: Any, source: str = "plan file") -> "PlanFile":
+        """Parse a plan document; `source` (e.g. "plan file PATH") starts every error. Nothing is coerced:
+        counts and ranks must be JSON integers (no floats, bools or strings)."""
+        def bad(where: str, value: Any, allowed: str) -> ValueError:
+            return ValueError(f"{source}: field '{where}' = {_short(value)} is invalid: allowed {allowed}")
+
+        def integer(where: str, value: Any, lo: int) -> int:
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= lo):
+                raise bad(where, value, f"an integer >= {lo}")
+            return value
+
+        def member(mapping: Any, key: str, where: str) -> Any:
+            if key not in mapping:
+                raise ValueError(f"{source}: missing field '{where}{key}'")
+            return mapping[key]
+
+        if not isinstance(doc, Mapping):
+            raise bad("<top level>", doc, "a JSON object with topology, num_experts and layers")
+        topo_doc = member(doc, "topology", "")
+        if not isinstance(topo_doc, Mapping):
+            raise bad("topology", topo_doc, "an object {nodes, gpus_per_node}")
+        topo = Topology(integer("topology.nodes", member(topo_doc, "nodes", "topology."), 1),
+                        integer("topology.gpus_per_node", member(topo_doc, "gpus_per_node", "topology."), 1))
+        num_experts = integer("num_experts", member(doc, "num_experts", ""), 1)
+        layers_doc = member(doc, "layers", "")
+        if not isinstance(layers_doc, Mapping):
+            raise bad("layers", layers_doc, 'an object keyed by 0-based layer index, e.g. {"0": {"expert_to_rank": '
+                                            "[...]}}")
+        layers, metrics = {}, {}
+        for key, entry in layers_doc.items():
+            if not (isinstance(key, str) and key.isdigit()):
+                raise bad(f"layers.{key}", entry, "keys that are 0-based layer indices (\"0\", \"1\", ...)")
+            if not isinstance(entry, Mapping):
+                raise bad(f"layers.{key}", entry, "an object {expert_to_rank, metrics}")
+            e2r = member(entry, "expert_to_rank", f"layers.{key}.")
+            allowed = "a list of integers (expert_to_rank[e] = the rank hosting expert e)"
+            if not isinstance(e2r, list):
+                raise bad(f"layers.{key}.expert_to_rank", e2r, allowed)
+            for e, r in enumerate(e2r):
+                if not isinstance(r, int) or isinstance(r, bool):
+                    raise bad(f"layers.{key}.expert_to_rank[{e}]", r, allowed)
+            try:
+                plan = PlacementPlan(tuple(e2r), topo.world_size)
                 plan.check_matches(num_experts, topo.world_size, what=f"plan file's header (layer {key})")
-                layers[int(key)] = plan
-                metrics[int(key)] = dict(entry.get("metrics", {}))
-            return cls(topo, num_experts, layers, str(doc.get("method", "unknown")), metrics, dict(doc.get("fit", {})))
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"malformed plan file: missing or wrong field {exc}") from exc
+            except ValueError as exc:
+                raise ValueError(f"{source}: layer {key}: {exc}") from None
+            layers[int(key)] = plan
+            layer_metrics = entry.get("metrics", {})
+            if not isinstance(layer_metrics, Mapping):
+                raise bad(f"layers.{key}.metrics", layer_metrics, "an object")
+            metrics[int(key)] = dict(layer_metrics)
+        fit = doc.get("fit", {})
+        if not isinstance(fit, Mapping):
+            raise bad("fit", fit, "an object")
+        return cls(topo, num_experts, layers, str(doc.get("method", "unknown")), metrics, dict(fit))
 
     @classmethod
     def load(cls, path: str | Path) -> "PlanFile":
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"plan file {path} does not exist")
-        return cls.from_json(json.loads(path.read_text()))
+        try:
+            doc = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ValueError(f"plan file {path} is not a JSON text file (not UTF-8): allowed a plan JSON written "
+                             "by `c2r-comm plan`") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"plan file {path} is not valid JSON: line {exc.lineno}, column {exc.colno}: "
+                             f"{exc.msg}") from None
+        return cls.from_json(doc, source=f"plan file {path}")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def load_layer_plan(path: Optional[str], layer: int, topology: Topology, num_experts: int) -> PlacementPlan:

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from c2r_comm.bench.timing import Timing, barrier, sync
 from c2r_comm.bench.wire import InterfaceBytes, interface_bytes
+from c2r_comm.comm_failures import group_site, guard
 from c2r_comm.dispatch import CommStats, ExchangePlan, traffic_stats
 from c2r_comm.layer import MoELayer
 
@@ -108,7 +109,8 @@ def world_stats(plans: Sequence[ExchangePlan], topology, device: torch.device,
     first = plans[0]
     traffic = torch.stack([p.traffic() for p in plans]).sum(0).reshape(-1)
     t = torch.cat([traffic, torch.tensor([sum(p.num_tokens for p in plans)])]).to(device)
-    dist.all_reduce(t, group=group)
+    with guard(group_site("benchmark traffic reduction", group)):
+        dist.all_reduce(t, group=group)
     t = t.cpu()
     traffic = t[:-1].reshape(len(first.stages), first.world_size, first.world_size)
     dispatch, combine = traffic_stats(traffic, first.stages, topology)
@@ -168,10 +170,11 @@ def measure_module(module: torch.nn.Module, step: Callable[[torch.Tensor], tuple
     wire_sent, wire_received = _wire_per_iteration(wire_start, network_interface, iters, topology, group, device)
     # Slowest rank per iteration.
     times = torch.tensor([fwd, bwd, total, [peak_memory_mb(device)] * iters], dtype=torch.float64, device=device)
-    dist.all_reduce(times, op=dist.ReduceOp.MAX, group=group)
-    fwd, bwd, total, peak = times.cpu().tolist()
     cpu_t = torch.tensor(cpu, dtype=torch.float64, device=device)
-    dist.all_reduce(cpu_t, group=group)  # summed over ranks, per iteration
+    with guard(group_site("benchmark time reduction", group)):
+        dist.all_reduce(times, op=dist.ReduceOp.MAX, group=group)
+        dist.all_reduce(cpu_t, group=group)  # summed over ranks, per iteration
+    fwd, bwd, total, peak = times.cpu().tolist()
     user_s, sys_s = cpu_t.cpu().median(0).values.tolist()
     return Measurement(0, CommStats(), CommStats(), Timing.of(fwd), Timing.of(bwd), user_s, sys_s, Timing.of(total),
                        peak[0], wire_sent, wire_received), keep
@@ -188,7 +191,8 @@ def _wire_per_iteration(start: Optional[InterfaceBytes], network_interface: Opti
     mine = [1.0, float(end.sent - start.sent), float(end.received - start.received)] \
         if (start is not None and end is not None and first_of_node) else [0.0, 0.0, 0.0]
     t = torch.tensor(mine, dtype=torch.float64, device=device)
-    dist.all_reduce(t, group=group)
+    with guard(group_site("benchmark wire-counter reduction", group)):
+        dist.all_reduce(t, group=group)
     nodes_read, sent, received = t.cpu().tolist()
     if nodes_read < topo.nodes:  # some node had no interface to read: no number rather than a partial one
         return None, None

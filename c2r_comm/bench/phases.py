@@ -21,6 +21,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from c2r_comm.bench.timing import Timing, barrier, sync
+from c2r_comm.comm_failures import group_site, guard
 from c2r_comm.layer import MoELayer
 
 FORWARD_PHASES = ("router", "layout", "count_exchange", "send", "experts", "combine")
@@ -109,9 +110,10 @@ def measure_phases(layer: MoELayer, x_TD: torch.Tensor, grad_TD: torch.Tensor, w
     names = [("f", p) for p in FORWARD_PHASES] + [("b", p) for p in BACKWARD_PHASES]
     clock = {"f": fwd, "b": bwd}
     times = torch.tensor([clock[d].samples[p] for d, p in names], dtype=torch.float64, device=device)
-    dist.all_reduce(times, op=dist.ReduceOp.MAX, group=group)
     cpu = torch.tensor([clock[d].cpu[p] for d, p in names], dtype=torch.float64, device=device)
-    dist.all_reduce(cpu, group=group)
+    with guard(group_site("benchmark phase-time reduction", group)):
+        dist.all_reduce(times, op=dist.ReduceOp.MAX, group=group)
+        dist.all_reduce(cpu, group=group)
     per = {(d, p): Timing.of(r) for (d, p), r in zip(names, times.cpu().tolist())}
     cpu_s = {(d, p): float(torch.tensor(r).median()) for (d, p), r in zip(names, cpu.cpu().tolist())}
     return PhaseTimes({p: per["f", p] for p in FORWARD_PHASES}, {p: per["b", p] for p in BACKWARD_PHASES},

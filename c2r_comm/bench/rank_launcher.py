@@ -1,18 +1,21 @@
-"""Start one process per rank inside the emulated nodes' namespaces, and supervise them; and
-`run_supervised`, the same hygiene for bench's own torchrun launch.
+"""Start one process per rank, on this machine (bench's own launch) or inside the emulated nodes'
+namespaces, and supervise them.
 
 Each rank gets torchrun's environment contract (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
-GROUP_RANK, MASTER_ADDR/PORT) plus GLOO_SOCKET_IFNAME naming its node's interface, so
-`c2r-comm bench` joins the world exactly as under torchrun. Supervision is torchrun's: the first
-rank to fail ends the run (the others are stopped) and its exit code is returned. Ranks die with
-the launcher: they carry a parent-death signal (SIGKILL), and on SIGINT/SIGTERM the launcher stops
-them (SIGTERM, then SIGKILL after a grace period) before it returns.
+GROUP_RANK, MASTER_ADDR/PORT; in namespaces also GLOO_SOCKET_IFNAME naming its node's interface),
+so `c2r-comm bench` joins the world exactly as under torchrun. Supervision: when a rank fails, the
+others get `SETTLE_S` to end on their own (a peer's failure makes them raise a CommError naming
+it, comm_failures.py), then what is left is stopped; the first failure's exit code is returned and
+one line per rank that ended abnormally is printed. Ranks die with the launcher: they carry a
+parent-death signal (SIGKILL), and on SIGINT/SIGTERM the launcher stops them (SIGTERM, then SIGKILL
+after a grace period) before it returns.
 """
 from __future__ import annotations
 
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,9 +24,11 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from c2r_comm.bench.netns import EmulatedNodes
+from c2r_comm.comm_failures import EXIT_COMM_ERROR, REPORT_WAIT_S
 
 MASTER_PORT = 29500  # node 0's namespace is fresh: nothing else listens there
 GRACE_S = 5.0
+SETTLE_S = REPORT_WAIT_S + 8.0  # after a failure, time the other ranks get to report theirs and exit
 PR_SET_PDEATHSIG = 1
 
 
@@ -69,13 +74,49 @@ def rank_env(em: EmulatedNodes, gpus_per_node: int, rank: int, base: dict[str, s
 
 def start_ranks(em: EmulatedNodes, gpus_per_node: int, argv: Sequence[str]) -> list[RankProcess]:
     """`python -m c2r_comm *argv` once per rank, inside its node's namespace."""
+    world = em.nodes * gpus_per_node
+    return _start([[*em.exec_prefix(r // gpus_per_node), sys.executable, "-m", "c2r_comm", *argv] for r in range(world)],
+                  [rank_env(em, gpus_per_node, r, dict(os.environ)) for r in range(world)], gpus_per_node)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_rank_env(world: int, rank: int, port: int, base: dict[str, str]) -> dict[str, str]:
+    env = dict(base)
+    env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+               GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env.setdefault("OMP_NUM_THREADS", "1")  # ranks share the machine's cores
+    return env
+
+
+def run_local_ranks(cmd: Sequence[str], world: int, base_env: Optional[dict[str, str]] = None) -> int:
+    """Run `cmd` as `world` ranks on this machine (rank 0 hosts the rendezvous on a free port) and
+    supervise them; nothing outlives this call. SIGINT/SIGTERM/SIGHUP stop every rank and return
+    128 + the signal; otherwise the first failure's exit code (see supervise), or 0."""
+    port, env = _free_port(), dict(os.environ if base_env is None else base_env)
+    previous = install_signal_handlers()
     procs: list[RankProcess] = []
     try:
-        for rank in range(em.nodes * gpus_per_node):
-            node = rank // gpus_per_node
-            cmd = [*em.exec_prefix(node), sys.executable, "-m", "c2r_comm", *argv]
-            procs.append(RankProcess(rank, node, subprocess.Popen(
-                cmd, env=rank_env(em, gpus_per_node, rank, dict(os.environ)), preexec_fn=_die_with_parent)))
+        procs = _start([list(cmd)] * world, [local_rank_env(world, r, port, env) for r in range(world)], world)
+        code, _ = supervise(procs)
+        return code
+    except Interrupted as stopped:
+        stop(procs)
+        return 128 + stopped.signum
+    finally:
+        restore_signal_handlers(previous)
+
+
+def _start(cmds: Sequence[Sequence[str]], envs: Sequence[dict[str, str]], gpus_per_node: int) -> list[RankProcess]:
+    procs: list[RankProcess] = []
+    try:
+        for rank, (cmd, env) in enumerate(zip(cmds, envs)):
+            procs.append(RankProcess(rank, rank // gpus_per_node,
+                                     subprocess.Popen(list(cmd), env=env, preexec_fn=_die_with_parent)))
     except BaseException:
         stop(procs)
         raise
@@ -101,22 +142,52 @@ def _stop(procs: Sequence[RankProcess], grace_s: float) -> None:
             p.proc.wait()
 
 
-def supervise(procs: Sequence[RankProcess], poll_s: float = 0.1) -> tuple[int, Optional[int]]:
-    """Wait for every rank; on the first failure stop the others. Returns (exit code, failed rank)."""
+def supervise(procs: Sequence[RankProcess], poll_s: float = 0.1,
+              settle_s: float = SETTLE_S) -> tuple[int, Optional[int]]:
+    """Wait for every rank. On the first failure give the others settle_s to end on their own (so
+    they report what they saw), then stop the rest and print one line per rank that ended badly.
+    Returns (exit code of the first failure, its rank)."""
     try:
         while True:
             codes = [p.proc.poll() for p in procs]
             failed = [(p, c) for p, c in zip(procs, codes) if c not in (None, 0)]
             if failed:
                 first, code = failed[0]
+                deadline = time.monotonic() + settle_s
+                while time.monotonic() < deadline and any(p.proc.poll() is None for p in procs):
+                    time.sleep(poll_s)
+                left = [p.rank for p in procs if p.proc.poll() is None]
                 stop(procs)
-                return (128 - code if code < 0 else code), first.rank  # killed by signal N: 128 + N
+                _print_endings(procs, left)
+                return _exit_status(code), first.rank
             if all(c == 0 for c in codes):
                 return 0, None
             time.sleep(poll_s)
     except BaseException:
         stop(procs)
         raise
+
+
+def _exit_status(code: int) -> int:
+    return 128 - code if code < 0 else code  # killed by signal N: 128 + N
+
+
+def _print_endings(procs: Sequence[RankProcess], stopped: Sequence[int]) -> None:
+    """One line per rank that did not exit 0: killed by a signal, a CommError (reported above by
+    the rank itself), another error, or stopped here because its peers had failed."""
+    for p in procs:
+        code = p.proc.returncode
+        if p.rank in stopped:
+            what = "was still running after its peers failed: stopped"
+        elif code < 0:
+            what = f"was killed by {signal.Signals(-code).name}"
+        elif code == EXIT_COMM_ERROR:
+            what = "ended on a communication error (its message is above)"
+        elif code:
+            what = f"exited with {code}"
+        else:
+            continue
+        print(f"c2r-comm: rank {p.rank} {what}", file=sys.stderr)
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -144,44 +215,3 @@ def signals_blocked():
 def restore_signal_handlers(previous: dict[int, object]) -> None:
     for s, h in previous.items():
         signal.signal(s, h)
-
-
-def run_supervised(cmd: Sequence[str], env: dict[str, str], grace_s: float = GRACE_S) -> int:
-    """Run `cmd` (e.g. torchrun) so that nothing outlives this process: it gets its own process group
-    and SIGTERM when this process dies; SIGINT/SIGTERM/SIGHUP here stop its whole group (SIGTERM,
-    then SIGKILL after grace_s) and return 128 + the signal. Otherwise its exit code."""
-    proc = subprocess.Popen(list(cmd), env=env, start_new_session=True,
-                            preexec_fn=lambda: set_parent_death_signal(signal.SIGTERM))
-    previous = install_signal_handlers()
-    try:
-        code = proc.wait()
-        return 128 - code if code < 0 else code
-    except Interrupted as stopped:
-        with signals_blocked():
-            _stop_group(proc, grace_s)
-        return 128 + stopped.signum
-    except BaseException:
-        with signals_blocked():
-            _stop_group(proc, grace_s)
-        raise
-    finally:
-        restore_signal_handlers(previous)
-
-
-def _stop_group(proc: subprocess.Popen, grace_s: float) -> None:
-    """SIGTERM the child's process group, SIGKILL whatever of it is left after grace_s; reap the child.
-    (torchrun starts each rank in a session of its own: ranks die through their parent-death signal.)"""
-    _killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        pass
-    _killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def _killpg(pgid: int, signum: int) -> None:
-    try:
-        os.killpg(pgid, signum)
-    except ProcessLookupError:
-        pass

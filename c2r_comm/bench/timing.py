@@ -7,6 +7,8 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+from c2r_comm.comm_failures import group_site, guard
+
 
 @dataclass(frozen=True)
 class Timing:
@@ -26,7 +28,8 @@ def sync(device: torch.device) -> None:
 
 
 def barrier(group: Any, device: torch.device) -> None:
-    if device.type == "cuda":  # NCCL barrier on this rank's own GPU
-        dist.barrier(group=group, device_ids=[device.index])
-    else:
-        dist.barrier(group=group)
+    with guard(group_site("benchmark barrier", group)):
+        if device.type == "cuda":  # NCCL barrier on this rank's own GPU
+            dist.barrier(group=group, device_ids=[device.index])
+        else:
+            dist.barrier(group=group)

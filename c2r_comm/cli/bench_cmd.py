@@ -1,8 +1,10 @@
 """`c2r-comm bench`: forward + backward of the MoE layer with each dispatcher; rows, bytes and times.
 
-Run it plainly and it starts torchrun itself with nodes*gpus_per_node local ranks (nodes are
-emulated on one machine: the topology decides which links count as cross-node); under torchrun or
-mpirun it joins the launcher's world.
+Run it plainly and it starts nodes*gpus_per_node local ranks itself (torchrun's environment
+contract, rank_launcher.run_local_ranks; nodes are emulated on one machine: the topology decides
+which links count as cross-node); under torchrun or mpirun it joins the launcher's world. A peer
+that fails mid-run makes every surviving rank print one CommError line naming itself, the peers
+and the phase, and exit with EXIT_COMM_ERROR (comm_failures.py).
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import argparse
 import os
 import signal
 import sys
+import tempfile
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -19,12 +23,14 @@ from c2r_comm.bench.peers import PEERS, bench_peers, peer_names
 from c2r_comm.bench.overlap import OverlapResult, format_overlap, parse_overlap_degree
 from c2r_comm.bench.phases import measure_phases
 from c2r_comm.bench.profile import profile_layer
-from c2r_comm.bench.rank_launcher import run_supervised, set_parent_death_signal
+from c2r_comm.bench.rank_launcher import run_local_ranks, set_parent_death_signal
 from c2r_comm.bench.report import format_phases, format_summary, format_table, write_json
-from c2r_comm.bootstrap import init_distributed, launched, shutdown
+from c2r_comm.bootstrap import init_distributed, launched, report_to_launcher, shutdown
+from c2r_comm.comm_failures import EXIT_COMM_ERROR, CommError
 from c2r_comm.config import Config, ConfigError, load_config, parse_topology, with_overrides
 from c2r_comm.dispatch import DISPATCHERS
 from c2r_comm.layer import DTYPES, build_moe_layer
+from c2r_comm.plan import PlanFile
 from c2r_comm.routing.trace import RoutingTrace, parse_layers, parse_range
 from c2r_comm.groups import build_process_groups
 from c2r_comm.topology import Topology
@@ -103,7 +109,61 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Optional[RoutingTr
             raise ConfigError("--tokens-per-rank", config.run.tokens_per_rank,
                               f"at most {most}: the selected trace has {trace.num_tokens} tokens for "
                               f"{config.parallel.world_size} ranks")
+    check_plan(config, layers, "--plan" if args.plan else "placement.plan")
+    if not launched(os.environ):  # this process would start the ranks: refuse what they would fail on
+        check_before_launch(config, args.json)
     return config, trace, layers
+
+
+def check_plan(config: Config, layers: Sequence[int], flag: str = "placement.plan") -> None:
+    """The plan file (if any) loads and holds a plan of every benchmarked layer for this topology and
+    expert count: refused once, here, instead of on every rank after the launch."""
+    path = config.placement.plan
+    if path is None:
+        return
+    try:
+        plans = PlanFile.load(path)
+    except ValueError as exc:
+        raise ValueError(f"{flag}: {exc}") from None
+    for layer in layers:
+        try:
+            plans.plan_for_layer(layer, _topology(config), config.model.num_experts)
+        except ValueError as exc:
+            raise ValueError(f"{flag} {path}: {exc}") from None
+
+
+def check_before_launch(config: Config, json_path: Optional[str]) -> None:
+    """What would otherwise fail only after the ranks started (or after the whole benchmark): GPUs for
+    run.device 'cuda' (the launch puts every rank on this machine) and a writable --json path."""
+    world = config.parallel.world_size
+    if config.run.device == "cuda":
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus < world:  # the check bootstrap.pick_device makes on each rank, done before the launch
+            raise ConfigError("run.device", "cuda", f"'cpu' or 'auto' (CPU when GPUs are short): 'cuda' needs one "
+                                                    f"GPU per local rank, {world} local ranks but {gpus} GPUs")
+    if json_path is not None:
+        check_writable(json_path, "--json")
+
+
+def check_writable(path: str, flag: str) -> None:
+    """`path` can be written later (its missing folders created, as write_json does); tried with a
+    temporary file in the nearest existing folder, which is removed again."""
+    target = Path(path).resolve()
+    if target.is_dir():
+        raise ConfigError(flag, path, "a file path (this is a directory)")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise ConfigError(flag, path, "a writable file (this one is read-only)")
+    folder = target.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(flag, path, f"a path in a directory ({folder} is not a directory)")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".c2r-write-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(flag, path, f"a path in a writable directory (cannot create a file in {folder}: "
+                                      f"{exc.strerror})") from None
 
 
 def dispatcher_names(args: argparse.Namespace) -> list[str]:
@@ -116,14 +176,10 @@ def dispatcher_names(args: argparse.Namespace) -> list[str]:
     return names
 
 
-def _relaunch_under_torchrun(world: int, argv: list[str]) -> int:
-    """torchrun with `world` local ranks; nothing of it outlives this process (rank_launcher.run_supervised):
-    torchrun gets SIGTERM when we die, and each rank SIGKILL when torchrun dies (--die-with-parent)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-           "-m", "c2r_comm", *argv, "--die-with-parent"]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")  # ranks share the machine's cores
-    return run_supervised(cmd, env)
+def _launch_local_ranks(world: int, argv: list[str]) -> int:
+    """`world` ranks of this same command on this machine (rank_launcher.run_local_ranks): nothing of
+    it outlives this process, a rank's failure ends the run with one line per rank that ended badly."""
+    return run_local_ranks([sys.executable, "-m", "c2r_comm", *argv], world)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -132,32 +188,41 @@ def run(args: argparse.Namespace) -> int:
     peers = peer_names(getattr(args, "peers", None))  # unknown or not installed: exit 2 before any rank starts
     world = config.parallel.world_size
     if world > 1 and not launched(os.environ):
-        return _relaunch_under_torchrun(world, args.argv)
+        return _launch_local_ranks(world, args.argv)
     if args.die_with_parent:
         set_parent_death_signal(signal.SIGKILL)
 
     ctx = init_distributed(config.run.timeout_s, config.run.device)
     try:
-        config.check_world_size(ctx.world_size)
-        groups = build_process_groups(_topology(config), config.run.timeout_s)
-        records = [r for layer in layers for r in
-                   bench_all(with_overrides(config, {"placement.layer": layer}), trace, names, groups, ctx.device,
-                             show=ctx.rank == 0, phases=args.phases, network_interface=args.wire_interface,
-                             peers=peers, profile_dir=args.profile, overlap_degree=args.overlap_degree)]
-        if ctx.rank == 0:
-            print(describe(config, trace, layers, args) + f", {ctx.backend} on {ctx.device.type}")
-            print(format_table(records))
-            if args.phases or args.overlap_degree is not None:
-                print(format_phases(records))
-            if args.overlap_degree is not None:
-                print(format_overlap([(r.dispatcher, r.overlap) for r in records if r.overlap is not None]))
-            if len(layers) > 1:
-                print(format_summary(records))
-            if args.json:
-                write_json(records, args.json)
-                print(f"wrote {args.json}")
+        return _bench_ranks(args, config, trace, layers, names, peers, ctx)
+    except CommError as exc:  # one line, no traceback: the error names rank, peers and phase
+        print(f"c2r-comm bench: {exc}", file=sys.stderr, flush=True)
+        report_to_launcher(exc)
+        return EXIT_COMM_ERROR
     finally:
         shutdown()
+
+
+def _bench_ranks(args: argparse.Namespace, config: Config, trace: Optional[RoutingTrace], layers: list[int],
+                 names: list[str], peers: Sequence[str], ctx) -> int:
+    config.check_world_size(ctx.world_size)
+    groups = build_process_groups(_topology(config), config.run.timeout_s)
+    records = [r for layer in layers for r in
+               bench_all(with_overrides(config, {"placement.layer": layer}), trace, names, groups, ctx.device,
+                         show=ctx.rank == 0, phases=args.phases, network_interface=args.wire_interface,
+                         peers=peers, profile_dir=args.profile, overlap_degree=args.overlap_degree)]
+    if ctx.rank == 0:
+        print(describe(config, trace, layers, args) + f", {ctx.backend} on {ctx.device.type}")
+        print(format_table(records))
+        if args.phases or args.overlap_degree is not None:
+            print(format_phases(records))
+        if args.overlap_degree is not None:
+            print(format_overlap([(r.dispatcher, r.overlap) for r in records if r.overlap is not None]))
+        if len(layers) > 1:
+            print(format_summary(records))
+        if args.json:
+            write_json(records, args.json)
+            print(f"wrote {args.json}")
     return 0
 
 

@@ -63,6 +63,24 @@ def format_table(stats: CollaborationStats, layers: list[int], nodes: int) -> st
     return "\n".join(rows)
 
 
+def _heatmap_plan(args: argparse.Namespace, layers: list[int], topology: Topology, num_experts: int) -> PlacementPlan:
+    """The placement ordering the heatmap: --plan's for the heatmap layer (checked against the trace and
+    --topology), else contiguous."""
+    hl = layers[0] if args.heatmap_layer is None else args.heatmap_layer
+    if args.heatmap and hl not in layers:
+        raise ValueError(f"--heatmap-layer {hl} was not profiled: allowed one of {layers}")
+    if not (args.plan and args.heatmap):  # only the heatmap uses the plan
+        return PlacementPlan.contiguous(num_experts, topology.world_size)
+    try:
+        plans = PlanFile.load(args.plan)
+    except ValueError as exc:
+        raise ValueError(f"--plan: {exc}") from None
+    try:
+        return plans.plan_for_layer(hl, topology, num_experts)
+    except ValueError as exc:
+        raise ValueError(f"--plan {args.plan}: {exc}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     topology = Topology(*parse_topology(args.topology))
     if args.heatmap and not matplotlib_available():
@@ -79,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     trace = trace.select_prompts(*parse_range(args.prompts))
     layers = parse_layers(args.layers or "all", trace.num_layers)
     trace = trace.select_layers(layers)
+    heatmap_plan = _heatmap_plan(args, layers, topology, trace.num_experts)  # refused before any profiling
     stats = dataclasses.replace(profile_trace(trace, topology, args.batch_tokens), layer_ids=np.asarray(layers))
     print(f"{source}: {trace.num_prompts} prompts, {trace.num_tokens} tokens, {trace.num_experts} experts, "
           f"top-{trace.top_k}; contiguous placement on {topology} ({topology.world_size} GPUs)")
@@ -88,11 +107,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}")
     if args.heatmap:
         hl = layers[0] if args.heatmap_layer is None else args.heatmap_layer
-        if hl not in layers:
-            raise ValueError(f"--heatmap-layer {hl} was not profiled: allowed one of {layers}")
-        plan = (PlanFile.load(args.plan).plan_for_layer(hl, topology, trace.num_experts) if args.plan
-                else PlacementPlan.contiguous(trace.num_experts, topology.world_size))
-        save_coactivation_png(args.heatmap, stats.counts_LEE[layers.index(hl)], plan, topology,
+        save_coactivation_png(args.heatmap, stats.counts_LEE[layers.index(hl)], heatmap_plan, topology,
                               f"co-activations, layer {hl} ({'plan ' + args.plan if args.plan else 'contiguous'})")
         print(f"wrote {args.heatmap}")
     return 0

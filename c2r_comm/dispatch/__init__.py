@@ -5,6 +5,8 @@ combine_start / wait; `dispatch()` and `combine()` compose them. See base.py.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from c2r_comm.dispatch.alltoall import AllToAllDispatcher
 from c2r_comm.dispatch.base import DispatchHandle, Dispatcher, ExpertBatch, Route
 from c2r_comm.dispatch.comm import InputError, StatusCode
@@ -23,10 +25,11 @@ DISPATCHERS: dict[str, type[Dispatcher]] = {
 
 
 def build_dispatcher(name: str, plan: PlacementPlan, groups: ProcessGroups, hidden_size: int,
-                     debug_checks: bool = False) -> Dispatcher:
+                     debug_checks: bool = False, label: Optional[str] = None) -> Dispatcher:
+    """label: what failure reports call the layer (e.g. "layer 3")."""
     if name not in DISPATCHERS:
         raise ValueError(f"dispatcher {name!r} is unknown: allowed {sorted(DISPATCHERS)}")
-    return DISPATCHERS[name](plan, groups, hidden_size, debug_checks)
+    return DISPATCHERS[name](plan, groups, hidden_size, debug_checks, label)
 
 
 __all__ = ["AllToAllDispatcher", "CommStats", "DedupDispatcher", "DispatchHandle", "Dispatcher", "ExchangePlan",

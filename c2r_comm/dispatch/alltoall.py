@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from c2r_comm.comm_failures import CommSite
 from c2r_comm.dispatch.base import DispatchHandle, Dispatcher, ExpertBatch, Route, RouteStage
 from c2r_comm.dispatch.comm import CountExchange
 from c2r_comm.dispatch.exchange_plan import ExchangePlan, StageTraffic
@@ -76,9 +77,9 @@ class AllToAllDispatcher(Dispatcher):
         return AllToAllPlan(AllToAllDispatcher.name, rank, W, T, x_TD.shape[1], K, (stage,), counts_WL, status,
                             status_detail, agree, order, torch.div(order, max(K, 1), rounding_mode="floor"))
 
-    def _route(self, plan: AllToAllPlan, counts: CountExchange) -> Route:
+    def _route(self, plan: AllToAllPlan, counts: CountExchange, site: CommSite) -> Route:
         ex = Exchange(self.groups.ep, tuple(range(self.world_size)), tuple(counts.sent_WC.sum(1).tolist()),
-                      tuple(counts.recv_WC.sum(1).tolist()), sparse=False)
+                      tuple(counts.recv_WC.sum(1).tolist()), sparse=False, site=site.at(stage="all2all"))
         st = plan.stages[0]
         return Route(plan, (RouteStage(ex, ex.peers, st.dispatch_row_bytes, st.combine_row_bytes),),
                      tuple(counts.recv_WC.sum(0).tolist()), expert_offsets(counts.recv_device_WC.sum(0)), counts)

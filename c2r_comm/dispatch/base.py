@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from c2r_comm.comm_failures import CommSite
 from c2r_comm.dispatch.comm import (CountExchange, StatusCode, agree_on_status, check_same_on_all_ranks,
                                     exchange_counts)
 from c2r_comm.dispatch.exchange_plan import CommStats, ExchangePlan, stats_of_messages
@@ -144,8 +145,11 @@ class Dispatcher(ABC):
 
     name: str = "base"
 
-    def __init__(self, plan: PlacementPlan, groups: ProcessGroups, hidden_size: int, debug_checks: bool = False):
+    def __init__(self, plan: PlacementPlan, groups: ProcessGroups, hidden_size: int, debug_checks: bool = False,
+                 label: Optional[str] = None):
+        """label: what failure reports call this dispatcher's layer (e.g. "layer 3")."""
         world = dist.get_world_size(groups.ep)
+        self.label = label
         self.plan, self.groups, self.hidden_size = plan, groups, hidden_size
         self.topology = groups.topology
         self.rank = dist.get_rank(groups.ep)
@@ -219,13 +223,15 @@ class Dispatcher(ABC):
         """The dispatcher's own layout of valid (clamped) inputs for rank geo.rank."""
 
     # ---- phase 2: count exchange (the one host sync) ------------------------------------------
-    def exchange_counts(self, plan: ExchangePlan) -> Route:
-        counts = exchange_counts(plan.counts_WC, plan.status, self.groups.ep, plan.status_detail, plan.agree)
-        return self._route(plan, counts)
+    def exchange_counts(self, plan: ExchangePlan, chunk: Optional[int] = None) -> Route:
+        """chunk: the pipeline chunk this dispatch is (named by failure reports)."""
+        site = CommSite(phase="dispatch", layer=self.label, chunk=chunk, directory=self.groups.directory)
+        counts = exchange_counts(plan.counts_WC, plan.status, self.groups.ep, plan.status_detail, plan.agree, site)
+        return self._route(plan, counts, site)
 
     @abstractmethod
-    def _route(self, plan: ExchangePlan, counts: CountExchange) -> Route:
-        ...
+    def _route(self, plan: ExchangePlan, counts: CountExchange, site: CommSite) -> Route:
+        """Each stage's Exchange, with `site` (phase dispatch) plus its stage name."""
 
     # ---- phase 3: send / wait -----------------------------------------------------------------
     def send(self, x_TD: torch.Tensor, topk_weight_TK: torch.Tensor,

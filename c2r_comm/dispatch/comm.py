@@ -12,6 +12,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from c2r_comm.comm_failures import CommSite, guard
+
 
 class InputError(ValueError):
     """Bad dispatch input, raised on every rank of the group before any data collective."""
@@ -51,14 +53,16 @@ def _raise_rejected(what: str, statuses: Sequence[int], my_status: int, me: int,
 
 
 def exchange_counts(send_counts_WC: torch.Tensor, status: torch.Tensor, group: Any,
-                    status_detail: Optional[str | Callable[[], str]] = None, agree: Sequence[int] = ()) -> "CountExchange":
+                    status_detail: Optional[str | Callable[[], str]] = None, agree: Sequence[int] = (),
+                    site: CommSite = CommSite()) -> "CountExchange":
     """Send row `w` of send_counts_WC (int64 [peers, C]) to peer w; learn what each peer sent us.
 
     This is the one host sync of a dispatch: a single all_to_all_single of a few int64 per peer,
     then one device->host copy that brings back what the peers sent *and* this rank's own counts.
     Each row also carries this rank's `status` (a device scalar, StatusCode) and the `agree`
     values (top-k, dtype codes) that must be equal everywhere: a nonzero status or a mismatch on
-    any rank makes every rank raise InputError here, before any data moves.
+    any rank makes every rank raise InputError here, before any data moves. A failed peer raises
+    comm_failures.CommError naming `site` (its stage is set to "count exchange" here).
     """
     W, C = send_counts_WC.shape
     device = send_counts_WC.device
@@ -68,8 +72,9 @@ def exchange_counts(send_counts_WC: torch.Tensor, status: torch.Tensor, group: A
     for j, value in enumerate(agree):  # filled on the device: no host->device copy (a sync on CUDA)
         packed[:, C + 1 + j] = value
     recv = torch.empty_like(packed)
-    dist.all_to_all_single(recv, packed, group=group)
-    both = torch.stack([recv, packed]).cpu()  # the host sync
+    with guard(site.at(stage="count exchange", group=group, group_peers=tuple(range(W)))):
+        dist.all_to_all_single(recv, packed, group=group)
+        both = torch.stack([recv, packed]).cpu()  # the host sync
     recv_host, sent_host = both[0], both[1]
     statuses = recv_host[:, C].tolist()
     me = dist.get_rank(group)
@@ -77,7 +82,12 @@ def exchange_counts(send_counts_WC: torch.Tensor, status: torch.Tensor, group: A
         _raise_rejected("dispatch input", statuses, int(sent_host[0, C]), me, status_detail)
     values = [tuple(v) for v in recv_host[:, C + 1:].tolist()]
     if any(v != values[0] for v in values):
-        detail = ", ".join(f"rank {r}: {list(v)}" for r, v in enumerate(values))
+        from c2r_comm.dispatch.base import _DTYPES  # noqa: PLC0415 (base imports this module); codes: dtype_code
+
+        def name(code: int) -> str:
+            return str(_DTYPES[code]).removeprefix("torch.") if 0 <= code < len(_DTYPES) else "an unsupported dtype"
+        detail = "; ".join(f"rank {r}: k={v[0]}, x {name(v[1])}, topk_weight {name(v[2])}" if len(v) == 3
+                           else f"rank {r}: {list(v)}" for r, v in enumerate(values))
         raise InputError(f"top-k / dtypes differ across ranks ({detail}); every rank must dispatch the same k and "
                          "dtypes (x, topk_weight)")
     return CountExchange(recv_host[:, :C], sent_host[:, :C], recv[:, :C])
@@ -97,7 +107,8 @@ def agree_on_status(status: int, group: Any, what: str, detail: Optional[str] = 
     world = dist.get_world_size(group)
     device = _collective_device(group)
     gathered = [torch.empty(1, dtype=torch.int64, device=device) for _ in range(world)]
-    dist.all_gather(gathered, torch.tensor([status], dtype=torch.int64, device=device), group=group)
+    with guard(CommSite(phase=f"agreement on {what}", group=group, group_peers=tuple(range(world)))):
+        dist.all_gather(gathered, torch.tensor([status], dtype=torch.int64, device=device), group=group)
     statuses = [int(g.item()) for g in gathered]
     if any(statuses):
         _raise_rejected(what, statuses, status, dist.get_rank(group), detail)
@@ -110,7 +121,8 @@ def check_same_on_all_ranks(values: Sequence[int], what: str, group: Any, local_
     world = dist.get_world_size(group)
     device = _collective_device(group)
     gathered = [torch.empty_like(mine, device=device) for _ in range(world)]
-    dist.all_gather(gathered, mine.to(device), group=group)
+    with guard(CommSite(phase="set-up", stage=f"agreement on {what}", group=group, group_peers=tuple(range(world)))):
+        dist.all_gather(gathered, mine.to(device), group=group)
     rows = [g.cpu().tolist() for g in gathered]
     me = dist.get_rank(group)
     if any(r[0] for r in rows):

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from c2r_comm.comm_failures import CommSite
 from c2r_comm.dispatch.base import DispatchHandle, Dispatcher, ExpertBatch, Route, RouteStage
 from c2r_comm.dispatch.comm import CountExchange, metadata_dtype
 from c2r_comm.dispatch.exchange_plan import ExchangePlan, StageTraffic
@@ -113,9 +114,9 @@ class DedupDispatcher(Dispatcher):
                          torch.cat([rows.counts_G.unsqueeze(1), pairs_WL], 1), status, status_detail, agree,
                          rows.token_of_row_R, rows.row_by_token_R, rows.rows_per_token_T, slot_RK, fmt)
 
-    def _route(self, plan: DedupPlan, counts: CountExchange) -> Route:
+    def _route(self, plan: DedupPlan, counts: CountExchange, site: CommSite) -> Route:
         ex = Exchange(self.groups.ep, tuple(range(self.world_size)), tuple(counts.sent_WC[:, 0].tolist()),
-                      tuple(counts.recv_WC[:, 0].tolist()), sparse=False)
+                      tuple(counts.recv_WC[:, 0].tolist()), sparse=False, site=site.at(stage="all2all"))
         st = plan.stages[0]
         return Route(plan, (RouteStage(ex, ex.peers, st.dispatch_row_bytes, st.combine_row_bytes),),
                      tuple(counts.recv_WC[:, 1:].sum(0).tolist()),

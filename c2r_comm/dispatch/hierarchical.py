@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from c2r_comm.comm_failures import CommSite
 from c2r_comm.dispatch.base import DispatchHandle, Dispatcher, ExpertBatch, Route, RouteStage
 from c2r_comm.dispatch.comm import CountExchange, metadata_dtype
 from c2r_comm.dispatch.dedup import expanded_grad_packer, grad_format, link_token_rows, token_format, weighted_partials
@@ -53,9 +54,10 @@ class HierarchicalHandle(DispatchHandle):
 class HierarchicalDispatcher(Dispatcher):
     name = "hierarchical"
 
-    def __init__(self, plan: PlacementPlan, groups: ProcessGroups, hidden_size: int, debug_checks: bool = False):
+    def __init__(self, plan: PlacementPlan, groups: ProcessGroups, hidden_size: int, debug_checks: bool = False,
+                 label: Optional[str] = None):
         topo = groups.topology
-        super().__init__(plan, groups, hidden_size, debug_checks)
+        super().__init__(plan, groups, hidden_size, debug_checks, label)
         N = topo.nodes
         self.node_index, self.local_index = topo.node_of(self.rank), topo.local_index_of(self.rank)
         # Other nodes in rotated order (next node first), so this node's own rows sort last.
@@ -106,19 +108,19 @@ class HierarchicalDispatcher(Dispatcher):
         return HierarchicalPlan(HierarchicalDispatcher.name, rank, W, T, x_TD.shape[1], K, stages, counts_WC, status,
                                 status_detail, agree, rows.token_of_row_R, code_RK, fmt)
 
-    def _route(self, plan: HierarchicalPlan, counts: CountExchange) -> Route:
+    def _route(self, plan: HierarchicalPlan, counts: CountExchange, site: CommSite) -> Route:
         topo, G = self.topology, self.topology.gpus_per_node
         sent, recv = counts.sent_WC, counts.recv_WC
         ex_a = Exchange(self.groups.ep, self.rail_peers, tuple(sent[list(self.rail_peers), 0].tolist()),
                         tuple(recv[list(self.rail_peers), 0].tolist()), sparse=True,
-                        reverse_group=self.groups.ep_reverse)
+                        reverse_group=self.groups.ep_reverse, site=site.at(stage="cross-node"))
         node_ranks = topo.ranks_on_node(self.node_index)
         forwarded = recv[list(self.rail_peers), 1:1 + G].sum(0) if self.rail_peers else torch.zeros(G, dtype=torch.int64)
         send_b = sent[node_ranks, 1 + G] + forwarded  # own rows for each GPU here + rail peers' rows
         # from forwarder i: the rows of every source on rail i that are meant for this rank
         recv_b = recv[:, 1 + G].reshape(topo.nodes, G).sum(0)
         ex_b = Exchange(self.groups.node, tuple(range(G)), tuple(send_b.tolist()), tuple(recv_b.tolist()),
-                        sparse=False)
+                        sparse=False, site=site.at(stage="intra-node"))
         a, b = plan.stages
         stages = (RouteStage(ex_a, self.rail_peers, a.dispatch_row_bytes, a.combine_row_bytes),
                   RouteStage(ex_b, tuple(node_ranks), b.dispatch_row_bytes, b.combine_row_bytes))

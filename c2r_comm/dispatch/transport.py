@@ -31,6 +31,8 @@ from typing import Any, Callable, Generic, Optional, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
+from c2r_comm.comm_failures import CommSite, GuardedWork, guard
+
 T = TypeVar("T")
 
 
@@ -47,6 +49,8 @@ class Exchange:
     # `group`, to lower ones on `reverse_group` (receives mirror it), so the two directions of a
     # pair never share a connection (see groups.ProcessGroups.ep_reverse).
     reverse_group: Any = None
+    # What a failure names (phase, direction, stage, layer, chunk); peers and group are filled in here.
+    site: CommSite = CommSite()
 
     @property
     def rows_sent(self) -> int:
@@ -56,11 +60,25 @@ class Exchange:
     def rows_received(self) -> int:
         return sum(self.recv_counts)
 
-    def reversed(self) -> "Exchange":
-        return Exchange(self.group, self.peers, self.recv_counts, self.send_counts, self.sparse, self.reverse_group)
+    def reversed(self, for_backward: bool = False) -> "Exchange":
+        """The same pairs with counts swapped: combine's return of a dispatch exchange (and vice
+        versa), or with for_backward the gradient exchange of this one (same phase, backward)."""
+        if for_backward:
+            site = self.site.at(direction="backward")
+        else:
+            site = self.site.at(phase={"dispatch": "combine", "combine": "dispatch"}.get(self.site.phase,
+                                                                                         self.site.phase))
+        return Exchange(self.group, self.peers, self.recv_counts, self.send_counts, self.sparse, self.reverse_group,
+                        site)
 
     def start(self, send: torch.Tensor, recv: torch.Tensor) -> list:
-        """Issue the exchange of send (rows in peer blocks) into recv; returns work handles."""
+        """Issue the exchange of send (rows in peer blocks) into recv; returns work handles whose
+        wait() raises comm_failures.CommError naming this exchange's site and peers."""
+        site = self.site.at(group=self.group, group_peers=self.peers)
+        with guard(site):
+            return [GuardedWork(w, site) for w in self._start(send, recv)]
+
+    def _start(self, send: torch.Tensor, recv: torch.Tensor) -> list:
         if not self.sparse:
             work = dist.all_to_all_single(recv, send, list(self.recv_counts), list(self.send_counts),
                                           group=self.group, async_op=True)
@@ -155,7 +173,7 @@ class _Arrived(torch.autograd.Function):
     def backward(ctx, *grads):
         link: Link = ctx.link
         buf = link.pack_grads(tuple(g.contiguous() for g in grads))
-        back = link.exchange.reversed().run(buf)
+        back = link.exchange.reversed(for_backward=True).run(buf)
         return (None, None, *link.scatter(back))
 
 

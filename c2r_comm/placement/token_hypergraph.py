@@ -13,6 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
+from c2r_comm.routing.trace import check_distinct_experts
+
 
 @dataclass(frozen=True)
 class TokenHypergraph:
@@ -44,7 +46,7 @@ class TokenHypergraph:
             raise ValueError(f"expert ids must lie in 0..{num_experts - 1}, found {ids_TK.min()}..{ids_TK.max()}")
         sets_TK = np.sort(ids_TK, axis=1)
         if sets_TK.shape[1] > 1 and (np.diff(sets_TK, axis=1) == 0).any():
-            raise ValueError("a token selects the same expert twice; every row must hold distinct experts")
+            check_distinct_experts(ids_TK)  # the product-wide rule and message, naming the first offending token
         if sets_TK.shape[0] == 0:
             return cls(num_experts, np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
         unique_MK, weights_M = np.unique(sets_TK, axis=0, return_counts=True)

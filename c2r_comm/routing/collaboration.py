@@ -14,13 +14,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from c2r_comm.comm_failures import group_site, guard
 from c2r_comm.config import check_top_t
 from c2r_comm.plan import PlacementPlan, distinct_per_token, expert_to_node
+from c2r_comm.routing.trace import check_distinct_experts
 from c2r_comm.topology import Topology
 
 
-def check_expert_ids(ids_TK: torch.Tensor, num_experts: int) -> None:
-    """Range and distinctness of each token's selected experts, with a message naming the value."""
+def check_expert_ids(ids_TK: torch.Tensor, num_experts: int, layer: Optional[int] = None) -> None:
+    """Range and distinctness of each token's selected experts, with a message naming the value
+    (distinctness: the rule and message of routing.trace.check_distinct_experts)."""
     if ids_TK.ndim != 2:
         raise ValueError(f"topk_idx must be [tokens, k], got shape {tuple(ids_TK.shape)}")
     if ids_TK.dtype.is_floating_point or ids_TK.dtype == torch.bool:
@@ -31,7 +34,7 @@ def check_expert_ids(ids_TK: torch.Tensor, num_experts: int) -> None:
     if lo < 0 or hi >= num_experts:
         raise ValueError(f"expert ids must lie in 0..{num_experts - 1}, found {lo}..{hi}")
     if ids_TK.shape[1] > 1 and (ids_TK.sort(1).values.diff(dim=1) == 0).any():
-        raise ValueError("a token selects the same expert twice; every row of topk_idx must hold distinct experts")
+        check_distinct_experts(ids_TK.cpu().numpy(), layer)  # names the first offending token
 
 
 def expected_distinct_groups(ids_TK: np.ndarray, group_of_expert: np.ndarray) -> float:
@@ -215,7 +218,7 @@ class CollaborationProfiler:
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer {layer} is out of range: the profiler has layers 0..{self.num_layers - 1}")
         ids_TK = torch.as_tensor(topk_idx_TK)
-        check_expert_ids(ids_TK, self.num_experts)
+        check_expert_ids(ids_TK, self.num_experts, layer)
         K = ids_TK.shape[1]
         if self.top_k is None:
             self.top_k = K
@@ -251,7 +254,8 @@ class CollaborationProfiler:
         parts = [self._counts_LP, self._loads_LE, self._tokens_L[:, None], self._gpu_sum_L[:, None],
                  self._node_sum_L[:, None]]
         packed = torch.cat([p.reshape(self.num_layers, -1) for p in parts], dim=1)
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+        with guard(group_site("collaboration profile reduction", group)):
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
         E2, E = self.num_experts ** 2, self.num_experts
         self._counts_LP = packed[:, :E2].contiguous()
         self._loads_LE = packed[:, E2:E2 + E].contiguous()

@@ -2,15 +2,48 @@
 
 File format (the shared DeepSeek-V2-Lite trace's): `.npz` with `expert_ids` [tokens, layers, k]
 and `prompt_offsets` [prompts + 1] (prompt i = rows offs[i]:offs[i+1]); optional `num_experts`.
-Layer numbers are always 0-based indices into the layer axis.
+Layer numbers are always 0-based indices into the layer axis. A token's expert ids are distinct
+(check_distinct_experts: the one rule bench, plan and profile share; see docs/routing.md).
 """
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
+
+DISTINCT_RULE = "a token's expert ids must be distinct"
+
+
+def _repeat_mask(ids: np.ndarray) -> np.ndarray:
+    """bool over every axis but the last: that row holds some expert id more than once."""
+    K = ids.shape[-1]
+    if K > 8:  # one sort; below that, K(K-1)/2 compares are cheaper
+        return (np.diff(np.sort(ids, axis=-1), axis=-1) == 0).any(-1)
+    dup = np.zeros(ids.shape[:-1], dtype=bool)
+    for i in range(K - 1):
+        for j in range(i + 1, K):
+            dup |= ids[..., i] == ids[..., j]
+    return dup
+
+
+def check_distinct_experts(ids: np.ndarray, layer: Optional[int] = None) -> None:
+    """Every row of ids ([tokens, k] or [tokens, layers, k]) holds distinct experts, else a ValueError
+    naming the first offending token (lowest index), its layer and the repeated expert."""
+    ids = np.asarray(ids)
+    if ids.ndim < 2 or ids.shape[-1] < 2 or ids.size == 0:
+        return
+    dup = _repeat_mask(ids)
+    if not dup.any():
+        return
+    where = tuple(int(i) for i in np.argwhere(dup)[0])  # token order first
+    values, counts = np.unique(ids[where], return_counts=True)
+    layer = where[1] if len(where) > 1 else layer
+    at = f"token {where[0]}" + ("" if layer is None else f" of layer {layer}")
+    raise ValueError(f"a token selects the same expert twice: {at} selects expert {int(values[counts > 1][0])} "
+                     f"more than once ({DISTINCT_RULE})")
 
 
 @dataclass(frozen=True)
@@ -28,8 +61,11 @@ class RoutingTrace:
         offs = np.asarray(self.prompt_offsets, dtype=np.int64)
         if offs.ndim != 1 or len(offs) < 1 or offs[0] != 0 or offs[-1] != ids.shape[0] or (np.diff(offs) < 0).any():
             raise ValueError(f"prompt_offsets must rise from 0 to {ids.shape[0]} (tokens), got {offs[:3]}...{offs[-3:]}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"expert_ids must hold integers, got dtype {ids.dtype} (ids are never rounded)")
         if ids.size and (ids.min() < 0 or ids.max() >= self.num_experts):
             raise ValueError(f"expert ids must lie in 0..{self.num_experts - 1}, found {ids.min()}..{ids.max()}")
+        check_distinct_experts(ids)
         object.__setattr__(self, "expert_ids", ids.astype(np.int64, copy=False))
         object.__setattr__(self, "prompt_offsets", offs)
 
@@ -89,18 +125,46 @@ class RoutingTrace:
     # ---- I/O ----------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path, num_experts: Optional[int] = None) -> "RoutingTrace":
+        """Read a trace .npz; every error names the file (integer ids only, nothing is coerced)."""
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"routing trace {path} does not exist")
-        with np.load(path) as z:
-            if "expert_ids" not in z:
-                raise ValueError(f"{path} has no 'expert_ids' array (keys: {list(z.keys())})")
-            ids = z["expert_ids"].astype(np.int64)
-            offs = z["prompt_offsets"] if "prompt_offsets" in z else np.array([0, ids.shape[0]])
-            stored = int(z["num_experts"]) if "num_experts" in z else None
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+        if magic not in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip archive (empty or not), as np.savez writes
+            raise ValueError(f"routing trace {path} is not an npz archive: allowed a .npz written by numpy.savez "
+                             "(e.g. RoutingTrace.save)")
+        try:
+            with np.load(path) as z:
+                if "expert_ids" not in z:
+                    raise ValueError(f"routing trace {path} has no 'expert_ids' array (keys: {list(z.keys())})")
+                ids = z["expert_ids"]
+                if ids.ndim != 3:
+                    raise ValueError(f"routing trace {path}: expert_ids must be [tokens, layers, k], got shape "
+                                     f"{ids.shape}")
+                offs = z["prompt_offsets"] if "prompt_offsets" in z else np.array([0, ids.shape[0]])
+                stored = z["num_experts"] if "num_experts" in z else None
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            raise ValueError(f"routing trace {path} is not a readable npz archive ({exc})") from None
+        for name, arr in (("expert_ids", ids), ("prompt_offsets", offs), ("num_experts", stored)):
+            if arr is not None and not np.issubdtype(arr.dtype, np.integer):
+                raise ValueError(f"routing trace {path}: '{name}' has dtype {arr.dtype}, allowed integers only "
+                                 "(expert ids are never rounded)")
+        if 0 in ids.shape:
+            raise ValueError(f"routing trace {path} is empty: expert_ids has shape {ids.shape} [tokens, layers, k]; "
+                             "allowed >= 1 token, >= 1 layer and k >= 1 experts per token")
         if num_experts is None:
-            num_experts = stored if stored is not None else int(ids.max()) + 1
-        return cls(ids, offs, num_experts)
+            if stored is not None:
+                num_experts = int(stored)
+            elif ids.size and ids.max() < 0:
+                raise ValueError(f"routing trace {path} has no valid expert ids: all are negative "
+                                 f"({ids.min()}..{ids.max()}); allowed ids 0..num_experts-1")
+            else:
+                num_experts = int(ids.max()) + 1 if ids.size else 0
+        try:
+            return cls(ids, offs, num_experts)
+        except ValueError as exc:
+            raise ValueError(f"routing trace {path}: {exc}") from None
 
     def save(self, path: str | Path) -> None:
         # Smallest dtype that holds every id (int16 alone would wrap above 32767 experts).

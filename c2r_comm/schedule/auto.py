@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from c2r_comm.comm_failures import group_site, guard
 from c2r_comm.dispatch import DispatchHandle, Dispatcher
 
 NEGLIGIBLE_RATIO = 0.1
@@ -129,6 +130,7 @@ def agree_overlap_degree(timing: SerialTiming, group: Any) -> OverlapChoice:
     device = timing.out_TD.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
     t = torch.tensor([timing.exchange_s, timing.hideable_exchange_s, timing.experts_s], dtype=torch.float64,
                      device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    with guard(group_site("overlap degree agreement", group)):
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     exchange_s, hideable_s, experts_s = t.tolist()
     return OverlapChoice(choose_overlap_degree(2 * hideable_s, 3 * experts_s), exchange_s, hideable_s, experts_s)

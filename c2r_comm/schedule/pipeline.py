@@ -114,7 +114,8 @@ class ChunkPipeline:
         xs, idxs, ws = x_TD.tensor_split(C), topk_idx_TK.tensor_split(C), topk_weight_TK.tensor_split(C)
         x_leaves = [_leaf(x, x_TD.requires_grad) for x in xs]
         w_leaves = [_leaf(w, topk_weight_TK.requires_grad) for w in ws]
-        routes = [disp.exchange_counts(disp.layout(x, i, w)) for x, i, w in zip(x_leaves, idxs, w_leaves)]
+        routes = [disp.exchange_counts(disp.layout(x, i, w), chunk=c)
+                  for c, (x, i, w) in enumerate(zip(x_leaves, idxs, w_leaves))]
         # Every chunk's dispatch in flight at once: the links stream chunk after chunk while the
         # experts work through the chunks that have arrived.
         sends = [disp.send(x, w, r) for x, w, r in zip(x_leaves, w_leaves, routes)]
