@@ -1,82 +1,78 @@
 """Communication failures that name the rank, the peers and the phase: CommError.
 
 Every collective the runtime issues runs under a `CommSite` (layer, phase, direction, stage,
-chunk, peers). A gloo/NCCL error raised by the collective or by waiting on it (a peer's connection
-closed, a timeout) becomes one `CommError` on that rank, naming:
+chunk, peers). A communication error raised by the collective or by waiting on it (a peer's
+connection closed, a timeout: `torch.distributed.DistError` or a gloo/NCCL transport error)
+becomes one `CommError` on that rank, naming:
   * this rank and the site (e.g. "combine forward, intra-node stage, layer 3, chunk 1");
   * the peers it was exchanging with, and for each peer that did not itself report a failure what
     is known of it: its process exited (same host: /proc), it is alive but not answering (a stall),
     or it is on another host;
   * the peers that did report a failure, with their own site (so a chain of failures points back
-    to the peer that started it).
+    to the peer that started it), and silent ranks elsewhere in the group.
+Other errors (out of memory, a CUDA kernel error, a bug) pass through unchanged.
 
-Reports travel through the rendezvous store (the key-value store every launcher already provides):
-a failing rank writes one key and waits at most `REPORT_WAIT_S` for its peers' keys. This only
-runs on the failure path; a healthy call costs one Python `try` per collective and nothing more.
-If the store itself is gone (it lives in rank 0 unless torchrun hosts it), the error says so and
-still names the peers from the process table gathered when the groups were built.
+Reports travel through the rendezvous store (the key-value store every launcher provides; bench's
+own launcher and torchrun host it outside the ranks, so it outlives any rank): a failing rank
+appends one line to a shared key and re-reads that key until every live peer has reported or
+`REPORT_WAIT_S` has passed. Each rank leaves its host and pid in the store when its process groups
+are built (`PeerDirectory.publish`, one store write, no collective). All of this is the failure
+path: a healthy call only enters a `guard` and wraps its work handles.
 """
 from __future__ import annotations
 
 import os
 import socket
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
+import torch
 import torch.distributed as dist
 
 REPORT_WAIT_S = 2.0  # how long a failing rank waits for its peers' reports (failure path only)
 EXIT_COMM_ERROR = 3  # exit status of a command that ended on a CommError (2: bad input or config)
-_KEY = "c2r_comm/failure/{}"
-_PROCESS_KEY = "c2r_comm/process/{}"
+_REPORTS_KEY = "c2r_comm/failures"  # one line per failing rank: "<rank>\t<site>: <cause>"
+_PROCESS_KEY = "c2r_comm/process/{}"  # "<host> <pid>" per global rank
+
+
+def _store() -> Optional[Any]:
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # no default group, or a backend without a store
+        return None
 
 
 @dataclass(frozen=True)
 class PeerDirectory:
-    """Host name and process id of every global rank, gathered once when the process groups are
-    built, so a failing rank can tell a peer that exited from one that stalls."""
+    """Host and pid of some global ranks, read from the store on the failure path, so a failing
+    rank can tell a peer that exited from one that stalls."""
 
-    ranks: tuple[int, ...]  # global ranks
+    ranks: tuple[int, ...]
     hosts: tuple[str, ...]
     pids: tuple[int, ...]
 
     @staticmethod
-    def gather(group: Any = None) -> "PeerDirectory":
-        """Collective over `group` (default: the world): every rank contributes (rank, host, pid).
-        Each rank also leaves its entry in the rendezvous store, for failure reports of collectives
-        whose site carries no directory (PeerDirectory.from_store)."""
-        me = (dist.get_rank(), socket.gethostname(), os.getpid())
-        entries: list = [None] * dist.get_world_size(group)
-        dist.all_gather_object(entries, me, group=group)
+    def publish() -> None:
+        """Leave this rank's host and pid in the store (set-up; one store write, no collective)."""
         store = _store()
-        if store is not None:
-            store.set(_PROCESS_KEY.format(me[0]), f"{me[1]} {me[2]}")
-        return PeerDirectory(*(tuple(column) for column in zip(*entries)))
+        if store is not None and dist.is_initialized():
+            store.set(_PROCESS_KEY.format(dist.get_rank()), f"{socket.gethostname()} {os.getpid()}")
 
     @staticmethod
-    def from_store(ranks: Sequence[int]) -> Optional["PeerDirectory"]:
-        """The entries `gather` left in the store for `ranks` (failure path; None if unavailable)."""
-        store = _store()
-        if store is None:
-            return None
+    def from_store(store: Any, ranks: Sequence[int]) -> "PeerDirectory":
         found = []
-        try:
-            store.set_timeout(timedelta(seconds=REPORT_WAIT_S))
-            for r in ranks:
-                if store.check([_PROCESS_KEY.format(r)]):
-                    host, pid = store.get(_PROCESS_KEY.format(r)).decode().rsplit(" ", 1)
-                    found.append((r, host, int(pid)))
-        except Exception:
-            return None
-        return PeerDirectory(*(tuple(column) for column in zip(*found))) if found else None
+        for r in ranks:
+            if store.check([_PROCESS_KEY.format(r)]):
+                host, pid = store.get(_PROCESS_KEY.format(r)).decode().rsplit(" ", 1)
+                found.append((r, host, int(pid)))
+        return PeerDirectory(*(tuple(c) for c in zip(*found))) if found else PeerDirectory((), (), ())
 
     def state_of(self, rank: int) -> str:
         """What is known of global rank `rank`'s process from here (Linux /proc; same host only)."""
         if rank not in self.ranks:
-            return "unknown"
+            return "no process entry"
         host, pid = self.hosts[self.ranks.index(rank)], self.pids[self.ranks.index(rank)]
         if host != socket.gethostname():
             return f"on host {host}"
@@ -87,21 +83,20 @@ class PeerDirectory:
             return f"its process (pid {pid}) has exited"
         if state in ("Z", "X"):
             return f"its process (pid {pid}) has exited"
-        return f"its process (pid {pid}) is alive but not answering (stalled or blocked elsewhere)"
+        return f"its process (pid {pid}) is alive"
 
 
 @dataclass(frozen=True)
 class CommSite:
-    """Where a collective runs: what the error names. `peers` are global ranks."""
+    """Where a collective runs: what the error names."""
 
-    phase: str = "collective"  # dispatch | combine | count exchange | set-up
+    phase: str = "collective"  # dispatch | combine | count exchange | set-up | ...
     direction: str = "forward"  # forward | backward
-    stage: Optional[str] = None  # all2all | cross-node | intra-node
+    stage: Optional[str] = None  # all2all | cross-node | intra-node | count exchange
     layer: Optional[str] = None  # e.g. "layer 3"
     chunk: Optional[int] = None  # pipeline chunk
     group: Any = None  # the process group (None: the default group)
     group_peers: tuple[int, ...] = ()  # ranks within `group`; turned into global ranks only on failure
-    directory: Optional[PeerDirectory] = None
 
     def at(self, **changes: Any) -> "CommSite":
         return replace(self, **changes)
@@ -124,118 +119,163 @@ class CommSite:
         return ", ".join(where)
 
 
+def group_site(phase: str, group: Any = None, **fields: Any) -> CommSite:
+    """A site for a collective over every rank of `group` (barriers, reductions, agreements)."""
+    return CommSite(phase=phase, group=group, group_peers=tuple(range(dist.get_world_size(group))), **fields)
+
+
 class CommError(RuntimeError):
     """A collective failed; the message names this rank, the site, the peers and what became of them."""
 
     def __init__(self, rank: int, site: CommSite, cause: str, elapsed_s: float, peer_notes: Sequence[str]):
-        self.rank, self.site, self.cause, self.peer_notes = rank, site, cause, tuple(peer_notes)
+        self.rank, self.site, self.cause, self.elapsed_s = rank, site, cause, elapsed_s
+        self.peer_notes = tuple(peer_notes)
         peers = f" with peers {list(site.peers)}" if site.peers else ""
         notes = "; ".join(peer_notes) if peer_notes else "no peer information"
         super().__init__(f"rank {rank}: {site.describe()}{peers} failed after {elapsed_s:.1f} s: {cause}. {notes}")
 
+    def __reduce__(self):  # picklable (multiprocessing queues): rebuilt as a plain RuntimeError text
+        return RuntimeError, (f"CommError: {self}",)
+
+
+_TRANSPORT_WORDS = ("gloo", "nccl", "connection", "timed out", "timeout", "broken pipe", "socket", "peer")
+
+
+def is_comm_failure(exc: BaseException) -> bool:
+    """A communication failure (to name), not an out-of-memory, kernel or programming error (to pass on)."""
+    if isinstance(exc, dist.DistError):
+        return True
+    if isinstance(exc, torch.OutOfMemoryError) or type(exc).__name__ == "AcceleratorError":
+        return False
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(w in text for w in _TRANSPORT_WORDS)
+
 
 def _cause(exc: BaseException) -> str:
     text = str(exc)
-    if "Timed out" in text or "timed out" in text or "Timeout" in text:
+    low = text.lower()
+    if "timed out" in low or "timeout" in low:
         return "timed out waiting for a peer (the process group's timeout)"
-    if "closed by peer" in text or "reset by peer" in text or "Broken pipe" in text or "Connection refused" in text:
+    if any(w in low for w in ("closed by peer", "reset by peer", "broken pipe", "connection refused")):
         return "a peer's connection closed"
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     return f"{type(exc).__name__}: {first[:200]}"
 
 
-def _store() -> Optional[Any]:
-    try:
-        return dist.distributed_c10d._get_default_store()
-    except Exception:  # no default group, or a backend without a store
-        return None
+def _read_reports(store: Any) -> dict[int, str]:
+    reports = {}
+    for line in store.get(_REPORTS_KEY).decode(errors="replace").splitlines():
+        rank, _, text = line.partition("\t")
+        if rank.isdigit():
+            reports.setdefault(int(rank), text)
+    return reports
 
 
-def _report_and_collect(rank: int, site: CommSite, peers: Sequence[int],
-                        cause: str) -> tuple[dict[int, str], Optional[str]]:
-    """Write this rank's failure to the store; wait up to REPORT_WAIT_S for each peer's. Returns the
-    peers' reports and, if the store failed, why."""
-    store = _store()
-    if store is None:
-        return {}, "no rendezvous store to compare notes with"
-    reports: dict[int, str] = {}
-    try:
-        store.set_timeout(timedelta(seconds=REPORT_WAIT_S))
-        store.set(_KEY.format(rank), f"{site.describe()}: {cause}")
-        waiting = [p for p in peers if p != rank]
-        deadline = time.monotonic() + REPORT_WAIT_S
-        while waiting:
-            for p in list(waiting):
-                if store.check([_KEY.format(p)]):
-                    reports[p] = store.get(_KEY.format(p)).decode(errors="replace")
-                    waiting.remove(p)
-            if not waiting or time.monotonic() >= deadline:
-                break
-            time.sleep(0.05)
-    except Exception as exc:  # the store lives in a rank or launcher that may be gone too
-        return reports, f"the rendezvous store is unreachable too ({_cause(exc)})"
-    return reports, None
+def _exchange_reports(store: Any, rank: int, site: CommSite, cause: str, waiting_for: set[int],
+                      exited: set[int]) -> dict[int, str]:
+    """Append this rank's report; re-read the shared key (one request per poll, backing off) until
+    every peer in `waiting_for` that has not exited reported, or REPORT_WAIT_S passed."""
+    store.append(_REPORTS_KEY, f"{rank}\t{site.describe()}: {cause}\n")
+    deadline, pause = time.monotonic() + REPORT_WAIT_S, 0.02
+    while True:
+        reports = _read_reports(store)
+        if not (waiting_for - exited - set(reports)) or time.monotonic() >= deadline:
+            return reports
+        time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        pause = min(pause * 2, 0.4)
 
 
 def describe_failure(rank: int, site: CommSite, exc: BaseException, started: float) -> CommError:
-    elapsed = time.monotonic() - started
-    cause = _cause(exc)
-    peers = site.peers
-    if site.directory is None:
-        site = site.at(directory=PeerDirectory.from_store(peers))
-    reports, store_problem = _report_and_collect(rank, site, peers, cause)
-    silent = [f"peer {p} reported nothing: " +
-              (site.directory.state_of(p) if site.directory is not None else "no process table")
-              for p in peers if p != rank and p not in reports]
+    """Compare notes with the peers through the store (failure path) and build the CommError."""
+    elapsed, cause, peers = time.monotonic() - started, _cause(exc), site.peers
+    others = [p for p in peers if p != rank]
+    store, reports, store_problem, directory = _store(), {}, None, PeerDirectory((), (), ())
+    if store is None:
+        store_problem = "no rendezvous store to compare notes with"
+    else:
+        previous = store.timeout
+        try:
+            store.set_timeout(timedelta(seconds=REPORT_WAIT_S))
+            directory = PeerDirectory.from_store(store, others)
+            exited = {p for p in others if "exited" in directory.state_of(p)}
+            reports = _exchange_reports(store, rank, site, cause, set(others), exited)
+        except Exception as err:  # the store's host may be gone too
+            store_problem = f"the rendezvous store is unreachable too ({_cause(err)})"
+        finally:
+            try:
+                store.set_timeout(previous)
+            except Exception:
+                pass
+    silent = [f"peer {p} reported nothing: {_state(directory, p, store_problem is None)}"
+              for p in others if p not in reports]
     by_text: dict[str, list[int]] = {}
-    for p, text in reports.items():
-        by_text.setdefault(text, []).append(p)
+    for p in others:
+        if p in reports:
+            by_text.setdefault(reports[p], []).append(p)
     failed = [f"peer{'s' if len(ps) > 1 else ''} {', '.join(map(str, ps))} failed too ({text})"
               for text, ps in by_text.items()]
-    elsewhere = [] if store_problem else _silent_elsewhere(rank, site, peers)
-    return CommError(rank, site, cause, elapsed,
-                     silent + failed + elsewhere + ([store_problem] if store_problem else []))
+    elsewhere = [] if store_problem or not silent and not failed else _silent_elsewhere(store, rank, peers, reports)
+    return CommError(rank, site, cause, elapsed, silent + failed + elsewhere + ([store_problem] if store_problem else []))
 
 
-def _silent_elsewhere(rank: int, site: CommSite, peers: Sequence[int]) -> list[str]:
-    """Ranks of the expert-parallel group outside this exchange that have reported no failure and
-    whose process is gone or not answering: the usual root cause when a peer failed too."""
-    store, directory = _store(), site.directory
-    if store is None or directory is None:
+def _state(directory: PeerDirectory, rank: int, reports_work: bool) -> str:
+    """What is known of a peer that reported no failure. With the store working, a live peer that
+    did not report within REPORT_WAIT_S is not answering (stalled, or blocked on yet another peer)."""
+    state = directory.state_of(rank)
+    if reports_work and state.endswith("is alive"):
+        return state + " but not answering (stalled or blocked elsewhere)"
+    return state
+
+
+def _silent_elsewhere(store: Any, rank: int, peers: Sequence[int], reports: dict[int, str]) -> list[str]:
+    """Ranks outside this exchange that reported no failure and whose process is gone or not
+    answering: the usual root cause when the peers of this exchange failed too."""
+    if not dist.is_initialized() or not any(p in reports for p in peers):
+        return []
+    try:
+        world = dist.get_world_size()
+        outside = [r for r in range(world) if r != rank and r not in peers and r not in reports]
+        directory = PeerDirectory.from_store(store, outside)
+    except Exception:
         return []
     notes = []
-    try:
-        for r in directory.ranks:
-            if r == rank or r in peers or store.check([_KEY.format(r)]):
-                continue
-            state = directory.state_of(r)
-            if "alive but" in state or "exited" in state:
-                notes.append(f"rank {r} (not a peer of this exchange) reported nothing: {state}")
-    except Exception:
-        return notes
+    for r in outside:
+        state = _state(directory, r, True)
+        if "alive but" in state or "exited" in state:
+            notes.append(f"rank {r} (not a peer of this exchange) reported nothing: {state}")
     return notes
 
 
-@contextmanager
-def guard(site: CommSite, started: Optional[float] = None) -> Iterator[None]:
-    """Run collectives (issue or wait) under `site`: a RuntimeError they raise becomes a CommError.
+SiteSource = Union[CommSite, Callable[[], CommSite]]
+
+
+class guard:
+    """`with guard(site):` around collectives (issue or wait): a communication error they raise
+    becomes a CommError naming `site` (a CommSite, or a function making one on the failure path).
     `started`: when the guarded operation began (default: now), for the elapsed time in the message."""
-    t0 = time.monotonic() if started is None else started
-    try:
-        yield
-    except CommError:
-        raise
-    except RuntimeError as exc:
+
+    __slots__ = ("site", "started")
+
+    def __init__(self, site: SiteSource, started: Optional[float] = None):
+        self.site, self.started = site, time.monotonic() if started is None else started
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None or isinstance(exc, CommError) or not is_comm_failure(exc):
+            return False
+        site = self.site() if callable(self.site) else self.site
         rank = dist.get_rank() if dist.is_initialized() else -1
-        raise describe_failure(rank, site, exc, t0) from exc
+        raise describe_failure(rank, site, exc, self.started) from exc
 
 
 class GuardedWork:
-    """A collective's work handle whose wait() raises CommError (naming `site`) on failure."""
+    """A collective's work handle whose wait() raises CommError (naming the site) on failure."""
 
     __slots__ = ("work", "site", "started")
 
-    def __init__(self, work: Any, site: CommSite):
+    def __init__(self, work: Any, site: SiteSource):
         self.work, self.site, self.started = work, site, time.monotonic()
 
     def wait(self, *args: Any) -> Any:
@@ -244,10 +284,3 @@ class GuardedWork:
 
     def is_completed(self) -> bool:
         return self.work.is_completed()
-
-
-
-
-def group_site(phase: str, group: Any = None, **fields: Any) -> CommSite:
-    """A site for a collective over every rank of `group` (barriers, reductions, agreements)."""
-    return CommSite(phase=phase, group=group, group_peers=tuple(range(dist.get_world_size(group))), **fields)

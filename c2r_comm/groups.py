@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import torch.distributed as dist
 
-from c2r_comm.comm_failures import CommSite, PeerDirectory, guard
+from c2r_comm.comm_failures import PeerDirectory
 from c2r_comm.topology import Topology
 
 
@@ -26,8 +26,6 @@ class ProcessGroups:
     # exchanges send to higher ranks on `ep` and to lower ranks here, so each direction of a pair
     # has its own connection. None on NCCL (already duplex).
     ep_reverse: Optional[Any] = None
-    # host and pid of every global rank, for failure reports (comm_failures.CommError)
-    directory: Optional[PeerDirectory] = None
 
     @property
     def node_index(self) -> int:
@@ -51,8 +49,7 @@ def build_process_groups(topology: Topology, timeout_s: float, ep_group: Optiona
     timeout = timedelta(seconds=timeout_s)
     global_ranks = dist.get_process_group_ranks(ep)
     my_node = my_rail = None
-    with guard(CommSite(phase="set-up", stage="process groups", group=ep, group_peers=tuple(range(world)))):
-        directory = PeerDirectory.gather(ep)
+    PeerDirectory.publish()  # this rank's host and pid, for failure reports (comm_failures.CommError)
     for n in range(topology.nodes):
         g = dist.new_group([global_ranks[r] for r in topology.ranks_on_node(n)], timeout=timeout)
         if n == topology.node_of(rank):
@@ -66,4 +63,4 @@ def build_process_groups(topology: Topology, timeout_s: float, ep_group: Optiona
     if backend == "gloo":
         ep_reverse = dist.new_group(global_ranks, timeout=timeout, backend=backend)
     return ProcessGroups(topology=topology, rank=rank, ep=ep, node=my_node, rail=my_rail, timeout=timeout,
-                         ep_reverse=ep_reverse, directory=directory)
+                         ep_reverse=ep_reverse)

@@ -34,7 +34,7 @@ def _arm(rank: int, args: argparse.Namespace, step: list[int]) -> None:
     original = Exchange.start
 
     def start(self, send, recv):
-        site = self.site
+        site = self.failure_site()  # what a failure here would name: phase, direction, stage
         if rank == args.victim and step[0] == FAULT_STEP and site.phase == args.phase \
                 and site.direction == args.direction and (args.stage is None or site.stage == args.stage):
             if args.fault == "kill":

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import processes_with
 
 from c2r_comm.bench import netns
 
@@ -39,18 +40,6 @@ def _emulate(*args: str, timeout: float = 240, **kw) -> subprocess.CompletedProc
 
 def _ours() -> set[str]:
     return {ns for ns in netns.list_namespaces() if ns.startswith(netns.PREFIX)}
-
-
-def _processes_with(marker: str) -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if marker in (d / "cmdline").read_bytes().decode(errors="replace"):
-                    pids.append(int(d.name))
-            except OSError:
-                pass
-    return pids
 
 
 @pytest.mark.parametrize("flags, words", [
@@ -126,10 +115,10 @@ def test_one_failing_rank_stops_the_others_and_leaves_nothing_behind():
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 90
-        while len(_processes_with(marker)) < 5 and time.monotonic() < deadline:  # launcher + 4 ranks
+        while len(processes_with(marker)) < 5 and time.monotonic() < deadline:  # launcher + 4 ranks
             time.sleep(0.5)
         time.sleep(3)
-        ranks = {_rank_of(pid): pid for pid in _processes_with(marker) if pid != proc.pid}
+        ranks = {_rank_of(pid): pid for pid in processes_with(marker) if pid != proc.pid}
         os.kill(ranks[1], signal.SIGKILL)
         _, err = proc.communicate(timeout=30)
     finally:
@@ -138,7 +127,7 @@ def test_one_failing_rank_stops_the_others_and_leaves_nothing_behind():
     assert proc.returncode == 128 + 9, err[-2000:]
     assert "rank 1 exited with 137" in err
     time.sleep(0.5)
-    assert _processes_with(marker) == []
+    assert processes_with(marker) == []
     assert _ours() == before
 
 
@@ -168,9 +157,9 @@ def test_signal_mid_run_stops_ranks_and_removes_namespaces(sig):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 90
-        while len(_processes_with(marker)) < 3 and time.monotonic() < deadline:  # launcher + 2 ranks
+        while len(processes_with(marker)) < 3 and time.monotonic() < deadline:  # launcher + 2 ranks
             time.sleep(0.5)
-        assert len(_processes_with(marker)) >= 3, "ranks never started"
+        assert len(processes_with(marker)) >= 3, "ranks never started"
         time.sleep(3)
         proc.send_signal(sig)
         proc.wait(timeout=20)
@@ -179,7 +168,7 @@ def test_signal_mid_run_stops_ranks_and_removes_namespaces(sig):
             proc.kill()
     assert proc.returncode == 128 + int(sig), proc.stderr.read()[-2000:]
     time.sleep(0.5)
-    assert _processes_with(marker) == []
+    assert processes_with(marker) == []
     assert _ours() == before
 
 
@@ -190,12 +179,12 @@ def test_sigkilled_launcher_ranks_die_and_next_run_removes_its_namespaces():
                              "--", "bench", *SMALL, "--iters", "100000", marker], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 90
-    while len(_processes_with(marker)) < 3 and time.monotonic() < deadline:
+    while len(processes_with(marker)) < 3 and time.monotonic() < deadline:
         time.sleep(0.5)
     proc.kill()
     proc.wait()
     time.sleep(1.0)
-    assert _processes_with(marker) == []  # parent-death signal
+    assert processes_with(marker) == []  # parent-death signal
     left = {ns for ns in _ours() if ns.startswith(f"{netns.PREFIX}{proc.pid}-")}
     assert left  # a SIGKILLed process cannot clean up ...
     assert set(netns.remove_stale()) >= left  # ... the next run does

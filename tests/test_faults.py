@@ -13,16 +13,19 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from c2r_comm.comm_failures import REPORT_WAIT_S
+from procs import environment_of, processes_with
 
 REPO = Path(__file__).resolve().parents[1]
 FAULT_RANK = str(REPO / "tests" / "fault_rank.py")
 TIMEOUT_S = 6.0  # the process groups' timeout in these runs
-MARGIN_S = 4.0  # REPORT_WAIT_S (2 s) plus scheduling slack on a loaded 2-core machine
+SLACK_S = 3.0  # scheduling slack on a loaded 2-core machine
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc, uses prctl")
 
@@ -69,18 +72,6 @@ def _run_marker(tmp_path: Path, name: str) -> str:
     return str(tmp_path / f"fault-{name}")  # in every rank's argv, to find leftovers in /proc
 
 
-def processes_with(marker: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker.encode() in (entry / "cmdline").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
-                pass
-    return pids
-
-
 def _survivor_reports(marker: str) -> dict[int, dict]:
     reports = {}
     for path in Path(marker).parent.glob(Path(marker).name + ".rank*.json"):
@@ -92,7 +83,8 @@ def _survivor_reports(marker: str) -> dict[int, dict]:
 def check_survivors(case: Fault, marker: str, stdout: str, elapsed_s: float,
                     all_survivors: bool = True) -> dict[int, dict]:
     """Every survivor (or, under torchrun, which stops the rest at the first exit, at least one)
-    reported one CommError naming itself and the phase, in time; some survivor names the victim."""
+    reported one CommError naming itself and a phase, in time; a direct peer of the victim names
+    the victim and the faulty phase."""
     reports = _survivor_reports(marker)
     survivors = set(range(case.world)) - {case.victim}
     if all_survivors:
@@ -105,10 +97,16 @@ def check_survivors(case: Fault, marker: str, stdout: str, elapsed_s: float,
         msg = rec["error"]
         assert msg is not None, f"rank {rank} finished without an error\n{stdout}"
         assert msg.startswith(f"rank {rank}: "), msg
-        assert re.search(r"(dispatch|combine) (forward|backward)|count exchange|set-up", msg), msg
+        assert re.search(r"(dispatch|combine) (forward|backward)", msg), msg
         assert re.search(names_victim, msg) or re.search(r"peers? [\d, ]+ failed too", msg), msg
-        assert rec["after_s"] < TIMEOUT_S + MARGIN_S, rec
-    assert any(re.search(names_victim, r["error"]) for r in reports.values()), stdout
+        failed_after = float(re.search(r"failed after ([\d.]+) s", msg).group(1))
+        # a kill is seen at once; a stall at the timeout (later ranks wait on ranks that waited)
+        limit = SLACK_S if case.fault == "kill" else 2 * (TIMEOUT_S + REPORT_WAIT_S) + SLACK_S
+        assert failed_after < limit, msg
+        assert rec["after_s"] < limit + REPORT_WAIT_S, rec  # + comparing notes with the peers
+    direct = [r["error"] for r in reports.values() if re.search(names_victim, r["error"])]
+    assert direct, stdout
+    assert any(f"{case.phase} {case.direction}" in msg for msg in direct), direct
     assert elapsed_s < 120, elapsed_s
     return reports
 
@@ -183,20 +181,23 @@ def test_bench_rank_killed_from_outside(tmp_path):
            "--topology", "1x2", "--iters", "100000", "--warmup-iters", "0", "--tokens-per-rank", "16",
            "--hidden-size", "16", "--ffn-hidden-size", "16", "--dispatcher", "dedup", "--timeout-s", "10",
            "--json", marker]
-    launcher = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    launcher = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
+    err_lines: list[str] = []  # chunks of stderr as they come (tqdm redraws with \r, no newline)
+    reader = threading.Thread(target=lambda: err_lines.extend(
+        chunk.decode(errors="replace") for chunk in iter(lambda: os.read(launcher.stderr.fileno(), 4096), b"")),
+        daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 120
-        ranks: list[int] = []
-        while time.monotonic() < deadline:
-            ranks = [p for p in processes_with(marker) if p != launcher.pid and _env_of(p).get("RANK") == "1"]
-            if ranks:
-                break
-            time.sleep(0.2)
-        assert ranks, "rank 1 never started"
-        time.sleep(8)  # inside the timed loop
+        while time.monotonic() < deadline and not any("it/s" in ln or "s/it" in ln for ln in err_lines):
+            time.sleep(0.2)  # rank 0's progress bar: both ranks are in the timed loop
+        ranks = [p for p in processes_with(marker) if p != launcher.pid and environment_of(p).get("RANK") == "1"]
+        assert ranks, "rank 1 never reached the timed loop:\n" + "".join(err_lines)
         os.kill(ranks[0], signal.SIGKILL)
-        out, err = launcher.communicate(timeout=60)
+        launcher.wait(timeout=60)
+        reader.join(timeout=10)
+        err = "".join(err_lines)
     finally:
         if launcher.poll() is None:
             launcher.kill()
@@ -207,18 +208,6 @@ def test_bench_rank_killed_from_outside(tmp_path):
     assert "c2r-comm: rank 1 was killed by SIGKILL" in err, err
     assert "Traceback" not in err, err
     _no_leftovers(marker)
-
-
-def _env_of(pid: int) -> dict[str, str]:
-    try:
-        raw = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return {}
-    return dict(kv.split("=", 1) for kv in raw.decode(errors="replace").split("\0") if "=" in kv)
-
-
-def long_only_cases() -> list[Fault]:
-    return LONG_ONLY
 
 
 @pytest.mark.parametrize("case", LONG_ONLY, ids=lambda c: c.name)

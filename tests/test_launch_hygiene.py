@@ -10,24 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import processes_with
 
 REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc, uses prctl")
-
-
-def _processes_with(marker: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if marker.encode() in cmdline:
-            pids.append(int(entry.name))
-    return pids
 
 
 def _wait_for(predicate, timeout_s: float) -> bool:
@@ -49,15 +36,15 @@ def test_signal_to_bench_leaves_no_process(tmp_path, signum):
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         # the launcher and its 2 ranks are up
-        assert _wait_for(lambda: len(_processes_with(marker)) >= 3, 120), _processes_with(marker)
+        assert _wait_for(lambda: len(processes_with(marker)) >= 3, 120), processes_with(marker)
         time.sleep(2)  # ranks inside the timed loop
         launcher.send_signal(signum)
         launcher.wait(timeout=30)
-        assert _wait_for(lambda: not _processes_with(marker), 15), f"left running: {_processes_with(marker)}"
+        assert _wait_for(lambda: not processes_with(marker), 15), f"left running: {processes_with(marker)}"
         if signum != signal.SIGKILL:
             assert launcher.returncode == 128 + signum
     finally:
-        for pid in _processes_with(marker):
+        for pid in processes_with(marker):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from procs import processes_with
 import yaml
 
 from c2r_comm.bench import netns
@@ -277,18 +278,6 @@ def test_cli_dry_run_prints_launches_and_a_timeout_fails_the_sweep(tmp_path, cap
     assert "timed out" in (out / "sweep.md").read_text()
 
 
-def _processes_with(marker: str) -> list[int]:
-    """Live processes whose command line holds marker."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and marker.encode() in (proc / "cmdline").read_bytes():
-                pids.append(int(proc.name))
-        except OSError:
-            continue  # gone meanwhile
-    return pids
-
-
 def test_sigterm_stops_the_running_launch_and_all_its_processes(tmp_path):
     spec = tmp_path / "s.yaml"
     spec.write_text(yaml.safe_dump({**TINY, "topologies": ["1x2"], "dispatchers": ["alltoall"], "iters": 10**9,
@@ -300,22 +289,22 @@ def test_sigterm_stops_the_running_launch_and_all_its_processes(tmp_path):
                              text=True)
     try:
         deadline = time.monotonic() + 240
-        # the sweep, bench, torchrun and torchrun's 2 ranks (sessions of their own)
-        while len(_processes_with(marker)) < 5 and sweep.poll() is None and time.monotonic() < deadline:
+        # the sweep, bench and bench's 2 ranks (sessions of their own)
+        while len(processes_with(marker)) < 4 and sweep.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         if sweep.poll() is not None:
             pytest.fail(f"the sweep ended before its launch ran: {sweep.communicate()}")
-        assert len(_processes_with(marker)) >= 5, f"only {_processes_with(marker)} started in 240 s"
+        assert len(processes_with(marker)) >= 4, f"only {processes_with(marker)} started in 240 s"
         sweep.send_signal(signal.SIGTERM)
         _, err = sweep.communicate(timeout=60)
         assert sweep.returncode == 128 + signal.SIGTERM, err
         assert "SIGTERM" in err and "stopped" in err
         deadline = time.monotonic() + 5
-        while _processes_with(marker) and time.monotonic() < deadline:
+        while processes_with(marker) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert _processes_with(marker) == []
+        assert processes_with(marker) == []
     finally:
-        for pid in _processes_with(marker):  # only this run's processes: the marker is unique
+        for pid in processes_with(marker):  # only this run's processes: the marker is unique
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -336,9 +325,9 @@ def test_a_stopped_launch_also_stops_the_processes_that_left_its_group(tmp_path)
         result = run_sweep(spec, SweepJobs((), (dataclasses.replace(job, argv=(sys.executable, "-c", leader)),)),
                            tmp_path / "out", REPO, show_progress=False)
         assert "timed out after 1 s" in result.failures[0].reason
-        assert _processes_with(marker) == []
+        assert processes_with(marker) == []
     finally:
-        for pid in _processes_with(marker):
+        for pid in processes_with(marker):
             os.kill(pid, signal.SIGKILL)
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -79,29 +78,30 @@ def start_ranks(em: EmulatedNodes, gpus_per_node: int, argv: Sequence[str]) -> l
                   [rank_env(em, gpus_per_node, r, dict(os.environ)) for r in range(world)], gpus_per_node)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def local_rank_env(world: int, rank: int, port: int, base: dict[str, str]) -> dict[str, str]:
+    """torchrun's contract, with the rendezvous store hosted by the launcher (TORCHELASTIC_USE_AGENT_STORE,
+    as torchrun's agent does), so it outlives any rank: failure reports still meet if rank 0 dies."""
     env = dict(base)
     env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-               GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+               GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True")
     env.setdefault("OMP_NUM_THREADS", "1")  # ranks share the machine's cores
     return env
 
 
 def run_local_ranks(cmd: Sequence[str], world: int, base_env: Optional[dict[str, str]] = None) -> int:
-    """Run `cmd` as `world` ranks on this machine (rank 0 hosts the rendezvous on a free port) and
-    supervise them; nothing outlives this call. SIGINT/SIGTERM/SIGHUP stop every rank and return
-    128 + the signal; otherwise the first failure's exit code (see supervise), or 0."""
-    port, env = _free_port(), dict(os.environ if base_env is None else base_env)
+    """Run `cmd` as `world` ranks on this machine and supervise them; nothing outlives this call.
+    This process hosts the rendezvous store (on a port the OS picks, so no other program can take
+    it first). SIGINT/SIGTERM/SIGHUP stop every rank and return 128 + the signal; otherwise the
+    first failure's exit code (see supervise), or 0."""
+    import torch.distributed as dist  # only the launcher needs it; rank_launcher stays light to import
+
+    store = dist.TCPStore("127.0.0.1", 0, world_size=None, is_master=True, wait_for_workers=False)
+    env = dict(os.environ if base_env is None else base_env)
     previous = install_signal_handlers()
     procs: list[RankProcess] = []
     try:
-        procs = _start([list(cmd)] * world, [local_rank_env(world, r, port, env) for r in range(world)], world)
+        procs = _start([list(cmd)] * world, [local_rank_env(world, r, store.port, env) for r in range(world)],
+                       world)
         code, _ = supervise(procs)
         return code
     except Interrupted as stopped:
@@ -109,14 +109,16 @@ def run_local_ranks(cmd: Sequence[str], world: int, base_env: Optional[dict[str,
         return 128 + stopped.signum
     finally:
         restore_signal_handlers(previous)
+        del store
 
 
 def _start(cmds: Sequence[Sequence[str]], envs: Sequence[dict[str, str]], gpus_per_node: int) -> list[RankProcess]:
     procs: list[RankProcess] = []
     try:
         for rank, (cmd, env) in enumerate(zip(cmds, envs)):
-            procs.append(RankProcess(rank, rank // gpus_per_node,
-                                     subprocess.Popen(list(cmd), env=env, preexec_fn=_die_with_parent)))
+            # own session: a terminal's Ctrl-C reaches the launcher only, which stops the ranks
+            procs.append(RankProcess(rank, rank // gpus_per_node, subprocess.Popen(
+                list(cmd), env=env, preexec_fn=_die_with_parent, start_new_session=True)))
     except BaseException:
         stop(procs)
         raise
@@ -152,10 +154,13 @@ def supervise(procs: Sequence[RankProcess], poll_s: float = 0.1,
             codes = [p.proc.poll() for p in procs]
             failed = [(p, c) for p, c in zip(procs, codes) if c not in (None, 0)]
             if failed:
-                first, code = failed[0]
                 deadline = time.monotonic() + settle_s
                 while time.monotonic() < deadline and any(p.proc.poll() is None for p in procs):
                     time.sleep(poll_s)
+                failed += [(p, p.proc.returncode) for p in procs
+                           if p.proc.returncode not in (None, 0) and all(p is not q for q, _ in failed)]
+                # a rank that failed on its own is the cause; one that reports a peer's failure is not
+                first, code = min(failed, key=lambda pc: pc[1] == EXIT_COMM_ERROR)
                 left = [p.rank for p in procs if p.proc.poll() is None]
                 stop(procs)
                 _print_endings(procs, left)

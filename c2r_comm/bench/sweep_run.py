@@ -46,7 +46,7 @@ from c2r_comm.placement.planners import PlannerOptions
 C2R = (sys.executable, "-m", "c2r_comm")
 TAIL_LINES = 10
 ERROR_LINE = re.compile(r"^c2r-comm [\w-]+: error:|^\w+(Error|Exception)\b")
-STOP_GRACE_S = 30.0  # after SIGTERM, before SIGKILL: emulate removes its namespaces, torchrun stops its ranks
+STOP_GRACE_S = 30.0  # after SIGTERM, before SIGKILL: emulate removes its namespaces, bench stops its ranks
 LAUNCH_TAG = "C2R_SWEEP_LAUNCH"  # in the environment of every process a launch starts, whatever its group
 
 
@@ -267,10 +267,10 @@ def _signal(pids, sig: int) -> None:
 
 
 def _stop(proc: subprocess.Popen, tag: str, grace_s: float = STOP_GRACE_S) -> None:
-    """Stop every process of a launch: SIGTERM its process group (emulate then stops its ranks and
-    removes its namespaces, torchrun stops its ranks, which run in sessions of their own); once no
-    process of the group is left, SIGTERM the tagged ones that outlived it (a torchrun stopped while
-    starting its ranks); after grace_s, SIGKILL whatever is left. Stop signals are held back meanwhile."""
+    """Stop every process of a launch: SIGTERM its process group (bench and emulate then stop their
+    ranks, which run in sessions of their own, and emulate removes its namespaces); once no process
+    of the group is left, SIGTERM the tagged ones that outlived it (a launcher stopped while starting
+    its ranks); after grace_s, SIGKILL whatever is left. Stop signals are held back meanwhile."""
     with signals_blocked():
         try:
             os.killpg(proc.pid, signal.SIGTERM)

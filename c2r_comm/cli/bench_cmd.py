@@ -68,7 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also run the layer pipelined over C token chunks (or auto) and report exchange-only, "
                         "experts-only, serial and overlapped times and the overlap efficiency (implies --phases)")
     p.add_argument("--die-with-parent", action="store_true",
-                   help="exit (SIGKILL) when the parent process dies; bench's own torchrun launch sets it on its ranks")
+                   help="exit (SIGKILL) when the parent process dies (for launchers that do not arrange it; "
+                        "bench's own launch does)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="after the timed iterations, profile 3 forward+backward steps per dispatcher with "
                         "torch.profiler: DIR/<dispatcher>_rank<r>.txt (ops by device time) and .json (Chrome trace)")

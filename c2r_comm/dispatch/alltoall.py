@@ -79,7 +79,7 @@ class AllToAllDispatcher(Dispatcher):
 
     def _route(self, plan: AllToAllPlan, counts: CountExchange, site: CommSite) -> Route:
         ex = Exchange(self.groups.ep, tuple(range(self.world_size)), tuple(counts.sent_WC.sum(1).tolist()),
-                      tuple(counts.recv_WC.sum(1).tolist()), sparse=False, site=site.at(stage="all2all"))
+                      tuple(counts.recv_WC.sum(1).tolist()), sparse=False, site=site, stage="all2all")
         st = plan.stages[0]
         return Route(plan, (RouteStage(ex, ex.peers, st.dispatch_row_bytes, st.combine_row_bytes),),
                      tuple(counts.recv_WC.sum(0).tolist()), expert_offsets(counts.recv_device_WC.sum(0)), counts)

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from c2r_comm.comm_failures import CommSite
 from c2r_comm.dispatch.comm import (CountExchange, StatusCode, agree_on_status, check_same_on_all_ranks,
-                                    exchange_counts)
+                                    dtype_code, exchange_counts)
 from c2r_comm.dispatch.exchange_plan import CommStats, ExchangePlan, stats_of_messages
 from c2r_comm.dispatch.layout import RankGeometry
 from c2r_comm.dispatch.transport import Exchange, Pending
@@ -108,13 +108,6 @@ class DispatchHandle:
     @property
     def combine_stats(self) -> CommStats:
         return self.route.stats(self.rank, self.topology)[1]
-
-
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def dtype_code(dtype: torch.dtype) -> int:
-    return _DTYPES.index(dtype) if dtype in _DTYPES else 99
 
 
 def check_input(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
@@ -225,7 +218,7 @@ class Dispatcher(ABC):
     # ---- phase 2: count exchange (the one host sync) ------------------------------------------
     def exchange_counts(self, plan: ExchangePlan, chunk: Optional[int] = None) -> Route:
         """chunk: the pipeline chunk this dispatch is (named by failure reports)."""
-        site = CommSite(phase="dispatch", layer=self.label, chunk=chunk, directory=self.groups.directory)
+        site = CommSite(phase="dispatch", layer=self.label, chunk=chunk)
         counts = exchange_counts(plan.counts_WC, plan.status, self.groups.ep, plan.status_detail, plan.agree, site)
         return self._route(plan, counts, site)
 

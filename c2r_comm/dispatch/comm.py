@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from c2r_comm.comm_failures import CommSite, guard
+from c2r_comm.comm_failures import CommSite, group_site, guard
 
 
 class InputError(ValueError):
@@ -72,9 +72,9 @@ def exchange_counts(send_counts_WC: torch.Tensor, status: torch.Tensor, group: A
     for j, value in enumerate(agree):  # filled on the device: no host->device copy (a sync on CUDA)
         packed[:, C + 1 + j] = value
     recv = torch.empty_like(packed)
-    with guard(site.at(stage="count exchange", group=group, group_peers=tuple(range(W)))):
+    with guard(lambda: site.at(stage="count exchange", group=group, group_peers=tuple(range(W)))):
         dist.all_to_all_single(recv, packed, group=group)
-        both = torch.stack([recv, packed]).cpu()  # the host sync
+    both = torch.stack([recv, packed]).cpu()  # the host sync
     recv_host, sent_host = both[0], both[1]
     statuses = recv_host[:, C].tolist()
     me = dist.get_rank(group)
@@ -82,10 +82,8 @@ def exchange_counts(send_counts_WC: torch.Tensor, status: torch.Tensor, group: A
         _raise_rejected("dispatch input", statuses, int(sent_host[0, C]), me, status_detail)
     values = [tuple(v) for v in recv_host[:, C + 1:].tolist()]
     if any(v != values[0] for v in values):
-        from c2r_comm.dispatch.base import _DTYPES  # noqa: PLC0415 (base imports this module); codes: dtype_code
-
         def name(code: int) -> str:
-            return str(_DTYPES[code]).removeprefix("torch.") if 0 <= code < len(_DTYPES) else "an unsupported dtype"
+            return str(PAYLOAD_DTYPES[code]).removeprefix("torch.") if 0 <= code < len(PAYLOAD_DTYPES) else "an unsupported dtype"
         detail = "; ".join(f"rank {r}: k={v[0]}, x {name(v[1])}, topk_weight {name(v[2])}" if len(v) == 3
                            else f"rank {r}: {list(v)}" for r, v in enumerate(values))
         raise InputError(f"top-k / dtypes differ across ranks ({detail}); every rank must dispatch the same k and "
@@ -107,7 +105,7 @@ def agree_on_status(status: int, group: Any, what: str, detail: Optional[str] = 
     world = dist.get_world_size(group)
     device = _collective_device(group)
     gathered = [torch.empty(1, dtype=torch.int64, device=device) for _ in range(world)]
-    with guard(CommSite(phase=f"agreement on {what}", group=group, group_peers=tuple(range(world)))):
+    with guard(lambda: group_site(f"agreement on {what}", group)):
         dist.all_gather(gathered, torch.tensor([status], dtype=torch.int64, device=device), group=group)
     statuses = [int(g.item()) for g in gathered]
     if any(statuses):
@@ -121,7 +119,7 @@ def check_same_on_all_ranks(values: Sequence[int], what: str, group: Any, local_
     world = dist.get_world_size(group)
     device = _collective_device(group)
     gathered = [torch.empty_like(mine, device=device) for _ in range(world)]
-    with guard(CommSite(phase="set-up", stage=f"agreement on {what}", group=group, group_peers=tuple(range(world)))):
+    with guard(lambda: group_site("set-up", group, stage=f"agreement on {what}")):
         dist.all_gather(gathered, mine.to(device), group=group)
     rows = [g.cpu().tolist() for g in gathered]
     me = dist.get_rank(group)
@@ -132,6 +130,14 @@ def check_same_on_all_ranks(values: Sequence[int], what: str, group: Any, local_
     if any(r[1:] != rows[0][1:] for r in rows):
         detail = ", ".join(f"rank {r}: {v[1:]}" for r, v in enumerate(rows))
         raise InputError(f"{what} differs across ranks ({detail}); every rank must use the same one")
+
+
+PAYLOAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    """The code of a payload dtype in the count exchange's agreement values (99: unsupported)."""
+    return PAYLOAD_DTYPES.index(dtype) if dtype in PAYLOAD_DTYPES else 99
 
 
 def metadata_dtype(max_value: int) -> torch.dtype:

@@ -116,7 +116,7 @@ class DedupDispatcher(Dispatcher):
 
     def _route(self, plan: DedupPlan, counts: CountExchange, site: CommSite) -> Route:
         ex = Exchange(self.groups.ep, tuple(range(self.world_size)), tuple(counts.sent_WC[:, 0].tolist()),
-                      tuple(counts.recv_WC[:, 0].tolist()), sparse=False, site=site.at(stage="all2all"))
+                      tuple(counts.recv_WC[:, 0].tolist()), sparse=False, site=site, stage="all2all")
         st = plan.stages[0]
         return Route(plan, (RouteStage(ex, ex.peers, st.dispatch_row_bytes, st.combine_row_bytes),),
                      tuple(counts.recv_WC[:, 1:].sum(0).tolist()),

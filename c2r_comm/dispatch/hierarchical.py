@@ -113,14 +113,14 @@ class HierarchicalDispatcher(Dispatcher):
         sent, recv = counts.sent_WC, counts.recv_WC
         ex_a = Exchange(self.groups.ep, self.rail_peers, tuple(sent[list(self.rail_peers), 0].tolist()),
                         tuple(recv[list(self.rail_peers), 0].tolist()), sparse=True,
-                        reverse_group=self.groups.ep_reverse, site=site.at(stage="cross-node"))
+                        reverse_group=self.groups.ep_reverse, site=site, stage="cross-node")
         node_ranks = topo.ranks_on_node(self.node_index)
         forwarded = recv[list(self.rail_peers), 1:1 + G].sum(0) if self.rail_peers else torch.zeros(G, dtype=torch.int64)
         send_b = sent[node_ranks, 1 + G] + forwarded  # own rows for each GPU here + rail peers' rows
         # from forwarder i: the rows of every source on rail i that are meant for this rank
         recv_b = recv[:, 1 + G].reshape(topo.nodes, G).sum(0)
         ex_b = Exchange(self.groups.node, tuple(range(G)), tuple(send_b.tolist()), tuple(recv_b.tolist()),
-                        sparse=False, site=site.at(stage="intra-node"))
+                        sparse=False, site=site, stage="intra-node")
         a, b = plan.stages
         stages = (RouteStage(ex_a, self.rail_peers, a.dispatch_row_bytes, a.combine_row_bytes),
                   RouteStage(ex_b, tuple(node_ranks), b.dispatch_row_bytes, b.combine_row_bytes))

@@ -49,8 +49,13 @@ class Exchange:
     # `group`, to lower ones on `reverse_group` (receives mirror it), so the two directions of a
     # pair never share a connection (see groups.ProcessGroups.ep_reverse).
     reverse_group: Any = None
-    # What a failure names (phase, direction, stage, layer, chunk); peers and group are filled in here.
+    # What a failure names (comm_failures.CommSite: layer, chunk; phase "dispatch"), this exchange's
+    # stage, whether it is the return trip of a dispatch exchange (combine) and whether it runs in
+    # backward. The full site is built only when a collective fails.
     site: CommSite = CommSite()
+    stage: Optional[str] = None
+    returning: bool = False
+    backward: bool = False
 
     @property
     def rows_sent(self) -> int:
@@ -63,20 +68,22 @@ class Exchange:
     def reversed(self, for_backward: bool = False) -> "Exchange":
         """The same pairs with counts swapped: combine's return of a dispatch exchange (and vice
         versa), or with for_backward the gradient exchange of this one (same phase, backward)."""
-        if for_backward:
-            site = self.site.at(direction="backward")
-        else:
-            site = self.site.at(phase={"dispatch": "combine", "combine": "dispatch"}.get(self.site.phase,
-                                                                                         self.site.phase))
         return Exchange(self.group, self.peers, self.recv_counts, self.send_counts, self.sparse, self.reverse_group,
-                        site)
+                        self.site, self.stage, self.returning if for_backward else not self.returning,
+                        self.backward or for_backward)
+
+    def failure_site(self) -> CommSite:
+        phase = self.site.phase
+        if self.returning:
+            phase = {"dispatch": "combine", "combine": "dispatch"}.get(phase, phase)
+        return self.site.at(phase=phase, direction="backward" if self.backward else "forward", stage=self.stage,
+                            group=self.group, group_peers=self.peers)
 
     def start(self, send: torch.Tensor, recv: torch.Tensor) -> list:
         """Issue the exchange of send (rows in peer blocks) into recv; returns work handles whose
         wait() raises comm_failures.CommError naming this exchange's site and peers."""
-        site = self.site.at(group=self.group, group_peers=self.peers)
-        with guard(site):
-            return [GuardedWork(w, site) for w in self._start(send, recv)]
+        with guard(self.failure_site):
+            return [GuardedWork(w, self.failure_site) for w in self._start(send, recv)]
 
     def _start(self, send: torch.Tensor, recv: torch.Tensor) -> list:
         if not self.sparse:
