@@ -1,11 +1,12 @@
-"""Shared pytest options."""
+"""Shared pytest options: the long modes of the fuzz and fault-injection tests (docs/reliability.md)."""
 from __future__ import annotations
 
 import pytest
 
+FAULT_REPEATS_LONG = 20
+
 
 def pytest_addoption(parser):
-    _add_fault_options(parser)
     group = parser.getgroup("fuzz", "dispatcher fuzzing (tests/test_fuzz_dispatch.py)")
     group.addoption("--fuzz-long", action="store_true", default=False,
                     help="long fuzz run: thousands of hypothesis examples per world size (CI runs a bounded number)")
@@ -14,33 +15,26 @@ def pytest_addoption(parser):
     group.addoption("--fuzz-seed", type=int, default=None, metavar="S",
                     help="hypothesis seed for the dispatcher fuzz tests (CI default: a fixed seed; "
                          "--fuzz-long default: a random seed, printed)")
+    group = parser.getgroup("faults", "fault injection (tests/test_faults.py)")
+    group.addoption("--faults-long", action="store_true", default=False,
+                    help=f"repeat every fault-injection case {FAULT_REPEATS_LONG} times and run the long-only cases")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "fuzz: dispatcher fuzz test; --fuzz-long / --fuzz-examples lift its time limit")
+    config.addinivalue_line("markers", "faults: fault-injection test; --faults-long lifts its time limit")
 
 
 def pytest_collection_modifyitems(config, items):
-    import pytest
-
-    if config.getoption("--fuzz-long") or config.getoption("--fuzz-examples") is not None:
-        for item in items:
-            if item.get_closest_marker("fuzz") is not None:
-                item.add_marker(pytest.mark.timeout(0))  # a long run takes hours, not the CI limit
-
-
-def _add_fault_options(parser):  # called from pytest_addoption below
-    group = parser.getgroup("faults", "fault injection (tests/test_faults.py)")
-    group.addoption("--faults-long", action="store_true", default=False,
-                    help="repeat every fault-injection case 20 times and run the long-only cases")
-
-
-def _faults_repeat(config) -> int:
-    return 20 if config.getoption("--faults-long") else 1
-
+    fuzz_long = config.getoption("--fuzz-long") or config.getoption("--fuzz-examples") is not None
+    faults_long = config.getoption("--faults-long")
+    for item in items:  # a long run takes up to hours, not the CI limit
+        if (fuzz_long and item.get_closest_marker("fuzz") is not None) or \
+                (faults_long and item.get_closest_marker("faults") is not None):
+            item.add_marker(pytest.mark.timeout(0))
 
 
 @pytest.fixture
 def faults_repeat(request) -> int:
-    """How many times each fault-injection case runs (1 in CI, 20 with --faults-long)."""
-    return _faults_repeat(request.config)
+    """How many times each fault-injection case runs (1 in CI, FAULT_REPEATS_LONG with --faults-long)."""
+    return FAULT_REPEATS_LONG if request.config.getoption("--faults-long") else 1

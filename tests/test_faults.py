@@ -27,7 +27,8 @@ FAULT_RANK = str(REPO / "tests" / "fault_rank.py")
 TIMEOUT_S = 6.0  # the process groups' timeout in these runs
 SLACK_S = 3.0  # scheduling slack on a loaded 2-core machine
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc, uses prctl")
+pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc, uses prctl"),
+              pytest.mark.faults]
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,9 @@ def check_survivors(case: Fault, marker: str, stdout: str, elapsed_s: float,
         assert re.search(r"(dispatch|combine) (forward|backward)", msg), msg
         assert re.search(names_victim, msg) or re.search(r"peers? [\d, ]+ failed too", msg), msg
         failed_after = float(re.search(r"failed after ([\d.]+) s", msg).group(1))
-        # a kill is seen at once; a stall at the timeout (later ranks wait on ranks that waited)
-        limit = SLACK_S if case.fault == "kill" else 2 * (TIMEOUT_S + REPORT_WAIT_S) + SLACK_S
+        # a kill is seen before the timeout (a closed connection); a stall at the timeout (later
+        # ranks may wait on ranks that waited: up to two timeouts and report waits)
+        limit = TIMEOUT_S if case.fault == "kill" else 2 * (TIMEOUT_S + REPORT_WAIT_S) + SLACK_S
         assert failed_after < limit, msg
         assert rec["after_s"] < limit + REPORT_WAIT_S, rec  # + comparing notes with the peers
     direct = [r["error"] for r in reports.values() if re.search(names_victim, r["error"])]
@@ -140,17 +142,28 @@ def _no_leftovers(marker: str) -> None:
     assert not left, f"processes left running: {left}"
 
 
+def _summary(launcher: str, case: Fault, runs: int, slowest_report_s: float, slowest_run_s: float) -> None:
+    """The counts docs/reliability.md quotes (pytest -s shows them): a failure, hang or leftover
+    process fails the test before this line."""
+    print(f"\nfaults {launcher} {case.name}: {runs} runs, 0 failures, 0 hangs, 0 leftover processes; "
+          f"slowest survivor report {slowest_report_s:.1f} s, slowest run {slowest_run_s:.1f} s")
+
+
 @pytest.mark.parametrize("case", FAULTS, ids=lambda c: c.name)
 def test_own_launcher_fault(tmp_path, case, faults_repeat):
+    slowest_report = slowest_run = 0.0
     for i in range(faults_repeat):
         marker = _run_marker(tmp_path, f"{case.name}-{i}")
         code, out, err, elapsed = run_own_launcher(case, marker)
         assert code != 0, out + err
-        check_survivors(case, marker, out + err, elapsed)
+        reports = check_survivors(case, marker, out + err, elapsed)
         ended = "was killed by SIGKILL" if case.fault == "kill" else "was still running after its peers failed"
         assert f"c2r-comm: rank {case.victim} {ended}" in err, err
         assert "Traceback" not in err, err
         _no_leftovers(marker)
+        slowest_report = max([slowest_report] + [r["after_s"] for r in reports.values()])
+        slowest_run = max(slowest_run, elapsed)
+    _summary("own launcher", case, faults_repeat, slowest_report, slowest_run)
 
 
 TORCHRUN_FAULTS = [FAULTS[0], FAULTS[3]]
@@ -160,6 +173,7 @@ TORCHRUN_FAULTS = [FAULTS[0], FAULTS[3]]
 def test_torchrun_fault(tmp_path, case, faults_repeat):
     """Under torchrun a killed rank ends the run at once: torchrun stops the others (SIGTERM) and
     names the killed rank. A stall ends in the survivors' CommErrors at the timeout."""
+    slowest_report = slowest_run = 0.0
     for i in range(faults_repeat):
         marker = _run_marker(tmp_path, f"torchrun-{case.name}-{i}")
         code, out, err, elapsed = run_torchrun(case, marker)
@@ -170,7 +184,10 @@ def test_torchrun_fault(tmp_path, case, faults_repeat):
             reports = check_survivors(case, marker, out + err, elapsed, all_survivors=False)
             assert "CommError: rank " in err and "alive but not answering" in err, err[-3000:]
             assert set(reports) & {int(r) for r in re.findall(r"CommError: rank (\d+):", err)}, err[-3000:]
+            slowest_report = max([slowest_report] + [r["after_s"] for r in reports.values()])
         _no_leftovers(marker)
+        slowest_run = max(slowest_run, elapsed)
+    _summary("torchrun", case, faults_repeat, slowest_report, slowest_run)
 
 
 def test_bench_rank_killed_from_outside(tmp_path):
