@@ -13,7 +13,6 @@ Module globals of the task's module persist in a rank between tasks (e.g. cached
 """
 from __future__ import annotations
 
-import os
 import queue as queue_mod
 import time
 import traceback
@@ -21,7 +20,7 @@ from datetime import timedelta
 from typing import Any, Callable, Optional
 
 import torch.multiprocessing as mp
-from ranks import RankError, _free_port
+from ranks import RankError, _free_port, start_single_threaded
 
 _STOP = None  # task sentinel: leave the loop, destroy the process group, exit
 
@@ -91,19 +90,10 @@ class RankPool:
         self._tasks = [self._ctx.Queue() for _ in range(self.world)]
         self._replies = self._ctx.Queue()
         port = _free_port()
-        env_threads = os.environ.get("OMP_NUM_THREADS")
-        os.environ["OMP_NUM_THREADS"] = "1"
-        try:
-            self._procs = [self._ctx.Process(target=_pool_worker, daemon=True,
-                                             args=(r, self.world, port, self.pg_timeout_s, self._tasks[r],
-                                                   self._replies)) for r in range(self.world)]
-            for p in self._procs:
-                p.start()
-        finally:
-            if env_threads is None:
-                os.environ.pop("OMP_NUM_THREADS", None)
-            else:
-                os.environ["OMP_NUM_THREADS"] = env_threads
+        self._procs = [self._ctx.Process(target=_pool_worker, daemon=True,
+                                         args=(r, self.world, port, self.pg_timeout_s, self._tasks[r], self._replies))
+                       for r in range(self.world)]
+        start_single_threaded(self._procs)
         self.starts += 1
         try:
             self._collect(-1, self.start_timeout_s)

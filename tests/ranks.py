@@ -33,6 +33,21 @@ def _worker(rank: int, world_size: int, port: int, timeout_s: float, fn: Callabl
             dist.destroy_process_group()
 
 
+def start_single_threaded(procs) -> None:
+    """Start spawned processes with OMP_NUM_THREADS=1 (up to 8 ranks share 2 cores); the parent's
+    environment is restored afterwards."""
+    env_threads = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        if env_threads is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = env_threads
+
+
 class RankError(RuntimeError):
     def __init__(self, errors: dict[int, str]):
         self.errors = errors
@@ -49,16 +64,7 @@ def run_ranks(world_size: int, fn: Callable, *args: Any, timeout_s: float = 120.
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, timeout_s, fn, args, queue), daemon=True)
              for r in range(world_size)]
-    env_threads = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        for p in procs:
-            p.start()
-    finally:
-        if env_threads is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = env_threads
+    start_single_threaded(procs)
     results: dict[int, Any] = {}
     errors: dict[int, str] = {}
     try:

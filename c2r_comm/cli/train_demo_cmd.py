@@ -1,0 +1,169 @@
+"""`c2r-comm train-demo`: train a small byte-level MoE transformer LM expert-parallel with our layer.
+
+Text from `--text` (a file or a folder of *.txt; default ../shared/text), the last 10 % of each
+file held out for validation. Logs loss, load balance (CV of expert loads) and copies per token per
+step (progress bar; `--log` writes one JSON line per step and per evaluation), evaluates on the
+held-out text, and writes a checkpoint (`--checkpoint DIR`: one file per rank) that `--resume`
+continues from. Run plainly it starts its ranks itself, like `bench`; under torchrun or mpiexec it
+joins their world. The dispatcher never changes the results: `--dispatcher alltoall` and `dedup`
+give the same losses step by step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from c2r_comm.bench.rank_launcher import run_local_ranks
+from c2r_comm.bootstrap import init_distributed, launched, report_to_launcher, shutdown
+from c2r_comm.cli.bench_cmd import check_plan, check_writable
+from c2r_comm.comm_failures import EXIT_COMM_ERROR, CommError
+from c2r_comm.config import Config, ConfigError, load_config, parse_topology, with_overrides
+from c2r_comm.groups import build_process_groups
+from c2r_comm.topology import Topology
+from c2r_comm.train.data import ByteCorpus
+from c2r_comm.train.model import MoETransformerLM
+from c2r_comm.train.step import StepMetrics, evaluate, train_step
+
+DEFAULT_TEXT = Path(__file__).resolve().parents[2].parent / "shared" / "text"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config: model, parallel, dispatcher, routing, placement, run.seed/device")
+    p.add_argument("--topology", help="NODESxGPUS_PER_NODE, e.g. 2x2")
+    p.add_argument("--dispatcher", help="alltoall | dedup | hierarchical (overrides the config)")
+    p.add_argument("--text", default=str(DEFAULT_TEXT), help="a text file or a folder of *.txt (default ../shared/text)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--layers", type=int, default=2, help="transformer blocks (each with one MoE layer)")
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--batch", type=int, default=8, help="sequences per rank per step")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--eval-every", type=int, default=50, help="steps between held-out evaluations (0: only at the end)")
+    p.add_argument("--eval-batches", type=int, default=4, help="held-out batches per rank per evaluation")
+    p.add_argument("--hidden-size", type=int, default=None, help="overrides model.hidden_size")
+    p.add_argument("--ffn-hidden-size", type=int, default=None, help="overrides model.ffn_hidden_size")
+    p.add_argument("--num-experts", type=int, default=None, help="overrides model.num_experts")
+    p.add_argument("--top-k", type=int, default=None, help="overrides model.top_k")
+    p.add_argument("--seed", type=int, default=None, help="overrides run.seed (weights and data order)")
+    p.add_argument("--plan", default=None, help="placement plan JSON (plan layer i for MoE layer i)")
+    p.add_argument("--routing", default=None, help="topk | c2r | device_constrained (overrides routing.kind)")
+    p.add_argument("--log", default=None, help="write one JSON line per step and per evaluation here")
+    p.add_argument("--checkpoint", default=None, metavar="DIR", help="write DIR/rank<r>.pt at the end")
+    p.add_argument("--resume", default=None, metavar="DIR", help="continue from a --checkpoint DIR (steps count on)")
+
+
+def resolve(args: argparse.Namespace) -> Config:
+    config = load_config(args.config) if args.config else Config()
+    overrides = {"dispatcher": args.dispatcher, "model.hidden_size": args.hidden_size,
+                 "model.ffn_hidden_size": args.ffn_hidden_size, "model.num_experts": args.num_experts,
+                 "model.top_k": args.top_k, "run.seed": args.seed, "placement.plan": args.plan,
+                 "routing.kind": args.routing}
+    if args.topology:
+        overrides["parallel.nodes"], overrides["parallel.gpus_per_node"] = parse_topology(args.topology)
+    config = with_overrides(config, overrides)
+    for flag in ("steps", "layers", "heads", "seq_len", "batch", "eval_batches"):
+        if getattr(args, flag) < 1:
+            raise ConfigError("--" + flag.replace("_", "-"), getattr(args, flag), "an integer >= 1")
+    if config.model.hidden_size % args.heads:
+        raise ConfigError("--heads", args.heads, f"a divisor of model.hidden_size ({config.model.hidden_size})")
+    if args.eval_every < 0:
+        raise ConfigError("--eval-every", args.eval_every, "an integer >= 0")
+    if not args.lr > 0:
+        raise ConfigError("--lr", args.lr, "a number > 0")
+    check_plan(config, range(args.layers), "--plan" if args.plan else "placement.plan")
+    if args.resume and not Path(args.resume).is_dir():
+        raise ConfigError("--resume", args.resume, "a folder written by --checkpoint")
+    if not launched(os.environ):
+        for flag in ("log",):
+            if getattr(args, flag):
+                check_writable(getattr(args, flag), "--" + flag)
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    config = resolve(args)
+    ByteCorpus.load(args.text, args.seq_len)  # unreadable or too short text: refused before any rank starts
+    world = config.parallel.world_size
+    if world > 1 and not launched(os.environ):
+        return run_local_ranks([sys.executable, "-m", "c2r_comm", *args.argv], world)
+    ctx = init_distributed(config.run.timeout_s, config.run.device)
+    try:
+        config.check_world_size(ctx.world_size)
+        return _train(args, config, ctx)
+    except CommError as exc:
+        print(f"c2r-comm train-demo: {exc}", file=sys.stderr, flush=True)
+        report_to_launcher(exc)
+        return EXIT_COMM_ERROR
+    finally:
+        shutdown()
+
+
+def _train(args: argparse.Namespace, config: Config, ctx) -> int:
+    groups = build_process_groups(Topology(config.parallel.nodes, config.parallel.gpus_per_node), config.run.timeout_s)
+    corpus = ByteCorpus.load(args.text, args.seq_len)
+    model = MoETransformerLM(config, groups, ctx.device, args.layers, args.heads, args.seq_len)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    start = 0
+    if args.resume:
+        state = torch.load(Path(args.resume) / f"rank{ctx.rank}.pt", map_location=ctx.device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+    log = open(args.log, "a") if (args.log and ctx.rank == 0) else None
+    seed = config.run.seed
+    show = ctx.rank == 0
+    t0 = time.perf_counter()
+    bar = tqdm(range(start, start + args.steps), desc=f"train-demo {config.dispatcher}", disable=not show,
+               file=sys.stderr)
+    try:
+        for step in bar:
+            inputs, targets = (t.to(ctx.device) for t in corpus.batch("train", args.batch, args.seq_len, seed, step,
+                                                                       ctx.rank))
+            m = train_step(model, optimizer, inputs, targets, groups.ep)
+            bar.set_postfix(loss=f"{m.loss:.3f}", cv=f"{m.load_cv:.2f}", copies=f"{m.copies_per_token:.2f}")
+            _write(log, {"kind": "train", "step": step + 1, **m.as_dict()})
+            last = step + 1 == start + args.steps
+            if last or (args.eval_every and (step + 1) % args.eval_every == 0):
+                v = _evaluate(model, corpus, args, seed, ctx.rank, ctx.device, groups.ep)
+                _write(log, {"kind": "valid", "step": step + 1, **v.as_dict()})
+                if show:
+                    tqdm.write(f"step {step + 1}: train loss {m.loss:.4f}, valid loss {v.loss:.4f}, load CV "
+                               f"{v.load_cv:.3f}, copies/token {v.copies_per_token:.2f}, GPUs/token "
+                               f"{v.gpus_per_token:.2f}", file=sys.stderr)
+        elapsed = time.perf_counter() - t0
+    finally:
+        bar.close()
+        if log:
+            log.close()
+    if args.checkpoint:
+        Path(args.checkpoint).mkdir(parents=True, exist_ok=True)
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": start + args.steps,
+                    "config": config.to_dict(), "args": {k: v for k, v in vars(args).items() if k != "argv"}},
+                   Path(args.checkpoint) / f"rank{ctx.rank}.pt")
+    if show:
+        print(f"c2r-comm train-demo: {args.steps} steps in {elapsed:.1f} s ({args.steps / elapsed:.2f} steps/s), "
+              f"{config.dispatcher} on {config.parallel.nodes}x{config.parallel.gpus_per_node}, "
+              f"{args.layers} MoE layers of {config.model.num_experts} experts top-{config.model.top_k}; "
+              f"final valid loss {v.loss:.4f}" + (f"; checkpoint {args.checkpoint}" if args.checkpoint else ""))
+    return 0
+
+
+def _evaluate(model, corpus: ByteCorpus, args: argparse.Namespace, seed: int, rank: int, device,
+              group) -> StepMetrics:
+    batches = [tuple(t.to(device) for t in corpus.batch("valid", args.batch, args.seq_len, seed, i, rank))
+               for i in range(args.eval_batches)]  # the same held-out windows at every evaluation
+    return evaluate(model, batches, group)
+
+
+def _write(log: Optional[object], record: dict) -> None:
+    if log is not None:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
