@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch.distributed as dist
 
@@ -36,31 +36,43 @@ class ProcessGroups:
         return self.topology.local_index_of(self.rank)
 
 
-def build_process_groups(topology: Topology, timeout_s: float, ep_group: Optional[Any] = None) -> ProcessGroups:
+def build_process_groups(topology: Topology, timeout_s: float, ep_group: Optional[Any] = None,
+                         all_ep_ranks: Optional[Sequence[Sequence[int]]] = None) -> ProcessGroups:
     """Create node and rail groups. Collective: every rank of `ep_group` must call it together.
 
     new_group() must be called by all ranks for every group in the same order, so we create all
     node groups and all rail groups here and keep the ones this rank belongs to.
+
+    all_ep_ranks: when the EP group is one of several (an EP group smaller than the world, e.g.
+    Megatron's expert-parallel groups next to data-parallel replicas), the global ranks of every
+    EP group, the same list on every rank of the world. The groups of every EP group are then
+    created on every rank (as new_group() requires), so the call is collective over the world.
     """
     ep = ep_group if ep_group is not None else dist.group.WORLD
     world = dist.get_world_size(ep)
     topology.check_world_size(world)
     rank = dist.get_rank(ep)
     timeout = timedelta(seconds=timeout_s)
-    global_ranks = dist.get_process_group_ranks(ep)
-    my_node = my_rail = None
-    PeerDirectory.publish()  # this rank's host and pid, for failure reports (comm_failures.CommError)
-    for n in range(topology.nodes):
-        g = dist.new_group([global_ranks[r] for r in topology.ranks_on_node(n)], timeout=timeout)
-        if n == topology.node_of(rank):
-            my_node = g
-    for i in range(topology.gpus_per_node):
-        g = dist.new_group([global_ranks[r] for r in topology.rail_ranks(i)], timeout=timeout)
-        if i == topology.local_index_of(rank):
-            my_rail = g
-    ep_reverse = None
+    global_ranks = tuple(dist.get_process_group_ranks(ep))
+    ep_groups = [global_ranks] if all_ep_ranks is None else [tuple(int(r) for r in g) for g in all_ep_ranks]
+    if global_ranks not in ep_groups or any(len(g) != world for g in ep_groups):
+        raise ValueError(f"all_ep_ranks {ep_groups} must list this rank's EP group {list(global_ranks)} and only "
+                         f"groups of {world} ranks")
+    my_node = my_rail = ep_reverse = None
     backend = dist.get_backend(ep)
-    if backend == "gloo":
-        ep_reverse = dist.new_group(global_ranks, timeout=timeout, backend=backend)
+    PeerDirectory.publish()  # this rank's host and pid, for failure reports (comm_failures.CommError)
+    for ranks in ep_groups:
+        mine = ranks == global_ranks
+        for n in range(topology.nodes):
+            g = dist.new_group([ranks[r] for r in topology.ranks_on_node(n)], timeout=timeout)
+            if mine and n == topology.node_of(rank):
+                my_node = g
+        for i in range(topology.gpus_per_node):
+            g = dist.new_group([ranks[r] for r in topology.rail_ranks(i)], timeout=timeout)
+            if mine and i == topology.local_index_of(rank):
+                my_rail = g
+        if backend == "gloo":
+            g = dist.new_group(list(ranks), timeout=timeout, backend=backend)
+            ep_reverse = g if mine else ep_reverse
     return ProcessGroups(topology=topology, rank=rank, ep=ep, node=my_node, rail=my_rail, timeout=timeout,
                          ep_reverse=ep_reverse)

@@ -3,5 +3,5 @@
 # Tests that read the shared DeepSeek-V2-Lite trace expect it at ../shared/traces/ beside the repo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash launch/setup_env.sh test,plan,plot,hf,mpi
+bash launch/setup_env.sh test,plan,plot,hf,mpi,megatron
 exec .venv/bin/python -m pytest -q "$@"

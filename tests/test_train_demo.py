@@ -74,3 +74,72 @@ def test_dispatchers_give_the_same_losses_and_resume_continues_exactly(tmp_path,
 def test_bad_flags_are_refused_before_any_rank_starts(capsys, text, flags, words):
     assert main(["train-demo", "--text", str(text), *SMALL, *flags]) == 2
     assert words in capsys.readouterr().err
+
+
+def _checkpoint_worker(rank, world, folder):
+    import torch
+
+    from c2r_comm.config import Config, with_overrides
+    from c2r_comm.groups import build_process_groups
+    from c2r_comm.plan import PlacementPlan
+    from c2r_comm.topology import Topology
+    from c2r_comm.train import checkpoint
+    from c2r_comm.train.model import MoETransformerLM
+
+    config = with_overrides(Config(), {"parallel.gpus_per_node": world, "model.hidden_size": 16,
+                                       "model.ffn_hidden_size": 16, "model.num_experts": 4, "model.top_k": 2})
+    groups = build_process_groups(Topology(1, world), 30)
+    tokens = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(rank))
+    a = MoETransformerLM(config, groups, torch.device("cpu"), 2, 2, 8)
+    opt = torch.optim.AdamW(a.parameters(), lr=0.1)
+    a(tokens).logits_BSV.sum().backward()
+    opt.step()  # weights away from their initial values
+    checkpoint.save(a, opt, 1, folder, rank, {})
+    with torch.no_grad():
+        want = a(tokens).logits_BSV
+    # the same model under a placement that swaps the ranks' experts, restored from the checkpoint
+    plan = PlacementPlan((1, 1, 0, 0), 2)
+    plan_path = f"{folder}/plan.json"
+    if rank == 0:
+        from c2r_comm.plan import PlanFile
+        PlanFile(Topology(1, world), 4, {0: plan, 1: plan}, "test").save(plan_path)
+    torch.distributed.barrier()
+    b = MoETransformerLM(with_overrides(config, {"placement.plan": plan_path}), groups, torch.device("cpu"), 2, 2, 8)
+    step, same = checkpoint.load(b, torch.optim.AdamW(b.parameters()), folder, rank, torch.device("cpu"))
+    with torch.no_grad():
+        got = b(tokens).logits_BSV
+    return step, same, b.moes[0].experts.global_ids, float((got - want).abs().max())
+
+
+def test_checkpoint_resumes_under_another_placement(tmp_path):
+    from ranks import run_ranks
+
+    results = run_ranks(2, _checkpoint_worker, str(tmp_path))
+    for rank, (step, same, ids, diff) in enumerate(results):
+        assert step == 1 and not same
+        assert ids == ((2, 3) if rank == 0 else (0, 1))
+        assert diff < 1e-5, diff  # every expert restored under its new rank: the same outputs
+
+
+def test_quality_variants_follow_the_issue():
+    from c2r_comm.train.quality import variants
+
+    names = [v.name for v in variants(16, 4, "c.npz")]
+    assert names == ["topk", "c2r_T15", "c2r_T8", "c2r_T4", "c2r_T3", "device_Nd1", "device_Nd2"]
+    assert [v.name for v in variants(4, 2, "c.npz")] == ["topk", "c2r_T3", "c2r_T2", "c2r_T1", "device_Nd1",
+                                                          "device_Nd2"]
+
+
+def test_quality_check_end_to_end(tmp_path, text):
+    """Pretrain, record routing, profile, plan, continue with two routers: a table and two plots."""
+    out = tmp_path / "q"
+    assert main(["c2r-quality", "--out", str(out), "--text", str(text), "--topology", "1x2", "--num-experts", "4",
+                 "--top-k", "2", "--hidden-size", "16", "--ffn-hidden-size", "16", "--layers", "1", "--steps", "4",
+                 "--eval-every", "2", "--seeds", "0", "--only", "topk,c2r_T1"]) == 0
+    table = (out / "quality.md").read_text()
+    assert "| topk | 1 |" in table and "| c2r_T1 | 1 |" in table
+    assert (out / "c2r_quality_loss.png").stat().st_size > 0 and (out / "c2r_quality_tradeoff.png").is_file()
+    commands = (out / "commands.txt").read_text().splitlines()
+    assert commands[0].startswith("train-demo") and "--record-routing" in commands[0]
+    assert commands[1].startswith("profile") and commands[2].startswith("plan")
+    assert sum("--resume" in c for c in commands) == 2 and all("--plan" in c for c in commands[3:])

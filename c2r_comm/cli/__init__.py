@@ -16,6 +16,7 @@ COMMANDS = {
     "sweep": ("c2r_comm.cli.sweep_cmd", "run a grid of bench cells from one YAML (dispatcher x placement x routing x topology x link rate) -> JSON, markdown, plots"),
     "check-model": ("c2r_comm.cli.check_model_cmd", "the cost model against a measured bench --phases run: bytes exact, time within a tolerance"),
     "emulate": ("c2r_comm.cli.emulate_cmd", "run a command's ranks on N emulated nodes (network namespaces, shaped links)"),
+    "c2r-quality": ("c2r_comm.cli.quality_cmd", "C2R quality check: pretrain top-k, profile + plan its routing, continue with top-k / C2R / device-constrained per seed; table and plots"),
     "train-demo": ("c2r_comm.cli.train_demo_cmd", "train a small byte-level MoE transformer LM expert-parallel with our layer; loss, load CV, copies/token; checkpoint"),
 }
 

@@ -28,11 +28,14 @@ from c2r_comm.comm_failures import EXIT_COMM_ERROR, CommError
 from c2r_comm.config import Config, ConfigError, load_config, parse_topology, with_overrides
 from c2r_comm.groups import build_process_groups
 from c2r_comm.topology import Topology
+from c2r_comm.train import checkpoint
 from c2r_comm.train.data import ByteCorpus
 from c2r_comm.train.model import MoETransformerLM
+from c2r_comm.train.record import record_routing
 from c2r_comm.train.step import StepMetrics, evaluate, train_step
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2].parent / "shared" / "text"
+RECORD_STEP = 10 ** 9  # --record-routing draws training windows from steps no run reaches
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,6 +58,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="overrides run.seed (weights and data order)")
     p.add_argument("--plan", default=None, help="placement plan JSON (plan layer i for MoE layer i)")
     p.add_argument("--routing", default=None, help="topk | c2r | device_constrained (overrides routing.kind)")
+    p.add_argument("--top-t", type=int, default=None, help="C2R Top-T collaborators (routing.top_t)")
+    p.add_argument("--collaborators", default=None,
+                   help="C2R: profiler .npz (c2r-comm profile --out) of the model's routing (routing.collaborators)")
+    p.add_argument("--max-groups", type=int, default=None,
+                   help="device_constrained: at most this many GPUs per token (routing.max_groups)")
+    p.add_argument("--record-routing", default=None, metavar="NPZ",
+                   help="after training, route --record-batches training batches per rank and save them as a "
+                        "routing trace (layers = MoE layers) for c2r-comm profile / plan")
+    p.add_argument("--record-batches", type=int, default=16)
     p.add_argument("--log", default=None, help="write one JSON line per step and per evaluation here")
     p.add_argument("--checkpoint", default=None, metavar="DIR", help="write DIR/rank<r>.pt at the end")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue from a --checkpoint DIR (steps count on)")
@@ -65,11 +77,12 @@ def resolve(args: argparse.Namespace) -> Config:
     overrides = {"dispatcher": args.dispatcher, "model.hidden_size": args.hidden_size,
                  "model.ffn_hidden_size": args.ffn_hidden_size, "model.num_experts": args.num_experts,
                  "model.top_k": args.top_k, "run.seed": args.seed, "placement.plan": args.plan,
-                 "routing.kind": args.routing}
+                 "routing.kind": args.routing, "routing.top_t": args.top_t,
+                 "routing.collaborators": args.collaborators, "routing.max_groups": args.max_groups}
     if args.topology:
         overrides["parallel.nodes"], overrides["parallel.gpus_per_node"] = parse_topology(args.topology)
     config = with_overrides(config, overrides)
-    for flag in ("steps", "layers", "heads", "seq_len", "batch", "eval_batches"):
+    for flag in ("steps", "layers", "heads", "seq_len", "batch", "eval_batches", "record_batches"):
         if getattr(args, flag) < 1:
             raise ConfigError("--" + flag.replace("_", "-"), getattr(args, flag), "an integer >= 1")
     if config.model.hidden_size % args.heads:
@@ -82,9 +95,9 @@ def resolve(args: argparse.Namespace) -> Config:
     if args.resume and not Path(args.resume).is_dir():
         raise ConfigError("--resume", args.resume, "a folder written by --checkpoint")
     if not launched(os.environ):
-        for flag in ("log",):
+        for flag in ("log", "record_routing"):
             if getattr(args, flag):
-                check_writable(getattr(args, flag), "--" + flag)
+                check_writable(getattr(args, flag), "--" + flag.replace("_", "-"))
     return config
 
 
@@ -113,10 +126,10 @@ def _train(args: argparse.Namespace, config: Config, ctx) -> int:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     start = 0
     if args.resume:
-        state = torch.load(Path(args.resume) / f"rank{ctx.rank}.pt", map_location=ctx.device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
+        start, same_placement = checkpoint.load(model, optimizer, args.resume, ctx.rank, ctx.device)
+        if not same_placement and ctx.rank == 0:
+            print(f"c2r-comm train-demo: {args.resume} was saved under another placement: experts moved to their "
+                  "new ranks, the optimizer state starts afresh", file=sys.stderr)
     log = open(args.log, "a") if (args.log and ctx.rank == 0) else None
     seed = config.run.seed
     show = ctx.rank == 0
@@ -144,10 +157,16 @@ def _train(args: argparse.Namespace, config: Config, ctx) -> int:
         if log:
             log.close()
     if args.checkpoint:
-        Path(args.checkpoint).mkdir(parents=True, exist_ok=True)
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": start + args.steps,
-                    "config": config.to_dict(), "args": {k: v for k, v in vars(args).items() if k != "argv"}},
-                   Path(args.checkpoint) / f"rank{ctx.rank}.pt")
+        checkpoint.save(model, optimizer, start + args.steps, args.checkpoint, ctx.rank,
+                        {"config": config.to_dict(), "args": {k: v for k, v in vars(args).items() if k != "argv"}})
+    if args.record_routing:
+        batches = [corpus.batch("train", args.batch, args.seq_len, seed, RECORD_STEP + i, ctx.rank)[0].to(ctx.device)
+                   for i in range(args.record_batches)]
+        trace = record_routing(model, batches, groups.ep)
+        if show:
+            trace.save(args.record_routing)
+            print(f"c2r-comm train-demo: wrote {args.record_routing} ({trace.num_tokens} tokens x "
+                  f"{trace.num_layers} MoE layers, top-{config.model.top_k})", file=sys.stderr)
     if show:
         print(f"c2r-comm train-demo: {args.steps} steps in {elapsed:.1f} s ({args.steps / elapsed:.2f} steps/s), "
               f"{config.dispatcher} on {config.parallel.nodes}x{config.parallel.gpus_per_node}, "
