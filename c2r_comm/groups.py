@@ -55,9 +55,12 @@ def build_process_groups(topology: Topology, timeout_s: float, ep_group: Optiona
     timeout = timedelta(seconds=timeout_s)
     global_ranks = tuple(dist.get_process_group_ranks(ep))
     ep_groups = [global_ranks] if all_ep_ranks is None else [tuple(int(r) for r in g) for g in all_ep_ranks]
-    if global_ranks not in ep_groups or any(len(g) != world for g in ep_groups):
+    flat = sorted(r for g in ep_groups for r in g)
+    if global_ranks not in ep_groups or any(len(g) != world for g in ep_groups) or \
+            (all_ep_ranks is not None and flat != list(range(dist.get_world_size()))):
+        # the same list on every rank: every rank raises here, before any new_group
         raise ValueError(f"all_ep_ranks {ep_groups} must list this rank's EP group {list(global_ranks)} and only "
-                         f"groups of {world} ranks")
+                         f"groups of {world} ranks that split the world's {dist.get_world_size()} ranks")
     my_node = my_rail = ep_reverse = None
     backend = dist.get_backend(ep)
     PeerDirectory.publish()  # this rank's host and pid, for failure reports (comm_failures.CommError)

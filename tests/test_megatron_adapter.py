@@ -114,6 +114,7 @@ def _build(config, options=None):
     ("moe_expert_capacity_factor", dict(moe_expert_capacity_factor=1.0), "None (dropless routing only)"),
     ("moe_pad_expert_input_to_capacity",
      dict(moe_expert_capacity_factor=1.0, moe_pad_expert_input_to_capacity=True), "False"),
+    ("recompute_modules", dict(recompute_granularity="selective", recompute_modules=["moe"]), "a list without 'moe'"),
 ])
 def test_unsupported_megatron_option_is_named(option, overrides, allowed):
     from c2r_comm.integrations.megatron import C2RMegatronOptions, check_megatron_config

@@ -105,24 +105,35 @@ def _checkpoint_worker(rank, world, folder):
         PlanFile(Topology(1, world), 4, {0: plan, 1: plan}, "test").save(plan_path)
     torch.distributed.barrier()
     b = MoETransformerLM(with_overrides(config, {"placement.plan": plan_path}), groups, torch.device("cpu"), 2, 2, 8)
-    step, same = checkpoint.load(b, torch.optim.AdamW(b.parameters()), folder, rank, torch.device("cpu"))
+    opt_b = torch.optim.AdamW(b.parameters(), lr=0.1)
+    step, same = checkpoint.load(b, opt_b, folder, rank, torch.device("cpu"))
     with torch.no_grad():
         got = b(tokens).logits_BSV
-    return step, same, b.moes[0].experts.global_ids, float((got - want).abs().max())
+    # one more step on both: equal only if the optimizer moments moved with their experts
+    for model, opt in ((a, opt), (b, opt_b)):
+        opt.zero_grad()
+        model(tokens).logits_BSV.sum().backward()
+        for p in model.replicated_parameters():  # as train_step: replicated gradients summed over ranks
+            torch.distributed.all_reduce(p.grad)
+        opt.step()
+    with torch.no_grad():
+        after = float((b(tokens).logits_BSV - a(tokens).logits_BSV).abs().max())
+    return step, same, b.moes[0].experts.global_ids, float((got - want).abs().max()), after
 
 
 def test_checkpoint_resumes_under_another_placement(tmp_path):
     from ranks import run_ranks
 
     results = run_ranks(2, _checkpoint_worker, str(tmp_path))
-    for rank, (step, same, ids, diff) in enumerate(results):
+    for rank, (step, same, ids, diff, after) in enumerate(results):
         assert step == 1 and not same
         assert ids == ((2, 3) if rank == 0 else (0, 1))
         assert diff < 1e-5, diff  # every expert restored under its new rank: the same outputs
+        assert after < 1e-4, after  # and the same next step
 
 
 def test_quality_variants_follow_the_issue():
-    from c2r_comm.train.quality import variants
+    from c2r_comm.bench.quality import variants
 
     names = [v.name for v in variants(16, 4, "c.npz")]
     assert names == ["topk", "c2r_T15", "c2r_T8", "c2r_T4", "c2r_T3", "device_Nd1", "device_Nd2"]
@@ -137,7 +148,7 @@ def test_quality_check_end_to_end(tmp_path, text):
                  "--top-k", "2", "--hidden-size", "16", "--ffn-hidden-size", "16", "--layers", "1", "--steps", "4",
                  "--eval-every", "2", "--seeds", "0", "--only", "topk,c2r_T1"]) == 0
     table = (out / "quality.md").read_text()
-    assert "| topk | 1 |" in table and "| c2r_T1 | 1 |" in table
+    assert "| topk | " in table and "| c2r_T1 | " in table and "1 seeds" in table
     assert (out / "c2r_quality_loss.png").stat().st_size > 0 and (out / "c2r_quality_tradeoff.png").is_file()
     commands = (out / "commands.txt").read_text().splitlines()
     assert commands[0].startswith("train-demo") and "--record-routing" in commands[0]

@@ -36,6 +36,7 @@ from c2r_comm.train.step import StepMetrics, evaluate, train_step
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2].parent / "shared" / "text"
 RECORD_STEP = 10 ** 9  # --record-routing draws training windows from steps no run reaches
+EVAL_SEED = 0  # held-out windows do not depend on --seed
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -128,8 +129,8 @@ def _train(args: argparse.Namespace, config: Config, ctx) -> int:
     if args.resume:
         start, same_placement = checkpoint.load(model, optimizer, args.resume, ctx.rank, ctx.device)
         if not same_placement and ctx.rank == 0:
-            print(f"c2r-comm train-demo: {args.resume} was saved under another placement: experts moved to their "
-                  "new ranks, the optimizer state starts afresh", file=sys.stderr)
+            print(f"c2r-comm train-demo: {args.resume} was saved under another placement: experts and their "
+                  "optimizer state moved to their new ranks", file=sys.stderr)
     log = open(args.log, "a") if (args.log and ctx.rank == 0) else None
     seed = config.run.seed
     show = ctx.rank == 0
@@ -145,7 +146,7 @@ def _train(args: argparse.Namespace, config: Config, ctx) -> int:
             _write(log, {"kind": "train", "step": step + 1, **m.as_dict()})
             last = step + 1 == start + args.steps
             if last or (args.eval_every and (step + 1) % args.eval_every == 0):
-                v = _evaluate(model, corpus, args, seed, ctx.rank, ctx.device, groups.ep)
+                v = _evaluate(model, corpus, args, ctx.rank, ctx.device, groups.ep)
                 _write(log, {"kind": "valid", "step": step + 1, **v.as_dict()})
                 if show:
                     tqdm.write(f"step {step + 1}: train loss {m.loss:.4f}, valid loss {v.loss:.4f}, load CV "
@@ -175,10 +176,10 @@ def _train(args: argparse.Namespace, config: Config, ctx) -> int:
     return 0
 
 
-def _evaluate(model, corpus: ByteCorpus, args: argparse.Namespace, seed: int, rank: int, device,
-              group) -> StepMetrics:
-    batches = [tuple(t.to(device) for t in corpus.batch("valid", args.batch, args.seq_len, seed, i, rank))
-               for i in range(args.eval_batches)]  # the same held-out windows at every evaluation
+def _evaluate(model, corpus: ByteCorpus, args: argparse.Namespace, rank: int, device, group) -> StepMetrics:
+    # the same held-out windows at every evaluation and for every --seed: runs compare on the same text
+    batches = [tuple(t.to(device) for t in corpus.batch("valid", args.batch, args.seq_len, EVAL_SEED, i, rank))
+               for i in range(args.eval_batches)]
     return evaluate(model, batches, group)
 
 

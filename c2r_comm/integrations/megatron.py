@@ -37,6 +37,12 @@ combine B (each phase takes the oldest micro-batch waiting for it). A phase call
 micro-batch waiting for it raises RuntimeError; an exception in any phase drops every micro-batch
 in flight (`reset()`), as their exchanges can no longer line up.
 
+In a full TransformerLayer: megatron-core 0.16.1's TransformerLayer recognises its MoE module by
+exact class (MoELayer), so it does not hand C2RMoELayer its `pg_collection` (it logs "Unknown MLP
+type"); C2RMoELayer then uses Megatron's default process groups (parallel_state), which is what a
+model initialised with `initialize_model_parallel` uses anyway. A model with a custom
+pg_collection must build the MoE module itself with it.
+
 Placement: Megatron's local expert module i on EP rank r is its global expert r*L + i (that is how
 its checkpoints name it); the router's column e is sent to rank `plan.expert_to_rank[e]`, local slot
 `plan.expert_to_slot[e]`. With the default (contiguous) plan both agree. With another plan the
@@ -119,6 +125,12 @@ def check_megatron_config(config) -> None:
         raise _unsupported("moe_token_dispatcher_type", config.moe_token_dispatcher_type,
                            f"{MEGATRON_DISPATCHER_TYPES} (MoELayer builds that dispatcher, then C2RMoELayer replaces "
                            "it; 'alltoall' is needed for moe_shared_expert_overlap)")
+    if getattr(config, "overlap_moe_expert_parallel_comm", False):
+        raise _unsupported("overlap_moe_expert_parallel_comm", True, "False (not verified with the c2r dispatcher: "
+                           "its phases would run on Megatron's communication stream)")
+    if config.recompute_granularity == "selective" and "moe" in (config.recompute_modules or ()):
+        raise _unsupported("recompute_modules", list(config.recompute_modules), "a list without 'moe' (recomputing "
+                           "the MoE layer would re-run its exchanges inside backward; not verified)")
     for option, allowed in (("moe_pad_expert_input_to_capacity", "False"),
                             ("moe_expert_capacity_factor", "None (dropless routing only)"),
                             ("moe_router_padding_for_quantization", "False"),
@@ -346,6 +358,20 @@ class C2RMoELayer(MoELayer):
                                                    pg_collection=pg_collection, options=c2r, label=label)
         if self.use_shared_expert and self.shared_expert_overlap:
             self.token_dispatcher.set_shared_experts(self.shared_experts)
+
+    def set_layer_number(self, layer_number: int) -> None:
+        """Megatron's TransformerLayer numbers its MoE layer after building it: failure reports name it."""
+        super().set_layer_number(layer_number)
+        self.token_dispatcher.c2r.label = f"megatron MoE layer {layer_number}"
+
+    def forward(self, *args, **kwargs):
+        """MoELayer.forward; if anything in it raises (the experts, the router, a phase), the
+        micro-batches in flight are dropped, so the next call cannot pair rows with a stale handle."""
+        try:
+            return super().forward(*args, **kwargs)
+        except BaseException:
+            self.token_dispatcher.reset()
+            raise
 
 
 def use_c2r_dispatcher(spec: ModuleSpec, options: Optional[C2RMegatronOptions] = None) -> ModuleSpec:

@@ -2,11 +2,12 @@
 continue under another placement (e.g. the plan made from the model's own routing).
 
 Each rank writes DIR/rank<r>.pt: the whole module state (replicated weights are the same on every
-rank), the optimizer state, the step, and the global expert ids of every MoE layer's local slots.
-Resuming under the same placement restores everything. Under another placement each rank takes the
-replicated weights from its own file and each of its experts from the file of the rank that held
-it; the optimizer state then starts afresh (its per-slot moments belong to the old placement), and
-the resume says so.
+rank), the optimizer state, the step, the world size and the global expert ids of every MoE layer's
+local slots. Resuming reads the files of ranks 0..W-1 on every rank, so every rank takes the same
+decision. Under the same placement everything is restored as saved. Under another placement each
+rank takes the replicated weights (and their optimizer moments) from its own file, and each of its
+experts' weights and optimizer moments, row by row, from the file of the rank that held it: the run
+continues as it would have, only on other ranks.
 """
 from __future__ import annotations
 
@@ -17,50 +18,68 @@ import torch
 from c2r_comm.train.model import MoETransformerLM
 
 EXPERT_TENSORS = ("w_gate_LDF", "w_up_LDF", "w_down_LFD")
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-element state; "step" is a scalar
 
 
 def expert_ids(model: MoETransformerLM) -> list[tuple[int, ...]]:
     return [moe.experts.global_ids for moe in model.moes]
 
 
+def placement_of(model: MoETransformerLM) -> list[list[tuple[int, ...]]]:
+    """[rank][layer] -> global expert ids of that rank's local slots, for every rank (from the plans)."""
+    world = model.moes[0].dispatcher.world_size
+    return [[tuple(moe.dispatcher.plan.rank_experts[r]) for moe in model.moes] for r in range(world)]
+
+
 def save(model: MoETransformerLM, optimizer: torch.optim.Optimizer, step: int, folder: str | Path, rank: int,
          extra: dict) -> None:
     Path(folder).mkdir(parents=True, exist_ok=True)
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "expert_ids": expert_ids(model), **extra}, Path(folder) / f"rank{rank}.pt")
+                "world_size": model.moes[0].dispatcher.world_size, "expert_ids": expert_ids(model), **extra},
+               Path(folder) / f"rank{rank}.pt")
 
 
 def load(model: MoETransformerLM, optimizer: torch.optim.Optimizer, folder: str | Path, rank: int,
          device: torch.device) -> tuple[int, bool]:
-    """Restore from `folder`; returns (step, whether the optimizer state was restored)."""
+    """Restore from `folder`; returns (step, whether the placement was the same)."""
     folder = Path(folder)
-    own_path = folder / f"rank{rank}.pt"
-    if not own_path.is_file():
-        raise ValueError(f"--resume {folder}: no {own_path.name} (a checkpoint of a run with as many ranks)")
-    own = torch.load(own_path, map_location=device, weights_only=False)
-    if own["expert_ids"] == expert_ids(model):
+    now = placement_of(model)
+    paths = [folder / f"rank{r}.pt" for r in range(len(now))]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise ValueError(f"--resume {folder}: missing {missing} (a checkpoint of a run with {len(now)} ranks)")
+    saved = [torch.load(p, map_location=device, weights_only=False) for p in paths]
+    if any(s.get("world_size", len(now)) != len(now) or s["step"] != saved[0]["step"] for s in saved):
+        raise ValueError(f"--resume {folder}: its rank files come from different runs or another world size")
+    own = saved[rank]
+    if [[tuple(ids) for ids in s["expert_ids"]] for s in saved] == now:  # every rank decides alike
         model.load_state_dict(own["model"])
         optimizer.load_state_dict(own["optimizer"])
         return own["step"], True
-    state = dict(own["model"])
-    where = {}  # (layer, global expert id) -> (rank file, slot)
-    for path in sorted(folder.glob("rank*.pt")):
-        ids = torch.load(path, map_location="cpu", weights_only=False)["expert_ids"]
-        for layer, layer_ids in enumerate(ids):
-            for slot, e in enumerate(layer_ids):
-                where[(layer, e)] = (path, slot)
-    files: dict[Path, dict] = {}
-    for layer, layer_ids in enumerate(expert_ids(model)):
+    holder = {}  # (layer, global expert id) -> (rank file, slot), each exactly once
+    for r, s in enumerate(saved):
+        for layer, ids in enumerate(s["expert_ids"]):
+            for slot, e in enumerate(ids):
+                if (layer, e) in holder:
+                    raise ValueError(f"--resume {folder}: expert {e} of MoE layer {layer} is in two rank files")
+                holder[(layer, e)] = (r, slot)
+    index = {name: i for i, (name, _) in enumerate(model.named_parameters())}  # optimizer state key
+    state, opt = dict(own["model"]), own["optimizer"]
+    opt_state = {k: dict(v) for k, v in opt["state"].items()}
+    for layer, ids in enumerate(now[rank]):
         for name in EXPERT_TENSORS:
             key = f"moes.{layer}.experts.{name}"
-            rows = []
-            for e in layer_ids:
-                if (layer, e) not in where:
+            where = []
+            for e in ids:
+                if (layer, e) not in holder:
                     raise ValueError(f"--resume {folder}: no rank file holds expert {e} of MoE layer {layer}")
-                path, slot = where[(layer, e)]
-                if path not in files:
-                    files[path] = torch.load(path, map_location=device, weights_only=False)["model"]
-                rows.append(files[path][key][slot])
-            state[key] = torch.stack(rows)
+                where.append(holder[(layer, e)])
+            state[key] = torch.stack([saved[r]["model"][key][slot] for r, slot in where])
+            i = index[key]
+            if i in opt_state:
+                for moment in MOMENTS:
+                    opt_state[i][moment] = torch.stack([saved[r]["optimizer"]["state"][i][moment][slot]
+                                                        for r, slot in where])
     model.load_state_dict(state)
+    optimizer.load_state_dict({"state": opt_state, "param_groups": opt["param_groups"]})
     return own["step"], False

@@ -61,6 +61,8 @@ class ByteCorpus:
     def batch(self, split: str, batch_size: int, seq_len: int, seed: int, step: int,
               rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), int64 [batch, seq_len]: random windows, files weighted by length."""
+        if split not in ("train", "valid"):
+            raise ValueError(f"split {split!r}: allowed 'train' or 'valid'")
         parts: Sequence[np.ndarray] = self.train if split == "train" else self.valid
         rng = np.random.default_rng([seed, step, rank, 0 if split == "train" else 1])
         sizes = np.array([len(p) - seq_len - 1 for p in parts], dtype=np.float64)

@@ -26,7 +26,9 @@ class StepMetrics:
     loss: float  # mean token cross-entropy over every rank's tokens
     aux_loss: float
     load_cv: float  # coefficient of variation of the expert loads (chosen (token, expert) pairs), mean over layers
-    copies_per_token: float  # rows the dispatches sent (kept on the rank included) per token and layer
+    # rows the dispatches sent (kept on the rank included) per token and layer: copies of a token for
+    # alltoall (k) and dedup (distinct GPUs); hierarchical counts both its stages (hops)
+    copies_per_token: float
     gpus_per_token: float  # E[distinct GPUs a token's experts live on], mean over layers
 
     def as_dict(self) -> dict[str, float]:
@@ -43,8 +45,8 @@ def _metrics(model: MoETransformerLM, out: LMOutput, ce_sum: torch.Tensor, token
     """One all_reduce of [ce sum, tokens, aux, copies, distinct GPUs, loads per layer and expert]."""
     E = model.moes[0].router.num_experts if model.moes else 1
     loads = [torch.bincount(i.reshape(-1), minlength=E).to(torch.float64) for i in out.topk_idx_LTK]
-    distinct = [_distinct_ranks(torch.as_tensor(m.dispatcher.plan.expert_to_rank, device=i.device), i).sum()
-                for m, i in zip(model.moes, out.topk_idx_LTK)]
+    distinct = [_distinct_ranks(m.dispatcher.geometry(i.device).rank_of_expert_E, i).sum()
+                for m, i in zip(model.moes, out.topk_idx_LTK)]  # the dispatcher's cached expert -> rank map
     device = ce_sum.device
     head = torch.stack([ce_sum.detach().to(torch.float64), torch.tensor(float(tokens), dtype=torch.float64, device=device),
                         out.aux_loss.detach().to(device, torch.float64) * tokens,
@@ -86,7 +88,17 @@ def train_step(model: MoETransformerLM, optimizer: torch.optim.Optimizer, inputs
 
 @torch.no_grad()
 def evaluate(model: MoETransformerLM, batches: list[tuple[torch.Tensor, torch.Tensor]], group: Any) -> StepMetrics:
-    """Held-out metrics averaged over `batches` (every rank passes its own, the same number)."""
+    """Held-out metrics averaged over `batches` (every rank passes its own, the same number); the
+    model in eval mode meanwhile (no router noise)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return _evaluate(model, batches, group)
+    finally:
+        model.train(was_training)
+
+
+def _evaluate(model: MoETransformerLM, batches: list[tuple[torch.Tensor, torch.Tensor]], group: Any) -> StepMetrics:
     totals = None
     for inputs_BS, targets_BS in batches:
         out = model(inputs_BS)

@@ -1,4 +1,5 @@
 """The C2R quality check (issue 12 item 6) at small scale: does constraining routing cost quality?
+(`c2r-comm c2r-quality`; like sweeps, it runs c2r-comm commands as subprocesses.)
 
 1. pretrain the demo model with top-k routing, checkpoint it and record its routing on training text;
 2. profile the collaboration of that routing (`c2r-comm profile`) and plan a placement from it
@@ -60,10 +61,10 @@ def read_log(path: Path) -> list[dict]:
 @dataclass(frozen=True)
 class VariantResult:
     name: str
-    seeds: int
-    valid_loss: tuple[float, float]  # mean, std over seeds (final held-out evaluation)
-    load_cv: tuple[float, float]
-    gpus_per_token: tuple[float, float]
+    seeds: tuple[int, ...]
+    valid_loss: tuple[float, ...]  # final held-out loss per seed
+    load_cv: tuple[float, ...]
+    gpus_per_token: tuple[float, ...]
     curve: tuple[tuple[int, float], ...]  # (step, mean held-out loss over seeds)
 
 
@@ -71,26 +72,43 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarize(name: str, logs: Sequence[list[dict]]) -> VariantResult:
+# two-sided 95 % quantiles of Student's t for n - 1 degrees of freedom (n = seeds, up to 10)
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def paired_difference(r: VariantResult, base: VariantResult) -> tuple[float, float]:
+    """Mean over seeds of (loss - base loss) on the same seed (the same training and held-out text)
+    and the half-width of its 95 % confidence interval (Student's t); NaN width with one seed."""
+    if r.seeds != base.seeds:
+        raise ValueError(f"{r.name} ran seeds {r.seeds}, {base.name} ran {base.seeds}: pair them on the same seeds")
+    diffs = [a - b for a, b in zip(r.valid_loss, base.valid_loss)]
+    mean, sd = _mean_std(diffs)
+    n = len(diffs)
+    return mean, (T_975.get(n - 1, 1.96) * sd / n ** 0.5 if n > 1 else float("nan"))
+
+
+def summarize(name: str, seeds: Sequence[int], logs: Sequence[list[dict]]) -> VariantResult:
     valid = [[r for r in log if r["kind"] == "valid"] for log in logs]
     last = [v[-1] for v in valid]
     steps = [r["step"] for r in valid[0]]
     curve = tuple((s, statistics.fmean(v[i]["loss"] for v in valid)) for i, s in enumerate(steps))
-    return VariantResult(name, len(logs), _mean_std([r["loss"] for r in last]), _mean_std([r["load_cv"] for r in last]),
-                         _mean_std([r["gpus_per_token"] for r in last]), curve)
+    return VariantResult(name, tuple(seeds), tuple(r["loss"] for r in last), tuple(r["load_cv"] for r in last),
+                         tuple(r["gpus_per_token"] for r in last), curve)
 
 
 def format_table(results: Sequence[VariantResult], pretrain_loss: float) -> str:
-    base = next((r for r in results if r.name == "topk"), results[0])
-    lines = [f"Held-out loss after pretraining (top-k): {pretrain_loss:.4f}", "",
-             "| routing | seeds | held-out loss | vs top-k | load CV | E[GPUs/token] |", "|---|---|---|---|---|---|"]
+    base = next(r for r in results if r.name == "topk")
+    lines = [f"Held-out loss after pretraining (top-k): {pretrain_loss:.4f}. Mean ± standard deviation over "
+             f"{len(base.seeds)} seeds; 'vs top-k': mean of the per-seed differences (same training and held-out "
+             "text per seed) ± the half-width of its 95 % confidence interval (Student's t).", "",
+             "| routing | held-out loss | vs top-k | load CV | E[GPUs/token] |", "|---|---|---|---|---|"]
     for r in results:
-        delta = r.valid_loss[0] - base.valid_loss[0]
-        # noise scale of a difference of two means over seeds
-        se = ((r.valid_loss[1] ** 2 + base.valid_loss[1] ** 2) / max(r.seeds, 1)) ** 0.5
-        lines.append(f"| {r.name} | {r.seeds} | {r.valid_loss[0]:.4f} ± {r.valid_loss[1]:.4f} | "
-                     f"{delta:+.4f} (±{2 * se:.4f}) | {r.load_cv[0]:.3f} ± {r.load_cv[1]:.3f} | "
-                     f"{r.gpus_per_token[0]:.3f} ± {r.gpus_per_token[1]:.3f} |")
+        delta, half = paired_difference(r, base)
+        (loss, loss_sd), (cv, cv_sd), (gpus, gpus_sd) = (_mean_std(r.valid_loss), _mean_std(r.load_cv),
+                                                         _mean_std(r.gpus_per_token))
+        vs = "—" if r is base else f"{delta:+.4f} ± {half:.4f}"
+        lines.append(f"| {r.name} | {loss:.4f} ± {loss_sd:.4f} | {vs} | {cv:.3f} ± {cv_sd:.3f} | "
+                     f"{gpus:.3f} ± {gpus_sd:.3f} |")
     return "\n".join(lines)
 
 
@@ -117,8 +135,8 @@ def plot(results: Sequence[VariantResult], out_dir: Path) -> list[Path]:
                   "held-out loss (nats per byte), mean over seeds", "c2r_quality_loss.png")
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for r in results:
-        ax.errorbar(r.gpus_per_token[0], r.valid_loss[0], xerr=r.gpus_per_token[1], yerr=r.valid_loss[1], fmt="o",
-                    capsize=3, label=r.name)
+        (x, xe), (y, ye) = _mean_std(r.gpus_per_token), _mean_std(r.valid_loss)
+        ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="o", capsize=3, label=r.name)
     trade = save(fig, ax, "E[distinct GPUs per token] under the planned placement",
                  "final held-out loss (mean ± std over seeds)", "c2r_quality_tradeoff.png")
     return [curves, trade]
