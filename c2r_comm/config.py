@@ -52,7 +52,7 @@ def check_top_t(top_t: Any, num_experts: int, top_k: Optional[int] = None, field
 
 DISPATCHERS = ("alltoall", "dedup", "hierarchical")
 ROUTERS = ("topk", "c2r", "device_constrained")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: exactness checks (train-demo, references)
 DEVICES = ("auto", "cpu", "cuda")
 
 

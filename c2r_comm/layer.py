@@ -22,7 +22,7 @@ from c2r_comm.routing.router import RouterOutput, TopKRouter
 from c2r_comm.groups import ProcessGroups
 from c2r_comm.schedule import ChunkPipeline, agree_overlap_degree, serial_forward, timed_serial_forward
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 @dataclass(frozen=True)

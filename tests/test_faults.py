@@ -101,9 +101,10 @@ def check_survivors(case: Fault, marker: str, stdout: str, elapsed_s: float,
         assert re.search(r"(dispatch|combine) (forward|backward)", msg), msg
         assert re.search(names_victim, msg) or re.search(r"peers? [\d, ]+ failed too", msg), msg
         failed_after = float(re.search(r"failed after ([\d.]+) s", msg).group(1))
-        # a kill is seen before the timeout (a closed connection); a stall at the timeout (later
-        # ranks may wait on ranks that waited: up to two timeouts and report waits)
-        limit = TIMEOUT_S if case.fault == "kill" else 2 * (TIMEOUT_S + REPORT_WAIT_S) + SLACK_S
+        # within the timeout (+ slack): a kill usually shows at once as a closed connection, but an
+        # exchange already in flight to the dead peer (pipelined chunks) may only time out; a stall
+        # at the timeout (later ranks may wait on ranks that waited: two timeouts and report waits)
+        limit = TIMEOUT_S + SLACK_S if case.fault == "kill" else 2 * (TIMEOUT_S + REPORT_WAIT_S) + SLACK_S
         assert failed_after < limit, msg
         assert rec["after_s"] < limit + REPORT_WAIT_S, rec  # + comparing notes with the peers
     direct = [r["error"] for r in reports.values() if re.search(names_victim, r["error"])]

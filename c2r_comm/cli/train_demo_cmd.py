@@ -57,6 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-experts", type=int, default=None, help="overrides model.num_experts")
     p.add_argument("--top-k", type=int, default=None, help="overrides model.top_k")
     p.add_argument("--seed", type=int, default=None, help="overrides run.seed (weights and data order)")
+    p.add_argument("--dtype", default=None, help="overrides run.dtype (float32; float64 to compare dispatchers "
+                                                 "exactly: fp32 sums in another order drift apart over steps)")
     p.add_argument("--plan", default=None, help="placement plan JSON (plan layer i for MoE layer i)")
     p.add_argument("--routing", default=None, help="topk | c2r | device_constrained (overrides routing.kind)")
     p.add_argument("--top-t", type=int, default=None, help="C2R Top-T collaborators (routing.top_t)")
@@ -77,7 +79,7 @@ def resolve(args: argparse.Namespace) -> Config:
     config = load_config(args.config) if args.config else Config()
     overrides = {"dispatcher": args.dispatcher, "model.hidden_size": args.hidden_size,
                  "model.ffn_hidden_size": args.ffn_hidden_size, "model.num_experts": args.num_experts,
-                 "model.top_k": args.top_k, "run.seed": args.seed, "placement.plan": args.plan,
+                 "model.top_k": args.top_k, "run.seed": args.seed, "run.dtype": args.dtype, "placement.plan": args.plan,
                  "routing.kind": args.routing, "routing.top_t": args.top_t,
                  "routing.collaborators": args.collaborators, "routing.max_groups": args.max_groups}
     if args.topology:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from c2r_comm.config import Config, with_overrides
 from c2r_comm.groups import ProcessGroups
-from c2r_comm.layer import build_moe_layer
+from c2r_comm.layer import DTYPES, build_moe_layer
 from c2r_comm.train.data import VOCAB
 
 LAYER_SEED_STRIDE = 1000  # MoE layer i's experts and gate use seed run.seed + i * stride
@@ -65,7 +65,7 @@ class MoETransformerLM(nn.Module):
             build_moe_layer(with_overrides(config, {"placement.layer": i,
                                                     "run.seed": config.run.seed + i * LAYER_SEED_STRIDE}),
                             groups, device) for i in range(layers))
-        self.to(device)
+        self.to(device, DTYPES[config.run.dtype])  # dense weights in run.dtype too (the MoE layers already are)
 
     def forward(self, tokens_BS: torch.Tensor) -> LMOutput:
         B, S = tokens_BS.shape
