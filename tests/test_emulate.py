@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -125,7 +126,11 @@ def test_one_failing_rank_stops_the_others_and_leaves_nothing_behind():
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 128 + 9, err[-2000:]
-    assert "rank 1 exited with 137" in err
+    assert "the run failed first on rank 1 (exit status 137)" in err
+    assert "c2r-comm: rank 1 was killed by SIGKILL" in err
+    # the survivors name the dead peer (their CommError lines, comm_failures.py)
+    assert re.search(r"c2r-comm bench: rank \d: .*peer 1 reported nothing: its process \(pid \d+\) has exited", err), \
+        err[-3000:]
     time.sleep(0.5)
     assert processes_with(marker) == []
     assert _ours() == before

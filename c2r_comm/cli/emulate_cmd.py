@@ -127,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
                 em.teardown()
             restore_signal_handlers(previous)
     if code:
-        print(f"c2r-comm emulate: rank {failed_rank} exited with {code}; the other ranks were stopped",
+        print(f"c2r-comm emulate: the run failed first on rank {failed_rank} (exit status {code}); each rank's "
+              "ending is listed above",
               file=sys.stderr)
         return code
     print(format_wire(wire))
