@@ -20,6 +20,8 @@ from typing import Mapping, Optional
 import torch
 import torch.distributed as dist
 
+from c2r_comm.comm_failures import CommSite, guard
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -113,9 +115,11 @@ def init_distributed(timeout_s: float, device: str = "auto") -> DistContext:
         launch = LaunchEnv(0, 1, 0, f"tcp://127.0.0.1:{_free_port()}")
     dev = pick_device(device, launch.local_rank, launch.local_world_size)
     backend = "nccl" if dev.type == "cuda" else "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend, init_method=launch.init_method, rank=launch.rank,
-                                world_size=launch.world_size, timeout=timedelta(seconds=timeout_s))
+    if not dist.is_initialized():  # a peer that dies meanwhile: one CommError naming the rendezvous
+        with guard(CommSite(phase="set-up", stage="rendezvous", group_peers=tuple(range(launch.world_size))),
+                   rank=launch.rank):
+            dist.init_process_group(backend, init_method=launch.init_method, rank=launch.rank,
+                                    world_size=launch.world_size, timeout=timedelta(seconds=timeout_s))
     return DistContext(dist.get_rank(), dist.get_world_size(), launch.local_rank, dev, backend)
 
 

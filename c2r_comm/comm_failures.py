@@ -254,10 +254,11 @@ class guard:
     becomes a CommError naming `site` (a CommSite, or a function making one on the failure path).
     `started`: when the guarded operation began (default: now), for the elapsed time in the message."""
 
-    __slots__ = ("site", "started")
+    __slots__ = ("site", "started", "rank")
 
-    def __init__(self, site: SiteSource, started: Optional[float] = None):
-        self.site, self.started = site, time.monotonic() if started is None else started
+    def __init__(self, site: SiteSource, started: Optional[float] = None, rank: Optional[int] = None):
+        """rank: this process's global rank when the default group does not exist yet (rendezvous)."""
+        self.site, self.started, self.rank = site, time.monotonic() if started is None else started, rank
 
     def __enter__(self) -> None:
         return None
@@ -266,7 +267,7 @@ class guard:
         if exc is None or isinstance(exc, CommError) or not is_comm_failure(exc):
             return False
         site = self.site() if callable(self.site) else self.site
-        rank = dist.get_rank() if dist.is_initialized() else -1
+        rank = dist.get_rank() if dist.is_initialized() else (-1 if self.rank is None else self.rank)
         raise describe_failure(rank, site, exc, self.started) from exc
 
 

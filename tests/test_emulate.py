@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -113,15 +114,20 @@ def test_one_failing_rank_stops_the_others_and_leaves_nothing_behind():
     before = _ours()
     proc = subprocess.Popen([sys.executable, "-m", "c2r_comm", "emulate", "--nodes", "2", "--gpus-per-node", "2",
                              "--", "bench", *SMALL, "--num-experts", "8", "--iters", "100000", marker], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    chunks: list[str] = []  # stderr as it comes (the progress bar redraws with \r)
+    reader = threading.Thread(target=lambda: chunks.extend(
+        c.decode(errors="replace") for c in iter(lambda: os.read(proc.stderr.fileno(), 4096), b"")), daemon=True)
+    reader.start()
     try:
-        deadline = time.monotonic() + 90
-        while len(processes_with(marker)) < 5 and time.monotonic() < deadline:  # launcher + 4 ranks
-            time.sleep(0.5)
-        time.sleep(3)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any("it/s" in c or "s/it" in c for c in chunks):
+            time.sleep(0.2)  # rank 0's progress bar: every rank is in the timed loop
         ranks = {_rank_of(pid): pid for pid in processes_with(marker) if pid != proc.pid}
         os.kill(ranks[1], signal.SIGKILL)
-        _, err = proc.communicate(timeout=30)
+        proc.wait(timeout=60)
+        reader.join(timeout=10)
+        err = "".join(chunks)
     finally:
         if proc.poll() is None:
             proc.kill()

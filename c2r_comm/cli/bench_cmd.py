@@ -193,8 +193,8 @@ def run(args: argparse.Namespace) -> int:
     if args.die_with_parent:
         set_parent_death_signal(signal.SIGKILL)
 
-    ctx = init_distributed(config.run.timeout_s, config.run.device)
     try:
+        ctx = init_distributed(config.run.timeout_s, config.run.device)
         return _bench_ranks(args, config, trace, layers, names, peers, ctx)
     except CommError as exc:  # one line, no traceback: the error names rank, peers and phase
         print(f"c2r-comm bench: {exc}", file=sys.stderr, flush=True)

@@ -110,8 +110,8 @@ def run(args: argparse.Namespace) -> int:
     world = config.parallel.world_size
     if world > 1 and not launched(os.environ):
         return run_local_ranks([sys.executable, "-m", "c2r_comm", *args.argv], world)
-    ctx = init_distributed(config.run.timeout_s, config.run.device)
     try:
+        ctx = init_distributed(config.run.timeout_s, config.run.device)
         config.check_world_size(ctx.world_size)
         return _train(args, config, ctx)
     except CommError as exc:
