@@ -1,6 +1,10 @@
-"""Find this test's processes by a marker in their command line or read their environment (/proc)."""
+"""Find this test's processes by a marker in their command line, read their environment (/proc),
+and read a child's output while it runs."""
 from __future__ import annotations
 
+import os
+import threading
+import time
 from pathlib import Path
 
 
@@ -23,3 +27,28 @@ def environment_of(pid: int) -> dict[str, str]:
     except OSError:
         return {}
     return dict(kv.split("=", 1) for kv in raw.decode(errors="replace").split("\0") if "=" in kv)
+
+
+class StreamReader:
+    """Collect a child's pipe (e.g. stderr) as it comes, in chunks: a progress bar redraws with \\r
+    and never ends a line, so readline() would wait for it."""
+
+    def __init__(self, pipe):
+        self.chunks: list[str] = []
+        self._thread = threading.Thread(target=lambda: self.chunks.extend(
+            c.decode(errors="replace") for c in iter(lambda: os.read(pipe.fileno(), 4096), b"")), daemon=True)
+        self._thread.start()
+
+    def wait_for_progress(self, timeout_s: float) -> bool:
+        """Until a tqdm rate (rank 0 in the timed loop) shows up; False after timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if any("it/s" in c or "s/it" in c for c in self.chunks):
+                return True
+            time.sleep(0.2)
+        return False
+
+    def text(self, join_timeout_s: float = 10) -> str:
+        """Everything read (waits for the pipe to close, at most join_timeout_s)."""
+        self._thread.join(timeout=join_timeout_s)
+        return "".join(self.chunks)

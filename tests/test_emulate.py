@@ -9,12 +9,11 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from procs import processes_with
+from procs import StreamReader, environment_of, processes_with
 
 from c2r_comm.bench import netns
 
@@ -101,11 +100,6 @@ def test_cross_node_bytes_cross_the_shaped_link(tmp_path):
     assert _ours() == before
 
 
-def _rank_of(pid: int) -> int:
-    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    return next(int(v.split(b"=", 1)[1]) for v in env if v.startswith(b"RANK="))
-
-
 @needs_netns
 def test_one_failing_rank_stops_the_others_and_leaves_nothing_behind():
     """Rank 1 of 4 dies (SIGKILL) mid-run: the launcher reports it (exit 128 + 9), stops the three
@@ -115,19 +109,13 @@ def test_one_failing_rank_stops_the_others_and_leaves_nothing_behind():
     proc = subprocess.Popen([sys.executable, "-m", "c2r_comm", "emulate", "--nodes", "2", "--gpus-per-node", "2",
                              "--", "bench", *SMALL, "--num-experts", "8", "--iters", "100000", marker], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    chunks: list[str] = []  # stderr as it comes (the progress bar redraws with \r)
-    reader = threading.Thread(target=lambda: chunks.extend(
-        c.decode(errors="replace") for c in iter(lambda: os.read(proc.stderr.fileno(), 4096), b"")), daemon=True)
-    reader.start()
+    stderr = StreamReader(proc.stderr)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not any("it/s" in c or "s/it" in c for c in chunks):
-            time.sleep(0.2)  # rank 0's progress bar: every rank is in the timed loop
-        ranks = {_rank_of(pid): pid for pid in processes_with(marker) if pid != proc.pid}
+        stderr.wait_for_progress(120)  # rank 0's progress bar: every rank is in the timed loop
+        ranks = {int(environment_of(pid)["RANK"]): pid for pid in processes_with(marker) if pid != proc.pid}
         os.kill(ranks[1], signal.SIGKILL)
         proc.wait(timeout=60)
-        reader.join(timeout=10)
-        err = "".join(chunks)
+        err = stderr.text()
     finally:
         if proc.poll() is None:
             proc.kill()

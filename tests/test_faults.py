@@ -13,14 +13,13 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from c2r_comm.comm_failures import REPORT_WAIT_S
-from procs import environment_of, processes_with
+from procs import StreamReader, environment_of, processes_with
 
 REPO = Path(__file__).resolve().parents[1]
 FAULT_RANK = str(REPO / "tests" / "fault_rank.py")
@@ -201,21 +200,14 @@ def test_bench_rank_killed_from_outside(tmp_path):
            "--json", marker]
     launcher = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
-    err_lines: list[str] = []  # chunks of stderr as they come (tqdm redraws with \r, no newline)
-    reader = threading.Thread(target=lambda: err_lines.extend(
-        chunk.decode(errors="replace") for chunk in iter(lambda: os.read(launcher.stderr.fileno(), 4096), b"")),
-        daemon=True)
-    reader.start()
+    stderr = StreamReader(launcher.stderr)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not any("it/s" in ln or "s/it" in ln for ln in err_lines):
-            time.sleep(0.2)  # rank 0's progress bar: both ranks are in the timed loop
+        stderr.wait_for_progress(120)  # rank 0's progress bar: both ranks are in the timed loop
         ranks = [p for p in processes_with(marker) if p != launcher.pid and environment_of(p).get("RANK") == "1"]
-        assert ranks, "rank 1 never reached the timed loop:\n" + "".join(err_lines)
+        assert ranks, "rank 1 never reached the timed loop:\n" + "".join(stderr.chunks)
         os.kill(ranks[0], signal.SIGKILL)
         launcher.wait(timeout=60)
-        reader.join(timeout=10)
-        err = "".join(err_lines)
+        err = stderr.text()
     finally:
         if launcher.poll() is None:
             launcher.kill()

@@ -106,14 +106,14 @@ def resolve(args: argparse.Namespace) -> Config:
 
 def run(args: argparse.Namespace) -> int:
     config = resolve(args)
-    ByteCorpus.load(args.text, args.seq_len)  # unreadable or too short text: refused before any rank starts
+    corpus = ByteCorpus.load(args.text, args.seq_len)  # unreadable or too short text: refused before any rank starts
     world = config.parallel.world_size
     if world > 1 and not launched(os.environ):
         return run_local_ranks([sys.executable, "-m", "c2r_comm", *args.argv], world)
     try:
         ctx = init_distributed(config.run.timeout_s, config.run.device)
         config.check_world_size(ctx.world_size)
-        return _train(args, config, ctx)
+        return _train(args, config, ctx, corpus)
     except CommError as exc:
         print(f"c2r-comm train-demo: {exc}", file=sys.stderr, flush=True)
         report_to_launcher(exc)
@@ -122,9 +122,8 @@ def run(args: argparse.Namespace) -> int:
         shutdown()
 
 
-def _train(args: argparse.Namespace, config: Config, ctx) -> int:
+def _train(args: argparse.Namespace, config: Config, ctx, corpus: ByteCorpus) -> int:
     groups = build_process_groups(Topology(config.parallel.nodes, config.parallel.gpus_per_node), config.run.timeout_s)
-    corpus = ByteCorpus.load(args.text, args.seq_len)
     model = MoETransformerLM(config, groups, ctx.device, args.layers, args.heads, args.seq_len)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     start = 0

@@ -2,9 +2,9 @@
 continue under another placement (e.g. the plan made from the model's own routing).
 
 Each rank writes DIR/rank<r>.pt: the whole module state (replicated weights are the same on every
-rank), the optimizer state, the step, the world size and the global expert ids of every MoE layer's
-local slots. Resuming reads the files of ranks 0..W-1 on every rank, so every rank takes the same
-decision. Under the same placement everything is restored as saved. Under another placement each
+rank), the optimizer state, the step, the world size and the whole placement (every rank's global
+expert ids per MoE layer, the same in every file), so every rank takes the same decision from its
+own file. Under the same placement everything is restored as saved. Under another placement each
 rank takes the replicated weights (and their optimizer moments) from its own file, and each of its
 experts' weights and optimizer moments, row by row, from the file of the rank that held it: the run
 continues as it would have, only on other ranks.
@@ -21,10 +21,6 @@ EXPERT_TENSORS = ("w_gate_LDF", "w_up_LDF", "w_down_LFD")
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-element state; "step" is a scalar
 
 
-def expert_ids(model: MoETransformerLM) -> list[tuple[int, ...]]:
-    return [moe.experts.global_ids for moe in model.moes]
-
-
 def placement_of(model: MoETransformerLM) -> list[list[tuple[int, ...]]]:
     """[rank][layer] -> global expert ids of that rank's local slots, for every rank (from the plans)."""
     world = model.moes[0].dispatcher.world_size
@@ -35,8 +31,7 @@ def save(model: MoETransformerLM, optimizer: torch.optim.Optimizer, step: int, f
          extra: dict) -> None:
     Path(folder).mkdir(parents=True, exist_ok=True)
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "world_size": model.moes[0].dispatcher.world_size, "expert_ids": expert_ids(model), **extra},
-               Path(folder) / f"rank{rank}.pt")
+                "placement": placement_of(model), **extra}, Path(folder) / f"rank{rank}.pt")
 
 
 def load(model: MoETransformerLM, optimizer: torch.optim.Optimizer, folder: str | Path, rank: int,
@@ -48,21 +43,19 @@ def load(model: MoETransformerLM, optimizer: torch.optim.Optimizer, folder: str 
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
         raise ValueError(f"--resume {folder}: missing {missing} (a checkpoint of a run with {len(now)} ranks)")
-    saved = [torch.load(p, map_location=device, weights_only=False) for p in paths]
-    if any(s.get("world_size", len(now)) != len(now) or s["step"] != saved[0]["step"] for s in saved):
-        raise ValueError(f"--resume {folder}: its rank files come from different runs or another world size")
-    own = saved[rank]
-    if [[tuple(ids) for ids in s["expert_ids"]] for s in saved] == now:  # every rank decides alike
+    own = torch.load(paths[rank], map_location=device, weights_only=False)
+    then = [[tuple(ids) for ids in layers] for layers in own["placement"]]
+    if len(then) != len(now):
+        raise ValueError(f"--resume {folder}: saved by {len(then)} ranks, this run has {len(now)}")
+    if then == now:  # the placement is in every file: every rank decides alike
         model.load_state_dict(own["model"])
         optimizer.load_state_dict(own["optimizer"])
         return own["step"], True
-    holder = {}  # (layer, global expert id) -> (rank file, slot), each exactly once
-    for r, s in enumerate(saved):
-        for layer, ids in enumerate(s["expert_ids"]):
-            for slot, e in enumerate(ids):
-                if (layer, e) in holder:
-                    raise ValueError(f"--resume {folder}: expert {e} of MoE layer {layer} is in two rank files")
-                holder[(layer, e)] = (r, slot)
+    saved = [own if r == rank else torch.load(p, map_location=device, weights_only=False) for r, p in enumerate(paths)]
+    if any(s["placement"] != own["placement"] or s["step"] != own["step"] for s in saved):
+        raise ValueError(f"--resume {folder}: its rank files come from different runs")
+    holder = {(layer, e): (r, slot)  # (layer, global expert id) -> (rank file, slot)
+              for r, layers in enumerate(then) for layer, ids in enumerate(layers) for slot, e in enumerate(ids)}
     index = {name: i for i, (name, _) in enumerate(model.named_parameters())}  # optimizer state key
     state, opt = dict(own["model"]), own["optimizer"]
     opt_state = {k: dict(v) for k, v in opt["state"].items()}
