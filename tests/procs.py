@@ -3,6 +3,7 @@ and read a child's output while it runs."""
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -52,3 +53,20 @@ class StreamReader:
         """Everything read (waits for the pipe to close, at most join_timeout_s)."""
         self._thread.join(timeout=join_timeout_s)
         return "".join(self.chunks)
+
+
+def kill_rank_mid_run(launcher, marker: str, rank: int, timeout_s: float = 120) -> str:
+    """SIGKILL rank `rank` of a run started with stderr=PIPE once rank 0's progress bar shows (every
+    rank in the timed loop); wait for the launcher; return its stderr. The launcher is killed if it
+    outlives this."""
+    stderr = StreamReader(launcher.stderr)
+    try:
+        stderr.wait_for_progress(timeout_s)
+        pids = [p for p in processes_with(marker) if p != launcher.pid and environment_of(p).get("RANK") == str(rank)]
+        assert pids, f"rank {rank} never reached the timed loop:\n" + "".join(stderr.chunks)
+        os.kill(pids[0], signal.SIGKILL)
+        launcher.wait(timeout=60)
+        return stderr.text()
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()

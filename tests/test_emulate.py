@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from procs import StreamReader, environment_of, processes_with
+from procs import kill_rank_mid_run, processes_with
 
 from c2r_comm.bench import netns
 
@@ -109,16 +109,7 @@ def test_one_failing_rank_stops_the_others_and_leaves_nothing_behind():
     proc = subprocess.Popen([sys.executable, "-m", "c2r_comm", "emulate", "--nodes", "2", "--gpus-per-node", "2",
                              "--", "bench", *SMALL, "--num-experts", "8", "--iters", "100000", marker], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    stderr = StreamReader(proc.stderr)
-    try:
-        stderr.wait_for_progress(120)  # rank 0's progress bar: every rank is in the timed loop
-        ranks = {int(environment_of(pid)["RANK"]): pid for pid in processes_with(marker) if pid != proc.pid}
-        os.kill(ranks[1], signal.SIGKILL)
-        proc.wait(timeout=60)
-        err = stderr.text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    err = kill_rank_mid_run(proc, marker, rank=1)
     assert proc.returncode == 128 + 9, err[-2000:]
     assert "the run failed first on rank 1 (exit status 137)" in err
     assert "c2r-comm: rank 1 was killed by SIGKILL" in err

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from c2r_comm.comm_failures import REPORT_WAIT_S
-from procs import StreamReader, environment_of, processes_with
+from procs import kill_rank_mid_run, processes_with
 
 REPO = Path(__file__).resolve().parents[1]
 FAULT_RANK = str(REPO / "tests" / "fault_rank.py")
@@ -200,17 +200,7 @@ def test_bench_rank_killed_from_outside(tmp_path):
            "--json", marker]
     launcher = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
-    stderr = StreamReader(launcher.stderr)
-    try:
-        stderr.wait_for_progress(120)  # rank 0's progress bar: both ranks are in the timed loop
-        ranks = [p for p in processes_with(marker) if p != launcher.pid and environment_of(p).get("RANK") == "1"]
-        assert ranks, "rank 1 never reached the timed loop:\n" + "".join(stderr.chunks)
-        os.kill(ranks[0], signal.SIGKILL)
-        launcher.wait(timeout=60)
-        err = stderr.text()
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
+    err = kill_rank_mid_run(launcher, marker, rank=1)
     assert launcher.returncode == 128 + signal.SIGKILL, err
     lines = [ln for ln in err.splitlines() if ln.startswith("c2r-comm bench: rank 0: ")]
     assert len(lines) == 1, err
