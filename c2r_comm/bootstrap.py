@@ -49,6 +49,10 @@ def _free_port() -> int:
 
 MPI_RANK_VARIABLES = {"PMI_RANK": "MPICH (mpiexec)", "OMPI_COMM_WORLD_RANK": "Open MPI (mpirun)",
                       "PMIX_RANK": "a PMIx launcher", "SLURM_PROCID": "Slurm (srun)"}
+# The process count each launcher announces beside its rank variable (PMIx alone announces none;
+# Slurm's step size, not SLURM_NTASKS, which inside an allocation can be the allocation's).
+MPI_SIZE_VARIABLES = {"PMI_RANK": "PMI_SIZE", "OMPI_COMM_WORLD_RANK": "OMPI_COMM_WORLD_SIZE", "PMIX_RANK": None,
+                      "SLURM_PROCID": "SLURM_STEP_NUM_TASKS"}
 
 
 def mpi_launcher(env: Mapping[str, str]) -> Optional[str]:
@@ -61,14 +65,34 @@ def launched(env: Mapping[str, str]) -> bool:
     return ("RANK" in env and "WORLD_SIZE" in env) or mpi_launcher(env) is not None
 
 
-def mpi_rendezvous(launcher: str) -> LaunchEnv:
-    """Rank, size and local rank from mpi4py; rank 0's host and a free port broadcast to all."""
+def launcher_size(env: Mapping[str, str]) -> Optional[int]:
+    """The number of processes the detected launcher announces (None: it announces none)."""
+    rank_var = next((var for var in MPI_RANK_VARIABLES if var in env), None)
+    size_var = MPI_SIZE_VARIABLES.get(rank_var) if rank_var else None
+    value = env.get(size_var, "") if size_var else ""
+    return int(value) if value.isdigit() else None
+
+
+def mpi_rendezvous(launcher: str, env: Mapping[str, str]) -> LaunchEnv:
+    """Rank, size and local rank from mpi4py; rank 0's host and a free port broadcast to all.
+
+    mpi4py must use the launcher's MPI library: an mpi4py that loads MPICH (the `mpi` extra's wheel)
+    under Open MPI's mpirun, or the reverse, initialises every process as a world of one, and each
+    would run alone. That is refused here, on every rank, before any collective."""
     try:
         from mpi4py import MPI
     except ImportError as exc:
         raise ValueError(f"started by {launcher}: install the mpi extra (pip install 'c2r-comm[mpi]', mpi4py) so "
                          "ranks can find each other, or set MASTER_ADDR and MASTER_PORT (Open MPI only)") from exc
     comm = MPI.COMM_WORLD
+    announced = launcher_size(env)
+    if announced is not None and announced != comm.Get_size():
+        library = MPI.Get_library_version().strip().splitlines()[0].split(",")[0]
+        raise ValueError(f"started by {launcher} as one of {announced} processes, but mpi4py's MPI library "
+                         f"({library}) sees a world of {comm.Get_size()}: mpi4py loaded a different MPI than the "
+                         "launcher's. Point it at the launcher's library (MPI4PY_LIBMPI=/path/to/libmpi.so, e.g. "
+                         "Open MPI's libmpi.so.40) or launch with the matching mpiexec (the mpi extra's mpich wheel "
+                         "brings .venv/bin/mpiexec)")
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
     local_rank, local_size = local.Get_rank(), local.Get_size()
     local.Free()
@@ -91,7 +115,7 @@ def read_launch_env(env: Mapping[str, str]) -> Optional[LaunchEnv]:
                          int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)),
                          f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}",
                          int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", 1)))
-    return mpi_rendezvous(launcher)
+    return mpi_rendezvous(launcher, env)
 
 
 def pick_device(requested: str, local_rank: int, local_world_size: int = 1) -> torch.device:

@@ -54,6 +54,7 @@ DISPATCHERS = ("alltoall", "dedup", "hierarchical")
 ROUTERS = ("topk", "c2r", "device_constrained")
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: exactness checks (train-demo, references)
 DEVICES = ("auto", "cpu", "cuda")
+DROP_POLICIES = ("probs", "position")  # capacity mode: keep the largest weights, or the first tokens
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,12 @@ class RoutingConfig:
     # device_constrained: at most `max_groups` GPUs (level=gpu) or nodes (level=node) per token.
     max_groups: Optional[int] = None
     level: str = "gpu"
+    # Capacity mode (routing/capacity.py, Megatron's semantics): None = dropless (the default); a
+    # factor f keeps at most ceil(T*k/E*f) of a rank's T tokens per expert, dropping by `drop_policy`;
+    # pad_to_capacity gives each local expert exactly capacity x EP-size rows (fixed GEMM shapes).
+    capacity_factor: Optional[float] = None
+    drop_policy: str = "probs"
+    pad_to_capacity: bool = False
 
     def __post_init__(self) -> None:
         _require(self.kind in ROUTERS, "routing.kind", self.kind, f"one of {ROUTERS}")
@@ -109,6 +116,16 @@ class RoutingConfig:
         _require(self.aux_loss_weight >= 0, "routing.aux_loss_weight", self.aux_loss_weight, ">= 0")
         _require(self.z_loss_weight >= 0, "routing.z_loss_weight", self.z_loss_weight, ">= 0")
         _require(self.level in ("gpu", "node"), "routing.level", self.level, "'gpu' or 'node'")
+        f = self.capacity_factor
+        _require(f is None or (isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f) and f > 0),
+                 "routing.capacity_factor", f, "null (dropless) or a finite number > 0")
+        _require(self.drop_policy in DROP_POLICIES, "routing.drop_policy", self.drop_policy, f"one of {DROP_POLICIES}")
+        _require(self.drop_policy == "probs" or f is not None, "routing.drop_policy", self.drop_policy,
+                 "'probs' (the default) unless routing.capacity_factor is set")
+        _require(isinstance(self.pad_to_capacity, bool), "routing.pad_to_capacity", self.pad_to_capacity,
+                 "true or false")
+        _require(not self.pad_to_capacity or f is not None, "routing.pad_to_capacity", self.pad_to_capacity,
+                 "false unless routing.capacity_factor is set")
         if self.kind == "c2r":
             # Its range depends on the model: Config checks it (check_top_t), as does build_router.
             _require(self.top_t is not None, "routing.top_t", self.top_t, "an integer (required for kind=c2r)")
@@ -188,6 +205,9 @@ class Config:
                  f"a multiple of the number of ranks nodes*gpus_per_node = {world}")
         if self.routing.kind == "c2r":
             check_top_t(self.routing.top_t, self.model.num_experts, self.model.top_k)
+        _require(not self.routing.pad_to_capacity or self.schedule.overlap_degree == 1, "schedule.overlap_degree",
+                 self.schedule.overlap_degree, "1 with routing.pad_to_capacity (capacity is per layer batch, not per "
+                 "chunk: padded chunks would multiply the expert rows)")
 
     def check_world_size(self, world_size: int) -> None:
         """The launched world must be exactly nodes x gpus_per_node."""

@@ -7,7 +7,7 @@ source adds the partials. See docs/architecture.md.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Union
 
 import torch
@@ -16,7 +16,9 @@ import torch.nn as nn
 from c2r_comm.config import OVERLAP_AUTO, Config
 from c2r_comm.dispatch import DispatchHandle, Dispatcher, build_dispatcher
 from c2r_comm.experts import GroupedExperts, SharedExpert
+from c2r_comm.padded_experts import PaddedExperts
 from c2r_comm.plan import PlacementPlan, load_layer_plan
+from c2r_comm.routing.capacity import CapacityDrop, CapacitySpec, apply_capacity
 from c2r_comm.routing.factory import build_router
 from c2r_comm.routing.router import RouterOutput, TopKRouter
 from c2r_comm.groups import ProcessGroups
@@ -31,6 +33,7 @@ class MoEOutput:
     aux_loss: torch.Tensor  # router's weighted auxiliary losses (zero for trace-driven routing)
     handles: tuple[DispatchHandle, ...]  # one per token chunk (one when the layer runs serially)
     routing: Optional[RouterOutput] = None
+    capacity_drop: Optional[CapacityDrop] = None  # capacity mode: what the limit kept and dropped
 
 
 class MoELayer(nn.Module):
@@ -38,8 +41,18 @@ class MoELayer(nn.Module):
     combine serially; "auto" decides on the first forward (schedule/auto.py) and prints the choice."""
 
     def __init__(self, router: TopKRouter, dispatcher: Dispatcher, experts: GroupedExperts,
-                 shared_expert: Optional[SharedExpert] = None, overlap_degree: Union[int, str] = 1):
+                 shared_expert: Optional[SharedExpert] = None, overlap_degree: Union[int, str] = 1,
+                 capacity: Optional[CapacitySpec] = None):
+        """capacity: capacity mode (routing/capacity.py); None routes dropless."""
         super().__init__()
+        if capacity is not None and capacity.pad_to_capacity:
+            if overlap_degree != 1:
+                raise ValueError(f"overlap_degree {overlap_degree!r} with pad_to_capacity: allowed 1 (capacity is per "
+                                 "layer batch, not per chunk)")
+            if not dispatcher.equal_tokens:
+                raise ValueError("pad_to_capacity needs a dispatcher built with equal_tokens=True (padded sizes come "
+                                 "from each rank's token count, which every rank must then share)")
+        self.capacity = capacity
         if experts.num_local_experts != dispatcher.num_local_experts:
             raise ValueError(f"experts hold {experts.num_local_experts} local experts, the dispatcher's plan "
                              f"puts {dispatcher.num_local_experts} on each rank")
@@ -50,7 +63,28 @@ class MoELayer(nn.Module):
         self.overlap_degree: Optional[int] = None if overlap_degree == OVERLAP_AUTO else overlap_degree
 
     def forward_routed(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> MoEOutput:
-        """The layer with routing given (from a router or a recorded trace)."""
+        """The layer with routing given (from a router or a recorded trace); capacity mode drops
+        choices first (dropped ids may also come in as DROPPED_CHOICE)."""
+        topk_idx_TK, topk_weight_TK, drop = self.limit_routing(topk_idx_TK, topk_weight_TK)
+        out = self._forward_routed(x_TD, topk_idx_TK, topk_weight_TK, self.experts_for(drop))
+        return out if drop is None else replace(out, capacity_drop=drop)
+
+    def limit_routing(self, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, Optional[CapacityDrop]]:
+        """Capacity mode's limit on this rank's routing (unchanged, None when dropless)."""
+        if self.capacity is None:
+            return topk_idx_TK, topk_weight_TK, None
+        drop = apply_capacity(topk_idx_TK, topk_weight_TK, self.dispatcher.plan.num_experts, self.capacity)
+        return drop.topk_idx_TK, drop.topk_weight_TK, drop
+
+    def experts_for(self, drop: Optional[CapacityDrop]):
+        """The local experts, padded to capacity x EP size rows each when pad_to_capacity is set."""
+        if drop is None or not self.capacity.pad_to_capacity:
+            return self.experts
+        return PaddedExperts(self.experts, drop.capacity * self.dispatcher.world_size, self.dispatcher.rank)
+
+    def _forward_routed(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
+                        experts) -> MoEOutput:
         zero = x_TD.new_zeros((), dtype=torch.float32)
         if self.overlap_degree is None:  # auto: this forward runs serially and is timed
             timing = timed_serial_forward(self.dispatcher, self.experts, self.shared_expert, x_TD, topk_idx_TK,
@@ -67,13 +101,13 @@ class MoELayer(nn.Module):
             run = ChunkPipeline(self.dispatcher, self.experts, self.shared_expert, self.overlap_degree)(
                 x_TD, topk_idx_TK, topk_weight_TK)
             return MoEOutput(run.out_TD, zero, tuple(ch.handle for ch in run.chunks))
-        res = serial_forward(self.dispatcher, self.experts, self.shared_expert, x_TD, topk_idx_TK, topk_weight_TK)
+        res = serial_forward(self.dispatcher, experts, self.shared_expert, x_TD, topk_idx_TK, topk_weight_TK)
         return MoEOutput(res.out_TD, zero, (res.handle,))
 
     def forward(self, x_TD: torch.Tensor) -> MoEOutput:
         routing = self.router(x_TD)
         out = self.forward_routed(x_TD, routing.topk_idx_TK, routing.topk_weight_TK)
-        return MoEOutput(out.out_TD, routing.aux_loss, out.handles, routing)
+        return replace(out, aux_loss=routing.aux_loss, routing=routing)
 
 
 def build_moe_layer(config: Config, groups: ProcessGroups, device: torch.device,
@@ -86,11 +120,13 @@ def build_moe_layer(config: Config, groups: ProcessGroups, device: torch.device,
     gate_rng = torch.Generator().manual_seed(run.seed)  # replicated router: same gate on every rank
     router = build_router(m, config.routing, plan, groups.topology, config.placement.layer, generator=gate_rng)
     router = router.to(device)
+    capacity = CapacitySpec.of(config.routing)
     disp = build_dispatcher(dispatcher or config.dispatcher, plan, groups, m.hidden_size, run.debug_checks,
-                            label=f"layer {config.placement.layer}")
+                            label=f"layer {config.placement.layer}",
+                            equal_tokens=capacity is not None and capacity.pad_to_capacity)
     experts = GroupedExperts.for_rank(plan, groups.rank, m.hidden_size, m.ffn_hidden_size, run.seed, dtype, device)
     shared = None
     if m.num_shared_experts:
         ffn = m.num_shared_experts * (m.shared_ffn_hidden_size or m.ffn_hidden_size)
         shared = SharedExpert(m.hidden_size, ffn, run.seed, dtype).to(device)
-    return MoELayer(router.to(dtype=dtype), disp, experts, shared, config.schedule.overlap_degree)
+    return MoELayer(router.to(dtype=dtype), disp, experts, shared, config.schedule.overlap_degree, capacity)

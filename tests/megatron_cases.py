@@ -191,6 +191,7 @@ def compare(case: Case, rank: int, ep_rank: int, ep: int, groups=None) -> dict[s
     set_weights(ours, positions, ep_rank)
     run = run_layer(ours, rank, case)
     result["routing_equal"] = float(all(torch.equal(a, b) for a, b in zip(ref_run["maps"], run["maps"])))
+    result["dropped_choices"] = float(sum(int((case.topk - m.sum(1)).sum()) for m in run["maps"]))  # capacity mode
     result["out_vs_megatron"] = _max_diff(run["outs"], ref_run["outs"])
     result["x_grad_vs_megatron"] = _max_diff(run["x_grads"], ref_run["x_grads"])
     result["router_grad_vs_megatron"] = _max_diff(ours.router.weight.grad, ref.router.weight.grad)

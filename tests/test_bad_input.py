@@ -35,8 +35,8 @@ def _one_fault(rank, disp, fault):
     if rank == 1:  # only one rank is wrong
         if fault == "id_too_large":
             idx[0, 0] = E
-        elif fault == "id_negative":
-            idx[2, 1] = -1
+        elif fault == "id_negative":  # -1 is a dropped choice (capacity mode); below it is an error
+            idx[2, 1] = -2
         elif fault == "shape":
             idx = idx[:-1]
         elif fault == "hidden":

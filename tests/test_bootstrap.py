@@ -35,3 +35,14 @@ def test_device_rule_without_gpus():
     assert pick_device("cpu", 0, 1) == torch.device("cpu")
     with pytest.raises(ValueError, match="one GPU per local rank: 4 local ranks, 0 GPUs"):
         pick_device("cuda", 0, 4)
+
+
+def test_launcher_size_reads_the_detected_launchers_own_variable():
+    from c2r_comm.bootstrap import launcher_size
+
+    assert launcher_size({"PMI_RANK": "0", "PMI_SIZE": "4", "SLURM_PROCID": "0", "SLURM_NTASKS": "16"}) == 4
+    assert launcher_size({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "PMIX_RANK": "1"}) == 2
+    # srun with PMIx: the step's size, never the allocation's task count
+    assert launcher_size({"PMIX_RANK": "0", "SLURM_PROCID": "0", "SLURM_NTASKS": "16"}) is None
+    assert launcher_size({"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "8", "SLURM_NTASKS": "16"}) == 8
+    assert launcher_size({"SLURM_PROCID": "0"}) is None and launcher_size({}) is None

@@ -6,7 +6,7 @@ A case draws: world topology (nodes x GPUs, 2x4 and more at world 8), dispatcher
 DISPATCHERS), a random balanced plan (PlacementPlan needs E/W experts per rank), E, k in 1..min(E, 6)
 or k = E, tokens per rank in 0..24 (zeros, all zeros), the routing (uniform distinct experts,
 skewed to a few hot experts, all-to-one: every token's top-1 on one rank, every token the same
-experts), routing weights (random leaves, or a softmax gate whose matrix gets a gradient), a
+experts) with none, 30 % or all choices dropped (expert id -1, as capacity mode drops them), routing weights (random leaves, or a softmax gate whose matrix gets a gradient), a
 shared expert or none, the schedule (the layer serially or pipelined over 2 or 3 chunks, or the
 dispatcher called directly with weights applied at combine) and debug_checks. Each rank rebuilds
 its inputs from (seed, rank); the parent computes the reference once and compares.
@@ -32,7 +32,7 @@ from moe_cases import _maxdiff
 from rank_pool import RankPool
 from ranks import RankError
 
-from c2r_comm.dispatch import DISPATCHERS, build_dispatcher
+from c2r_comm.dispatch import DISPATCHERS, DROPPED_CHOICE, build_dispatcher
 from c2r_comm.experts import GroupedExperts, SharedExpert, init_expert_weights, reference_moe, swiglu
 from c2r_comm.groups import build_process_groups
 from c2r_comm.layer import MoELayer
@@ -64,6 +64,7 @@ class FuzzCase:
     overlap: int = 1  # MoELayer overlap_degree (chunks)
     direct: bool = False  # dispatch / experts / combine(weighted=False) instead of the layer (overlap 1)
     debug_checks: bool = False
+    dropped: float = 0.0  # fraction of choices dropped (expert id -1, as capacity mode drops them)
     hidden: int = 4
     ffn: int = 6
     seed: int = 0
@@ -107,13 +108,15 @@ def rank_inputs(case: FuzzCase, rank: int) -> tuple[torch.Tensor, torch.Tensor, 
     idx = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :K]
     src = gate_matrix(case) if case.gate else torch.rand(T, K, generator=g, dtype=torch.float64) + 0.1
     grad = torch.randn(T, case.hidden, generator=g, dtype=torch.float64)
+    if case.dropped:
+        idx = torch.where(torch.rand(T, K, generator=g) < case.dropped, DROPPED_CHOICE, idx)
     return x, idx, src, grad
 
 
 def routing_weights(case: FuzzCase, x: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     if not case.gate:
         return src
-    w = F.softmax(x @ src, dim=-1).gather(1, idx)
+    w = F.softmax(x @ src, dim=-1).gather(1, idx.clamp_min(0))  # a dropped choice's weight is unused
     return w / w.sum(dim=-1, keepdim=True)
 
 
@@ -229,7 +232,8 @@ def fuzz_cases(draw, world: int, dispatcher: Optional[str] = None) -> FuzzCase:
         dispatcher=dispatcher or draw(st.sampled_from(sorted(DISPATCHERS))), nodes=nodes, gpus_per_node=gpus,
         expert_to_rank=expert_to_rank, top_k=k, tokens=tokens, routing=routing, hot=hot, gate=draw(st.booleans()),
         shared=draw(st.booleans()), overlap=overlap, direct=overlap == 1 and draw(st.booleans()),
-        debug_checks=draw(st.booleans()), hidden=draw(st.integers(1, 8)), ffn=draw(st.integers(1, 8)),
+        debug_checks=draw(st.booleans()), dropped=draw(st.sampled_from([0.0, 0.0, 0.3, 1.0])),
+        hidden=draw(st.integers(1, 8)), ffn=draw(st.integers(1, 8)),
         seed=draw(st.integers(0, 2**16)))
 
 
@@ -250,7 +254,8 @@ def _fuzz_settings(config, world: int) -> tuple[settings, int, str]:
 def test_fuzz_dispatchers_match_reference(world, request, capsys):
     fuzz_settings, fuzz_seed, how = _fuzz_settings(request.config, world)
     stats = {"examples": 0, "failures": 0, "worst": 0.0,
-             "by": {name: 0 for name in sorted(DISPATCHERS)}, "zero_rank": 0, "overlap>1": 0, "k=E": 0}
+             "by": {name: 0 for name in sorted(DISPATCHERS)}, "zero_rank": 0, "overlap>1": 0, "k=E": 0,
+             "dropped": 0}
     t0 = time.monotonic()
     with RankPool(world, timeout_s=90 if world == 8 else 60) as pool:
 
@@ -260,6 +265,7 @@ def test_fuzz_dispatchers_match_reference(world, request, capsys):
             stats["zero_rank"] += 0 in case.tokens
             stats["overlap>1"] += not case.direct and case.overlap > 1
             stats["k=E"] += case.top_k == case.num_experts
+            stats["dropped"] += case.dropped > 0
             try:
                 got = pool.run(fuzz_rank, case)
             except RankError:
@@ -281,7 +287,8 @@ def test_fuzz_dispatchers_match_reference(world, request, capsys):
             with capsys.disabled():
                 print(f"\nfuzz world={world}: {stats['examples']} examples, {stats['failures']} failures "
                       f"({how}; {time.monotonic() - t0:.1f} s; per dispatcher {stats['by']}; rank with 0 tokens "
-                      f"{stats['zero_rank']}, pipelined {stats['overlap>1']}, k=E {stats['k=E']}; pool restarts "
+                      f"{stats['zero_rank']}, pipelined {stats['overlap>1']}, k=E {stats['k=E']}, with dropped choices "
+                      f"{stats['dropped']}; pool restarts "
                       f"{pool.restarts}; worst rel err {stats['worst']:.2g})")
     assert stats["examples"] > 0
 

@@ -30,11 +30,16 @@ CASES_2 = [
     Case("hierarchical_bias", 4, dispatcher="hierarchical", nodes=2, config=GELU_BIAS),
     Case("two_in_flight", 4, micro_batches=2, in_flight=True),
     Case("shared_expert_overlap", 4, config=SHARED_OVERLAP, fp64_reference=False),
+    # capacity mode: Megatron's router drops; its own dispatcher is the reference (the fp64 one is dropless)
+    Case("capacity_probs_two_in_flight", 4, micro_batches=2, in_flight=True,
+         config=dict(moe_expert_capacity_factor=0.5), fp64_reference=False),
 ]
 CASES_4 = [
     Case("dedup_k3", 8, topk=3),
     Case("hierarchical_random_plan", 8, dispatcher="hierarchical", nodes=2, plan_seed=5),
     Case("dedup_random_plan_two_in_flight", 8, plan_seed=11, micro_batches=2, in_flight=True, config=GELU_BIAS),
+    Case("capacity_position_hierarchical", 8, topk=3, dispatcher="hierarchical", nodes=2, plan_seed=3,
+         config=dict(moe_expert_capacity_factor=0.75, moe_token_drop_policy="position"), fp64_reference=False),
 ]
 CASES_4_EP2 = [  # EP groups {0, 1} and {2, 3}: two data-parallel replicas
     Case("ep2_dedup", 4),
@@ -59,6 +64,9 @@ def world4():
 
 
 def _check(results, cases):
+    for case in cases:  # capacity cases do drop (on some rank); dropless ones never
+        dropped = sum(res[case.name]["dropped_choices"] for res in results)
+        assert (dropped > 0) == ("moe_expert_capacity_factor" in case.config), (case.name, dropped)
     for rank, res in enumerate(results):
         for case in cases:
             r = res[case.name]
@@ -111,7 +119,6 @@ def _build(config, options=None):
 @pytest.mark.parametrize("option, overrides, allowed", [
     ("expert_tensor_parallel_size", dict(expert_tensor_parallel_size=2), "1 (experts are not tensor-parallel)"),
     ("moe_token_dispatcher_type", dict(moe_token_dispatcher_type="flex"), "('alltoall', 'allgather')"),
-    ("moe_expert_capacity_factor", dict(moe_expert_capacity_factor=1.0), "None (dropless routing only)"),
     ("moe_pad_expert_input_to_capacity",
      dict(moe_expert_capacity_factor=1.0, moe_pad_expert_input_to_capacity=True), "False"),
     ("recompute_modules", dict(recompute_granularity="selective", recompute_modules=["moe"]), "a list without 'moe'"),
@@ -169,6 +176,12 @@ def test_routing_map_to_topk_and_positions():
     idx, w = topk_from_routing_map(rmap, probs, 2)
     assert idx.tolist() == [[1, 3], [0, 1], [4, 4]]  # a row with one expert: out of range (InputError later)
     assert w[:2].tolist() == [[1.0, 3.0], [4.0, 5.0]]
+    # capacity mode: fewer experts are dropped choices (-1, weight 0); more are still out of range
+    rmap3 = torch.cat([rmap, torch.tensor([[True, True, True, False], [False] * 4])])
+    probs3 = torch.arange(20, dtype=torch.float32).reshape(5, 4) * rmap3
+    idx, w = topk_from_routing_map(rmap3, probs3, 2, dropping=True)
+    assert idx.tolist() == [[1, 3], [0, 1], [3, -1], [4, 4], [-1, -1]]
+    assert w[[0, 1, 2, 4]].tolist() == [[1.0, 3.0], [4.0, 5.0], [11.0, 0.0], [0.0, 0.0]]
     plan = PlacementPlan((1, 0, 0, 1), 2)
     assert expert_at_megatron_position(plan) == (1, 2, 0, 3)
     assert expert_at_megatron_position(PlacementPlan.contiguous(4, 2)) == (0, 1, 2, 3)

@@ -71,11 +71,17 @@ def test_alltoall_token_sum_structure():
     order = torch.argsort(torch.rand(T * K, generator=g))
     plan = AllToAllPlan("alltoall", 0, 1, T, 4, K, (), torch.zeros(1, 1, dtype=torch.int64), None, None, (),
                         order, torch.div(order, K, rounding_mode="floor"))
-    rs = plan.token_sum(torch.float64, use_csr=True)
+    rs = plan.token_sum(T * K, torch.float64, use_csr=True)
     src = torch.randn(T * K, 2, dtype=torch.float64, generator=g)
     assert rs.uses_csr
     _check_csr(rs)
     torch.testing.assert_close(rs.sum(src), _index_add(plan.token_of_row_R, T, src))
+    # dropped choices (capacity mode) sort last and are not sent: only the first `rows` rows sum
+    rows = T * K - 5
+    rs = plan.token_sum(rows, torch.float64, use_csr=True)
+    assert rs.uses_csr
+    _check_csr(rs)
+    torch.testing.assert_close(rs.sum(src[:rows]), _index_add(plan.token_of_row_R[:rows], T, src[:rows]))
 
 
 def test_sorting_build_autograd_and_empty_sums():

@@ -52,6 +52,11 @@ class Measurement:
     # between emulated nodes, TCP/IP headers included. None when the launcher named no interface.
     wire_bytes_sent: Optional[float] = None
     wire_bytes_received: Optional[float] = None
+    # Capacity mode (routing.capacity_factor), summed over ranks, one iteration: choices routed
+    # before the limit, choices it dropped, tokens that lost every choice. None: dropless.
+    routed_choices: Optional[int] = None
+    dropped_choices: Optional[int] = None
+    dropped_tokens: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -124,13 +129,20 @@ def measure_layer(layer: MoELayer, x_TD: torch.Tensor, grad_TD: torch.Tensor, wa
     network_interface: the node link whose counters measure wire bytes (see Measurement)."""
     def step(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
         out = layer(x) if routing is None else layer.forward_routed(x, *routing)
-        return out.out_TD, out.aux_loss, out.handles
+        return out.out_TD, out.aux_loss, (out.handles, out.capacity_drop)
 
     topology = layer.dispatcher.topology
-    meas, handles = measure_module(layer, step, x_TD, grad_TD, warmup, iters, group, topology, label, show_progress,
-                                  network_interface)
+    meas, (handles, capacity) = measure_module(layer, step, x_TD, grad_TD, warmup, iters, group, topology, label,
+                                               show_progress, network_interface)
     d_stats, c_stats, tokens = world_stats([h.route.plan for h in handles], topology, x_TD.device, group)
-    return replace(meas, tokens=tokens, dispatch=d_stats, combine=c_stats)
+    meas = replace(meas, tokens=tokens, dispatch=d_stats, combine=c_stats)
+    if capacity is not None:  # the last iteration's drops, summed over ranks (outside the timed region)
+        drops = torch.stack([capacity.routed_choices, capacity.dropped_choices, capacity.dropped_tokens]).to(x_TD.device)
+        with guard(group_site("benchmark drop count reduction", group)):
+            dist.all_reduce(drops, group=group)
+        routed, dropped, lost = drops.cpu().tolist()
+        meas = replace(meas, routed_choices=routed, dropped_choices=dropped, dropped_tokens=lost)
+    return meas
 
 
 def measure_module(module: torch.nn.Module, step: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, Any]],

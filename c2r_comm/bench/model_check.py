@@ -29,6 +29,7 @@ from c2r_comm.config import ConfigError, config_from_dict
 from c2r_comm.dispatch import DISPATCHERS
 from c2r_comm.layer import DTYPES
 from c2r_comm.plan import load_layer_plan
+from c2r_comm.routing.capacity import CapacitySpec, apply_capacity
 from c2r_comm.routing.trace import RoutingTrace
 from c2r_comm.topology import Topology
 
@@ -79,9 +80,18 @@ def check_record(record: dict, trace: RoutingTrace, profile: HardwareProfile) ->
     topo = Topology(config.parallel.nodes, config.parallel.gpus_per_node)
     layer, T = int(record["layer"]), config.run.tokens_per_rank
     placement = load_layer_plan(config.placement.plan, layer, topo, config.model.num_experts)
+    capacity = CapacitySpec.of(config.routing)
+
+    def ids_of_rank(r: int) -> torch.Tensor:  # what the bench's layer dispatched: after capacity mode's limit
+        idx = torch.from_numpy(trace.rank_block(layer, r, T))
+        if capacity is None:
+            return idx
+        K = idx.shape[1]  # bench --trace weights every choice 1/k
+        return apply_capacity(idx, torch.full(idx.shape, 1.0 / K), config.model.num_experts, capacity).topk_idx_TK
+
     # bench --trace sends float32 routing weights (traces record no gate weights: 1/k each).
     world = lay_out_world(record["dispatcher"], topo, placement, config.model.hidden_size, DTYPES[config.run.dtype],
-                          lambda r: torch.from_numpy(trace.rank_block(layer, r, T)), weight_dtype=torch.float32)
+                          ids_of_rank, weight_dtype=torch.float32)
     d_model, c_model = world.world_stats()
     m = record["measurement"]
     bytes_equal = (asdict(d_model), asdict(c_model)) == (m["dispatch"], m["combine"])

@@ -66,13 +66,16 @@ def _cpu_s() -> float:
 
 def _one_step(layer: MoELayer, x_TD: torch.Tensor, grad_TD: torch.Tensor,
               routing: Optional[tuple[torch.Tensor, torch.Tensor]], fwd: _Clock, bwd: _Clock) -> None:
-    disp, experts = layer.dispatcher, layer.experts
+    disp = layer.dispatcher
     x = x_TD.detach().requires_grad_()
-    if routing is None:
-        out = fwd.run("router", lambda: layer.router(x))
-        idx, weight, aux = out.topk_idx_TK, out.topk_weight_TK, out.aux_loss
-    else:
-        (idx, weight), aux = fwd.run("router", lambda: routing), None
+
+    def select_experts():  # the router (or the given routing), then capacity mode's limit, if any
+        out = layer.router(x) if routing is None else None
+        idx, weight = routing if out is None else (out.topk_idx_TK, out.topk_weight_TK)
+        return layer.limit_routing(idx, weight) + (None if out is None else out.aux_loss,)
+
+    idx, weight, drop, aux = fwd.run("router", select_experts)
+    experts = layer.experts_for(drop)
     plan = fwd.run("layout", lambda: disp.layout(x, idx, weight))
     route = fwd.run("count_exchange", lambda: disp.exchange_counts(plan))
     batch, handle = fwd.run("send", lambda: disp.send(x, weight, route).wait())

@@ -19,6 +19,9 @@ def format_table(records: Sequence[BenchRecord]) -> str:
     with_wire = any(r.measurement.wire_bytes_sent is not None for r in records)
     if with_wire:
         head += " wire MB/iter fwd+bwd (node links) |"
+    with_drops = any(r.measurement.dropped_choices is not None for r in records)
+    if with_drops:  # capacity mode
+        head += " dropped choices (% of routed) | tokens with every choice dropped |"
     rule = "|" + "|".join("---" for _ in range(head.count("|") - 1)) + "|"
     rows = [head, rule]
     for r in records:
@@ -29,8 +32,17 @@ def format_table(records: Sequence[BenchRecord]) -> str:
             f"| {r.mb_sent:.2f} | {r.cross_node_mb:.2f} "
             f"| {f.median_ms:.2f} ({f.p10_ms:.2f}-{f.p90_ms:.2f}) | {b.median_ms:.2f} ({b.p10_ms:.2f}-{b.p90_ms:.2f}) "
             f"| {r.measurement.cpu_user_s:.2f}+{r.measurement.cpu_sys_s:.2f} | {r.measurement.peak_memory_mb:.1f} |"
-            + (f" {_mb(r.measurement.wire_bytes_sent)} |" if with_wire else ""))
+            + (f" {_mb(r.measurement.wire_bytes_sent)} |" if with_wire else "")
+            + (f" {_drops(r)} |" if with_drops else ""))
     return "\n".join(rows)
+
+
+def _drops(r: BenchRecord) -> str:
+    m = r.measurement
+    if m.dropped_choices is None:
+        return "- | -"
+    share = 100.0 * m.dropped_choices / m.routed_choices if m.routed_choices else 0.0
+    return f"{m.dropped_choices} ({share:.1f} %) | {m.dropped_tokens}"
 
 
 def _mb(n) -> str:

@@ -41,7 +41,7 @@ OVERRIDES = {
     "dtype": "run.dtype", "seed": "run.seed", "device": "run.device", "timeout_s": "run.timeout_s",
     "hidden_size": "model.hidden_size", "ffn_hidden_size": "model.ffn_hidden_size",
     "num_experts": "model.num_experts", "top_k": "model.top_k", "plan": "placement.plan",
-    "routing": "routing.kind",
+    "routing": "routing.kind", "capacity_factor": "routing.capacity_factor", "drop_policy": "routing.drop_policy",
 }
 
 
@@ -76,13 +76,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for flag in OVERRIDES:
         kind = int if flag in ("tokens_per_rank", "iters", "warmup_iters", "seed", "hidden_size",
                                "ffn_hidden_size", "num_experts", "top_k") else \
-            float if flag == "timeout_s" else str
+            float if flag in ("timeout_s", "capacity_factor") else str
         p.add_argument("--" + flag.replace("_", "-"), type=kind, default=None, help=f"overrides {OVERRIDES[flag]}")
+    p.add_argument("--pad-to-capacity", action="store_true", default=None,
+                   help="sets routing.pad_to_capacity (with --capacity-factor): fixed rows per local expert")
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[Config, Optional[RoutingTrace], list[int]]:
     config = load_config(args.config) if args.config else Config()
     overrides = {field: getattr(args, flag) for flag, field in OVERRIDES.items()}
+    overrides["routing.pad_to_capacity"] = getattr(args, "pad_to_capacity", None)
     if args.topology:
         overrides["parallel.nodes"], overrides["parallel.gpus_per_node"] = parse_topology(args.topology)
     trace = None
@@ -111,6 +114,11 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Optional[RoutingTr
                               f"at most {most}: the selected trace has {trace.num_tokens} tokens for "
                               f"{config.parallel.world_size} ranks")
     check_plan(config, layers, "--plan" if args.plan else "placement.plan")
+    if config.routing.pad_to_capacity and getattr(args, "overlap_degree", None) not in (None, 1):
+        raise ConfigError("--overlap-degree", args.overlap_degree, "1 with routing.pad_to_capacity (capacity is per "
+                          "layer batch, not per chunk)")
+    if config.routing.capacity_factor is not None and getattr(args, "peers", None):
+        raise ConfigError("--peers", args.peers, "no peers with routing.capacity_factor (the peers run dropless)")
     if not launched(os.environ):  # this process would start the ranks: refuse what they would fail on
         check_before_launch(config, args.json)
     return config, trace, layers

@@ -16,7 +16,7 @@ from c2r_comm.comm_failures import CommSite
 from c2r_comm.dispatch.base import DispatchHandle, Dispatcher, ExpertBatch, Route, RouteStage
 from c2r_comm.dispatch.comm import CountExchange
 from c2r_comm.dispatch.exchange_plan import ExchangePlan, StageTraffic
-from c2r_comm.dispatch.layout import RankGeometry, bucket_counts, expert_offsets
+from c2r_comm.dispatch.layout import RankGeometry, bucket_counts, expert_offsets, valid_choices
 from c2r_comm.dispatch.row_sum import RowSum, csr_sum_available, sources_by_destination
 from c2r_comm.dispatch.transport import Exchange, Pending, link
 
@@ -26,17 +26,17 @@ class AllToAllPlan(ExchangePlan):
     pair_order_R: torch.Tensor  # int64 [T*K]: flat (token, choice) index of each sent row, send order
     token_of_row_R: torch.Tensor  # int64 [T*K]: source token of each sent row
 
-    def token_sum(self, dtype: torch.dtype, use_csr: Optional[bool] = None) -> RowSum:
-        """Sum of the T*K sent rows into their tokens (k rows each): row of (token, k) from the
-        inverse of pair_order_R, ascending per token with one small sort (no global sort)."""
+    def token_sum(self, rows: int, dtype: torch.dtype, use_csr: Optional[bool] = None) -> RowSum:
+        """Sum of the `rows` sent rows (T*K less the dropped choices, which sort last) into their
+        tokens: row of (token, k) from the inverse of pair_order_R, ascending per token with one
+        small sort (no global sort)."""
         n, T, K = self.pair_order_R.shape[0], self.num_tokens, self.top_k
         if not (csr_sum_available(self.pair_order_R.device, dtype) if use_csr is None else use_csr):
-            return RowSum.build(self.token_of_row_R, T, dtype, use_csr=False)  # index_add_: no order needed
+            return RowSum.build(self.token_of_row_R[:rows], T, dtype, use_csr=False)  # index_add_: no order needed
         row_of_pair = torch.empty_like(self.pair_order_R).scatter_(
             0, self.pair_order_R, torch.arange(n, device=self.pair_order_R.device))
-        by_token, per_token = sources_by_destination(row_of_pair.reshape(T, K),
-                                                     torch.ones(T, K, dtype=torch.bool, device=row_of_pair.device), n)
-        return RowSum.build(self.token_of_row_R, T, dtype, by_token, per_token, use_csr=True)
+        by_token, per_token = sources_by_destination(row_of_pair.reshape(T, K), row_of_pair.reshape(T, K) < rows, rows)
+        return RowSum.build(self.token_of_row_R[:rows], T, dtype, by_token, per_token, use_csr=True)
 
 
 @dataclass(frozen=True)
@@ -68,10 +68,11 @@ class AllToAllDispatcher(Dispatcher):
         W, L, rank = geo.world_size, geo.num_local_experts, geo.rank
         e2r, e2s = geo.rank_of_expert_E, geo.slot_of_expert_E
         T, K = topk_idx_TK.shape
-        idx = topk_idx_TK.reshape(-1)
-        bucket = e2r[idx] * L + e2s[idx]  # (destination rank, local slot) of each pair
+        valid, idx = (t.reshape(-1) for t in valid_choices(topk_idx_TK))
+        # (destination rank, local slot) of each pair; dropped choices sort last and are not sent
+        bucket = torch.where(valid, e2r[idx] * L + e2s[idx], W * L)
         order = torch.sort(bucket, stable=True).indices
-        counts_WL = bucket_counts(bucket, W * L).reshape(W, L)
+        counts_WL = bucket_counts(bucket, W * L, valid).reshape(W, L)
         row_bytes = x_TD.shape[1] * x_TD.element_size()
         stage = StageTraffic("all2all", (rank,) * W, counts_WL.sum(1), row_bytes, row_bytes)
         return AllToAllPlan(AllToAllDispatcher.name, rank, W, T, x_TD.shape[1], K, (stage,), counts_WL, status,
@@ -93,7 +94,7 @@ class AllToAllDispatcher(Dispatcher):
         works = ex.start(send_RD, recv_RD)
 
         def finish() -> tuple[ExpertBatch, AllToAllHandle]:
-            token_sum = plan.token_sum(x_TD.dtype)
+            token_sum = plan.token_sum(ex.rows_sent, x_TD.dtype)
             (recv_x,) = link(ex, [recv_RD], [x_TD], lambda g: g[0], lambda back: (token_sum.sum(back),))
             expert_order = group_received_by_slot(route.counts.recv_device_WC, ex.rows_received)
             arrival_of = torch.empty_like(expert_order)

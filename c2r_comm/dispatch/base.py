@@ -23,7 +23,7 @@ from c2r_comm.comm_failures import CommSite
 from c2r_comm.dispatch.comm import (CountExchange, StatusCode, agree_on_status, check_same_on_all_ranks,
                                     dtype_code, exchange_counts)
 from c2r_comm.dispatch.exchange_plan import CommStats, ExchangePlan, stats_of_messages
-from c2r_comm.dispatch.layout import RankGeometry
+from c2r_comm.dispatch.layout import DROPPED_CHOICE, RankGeometry
 from c2r_comm.dispatch.transport import Exchange, Pending
 from c2r_comm.groups import ProcessGroups
 from c2r_comm.plan import PlacementPlan
@@ -139,10 +139,13 @@ class Dispatcher(ABC):
     name: str = "base"
 
     def __init__(self, plan: PlacementPlan, groups: ProcessGroups, hidden_size: int, debug_checks: bool = False,
-                 label: Optional[str] = None):
-        """label: what failure reports call this dispatcher's layer (e.g. "layer 3")."""
+                 label: Optional[str] = None, equal_tokens: bool = False):
+        """label: what failure reports call this dispatcher's layer (e.g. "layer 3"). equal_tokens:
+        every rank must dispatch the same number of tokens per call (capacity mode's padding sizes
+        expert inputs from it); the count exchange then makes every rank raise when one differs."""
         world = dist.get_world_size(groups.ep)
         self.label = label
+        self.equal_tokens = equal_tokens
         self.plan, self.groups, self.hidden_size = plan, groups, hidden_size
         self.topology = groups.topology
         self.rank = dist.get_rank(groups.ep)
@@ -178,19 +181,26 @@ class Dispatcher(ABC):
 
     def layout(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> ExchangePlan:
         """What this rank will send in every stage; no communication and no host sync."""
-        return self.layout_for(self.geometry(x_TD.device), self.hidden_size, x_TD, topk_idx_TK, topk_weight_TK)
+        return self.layout_for(self.geometry(x_TD.device), self.hidden_size, x_TD, topk_idx_TK, topk_weight_TK,
+                               self.equal_tokens)
 
     @classmethod
     def layout_for(cls, geo: RankGeometry, hidden_size: int, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor,
-                   topk_weight_TK: torch.Tensor) -> ExchangePlan:
+                   topk_weight_TK: torch.Tensor, equal_tokens: bool = False) -> ExchangePlan:
         """The layout of rank `geo.rank` for these inputs, in any process (accounting, cost model).
 
         Bad input does not raise here (that would leave the other ranks waiting): it becomes a
         status the count exchange carries, and the plan is laid out for zero tokens instead.
         Expert ids out of range are found on the device and clamped for the layout.
+
+        An expert id of DROPPED_CHOICE (-1) is a choice that goes nowhere (capacity mode drops it,
+        routing/capacity.py): it makes no row, its weight is ignored, and a token whose choices are
+        all dropped gets a zero output. Layouts see it as -1 (use `valid_choices`).
         """
         status, detail = check_input(x_TD, topk_idx_TK, topk_weight_TK, hidden_size)
         agree = cls.agreed_values(x_TD, topk_idx_TK, topk_weight_TK)
+        if equal_tokens:
+            agree = agree + (x_TD.shape[0] if x_TD.dim() >= 1 else -1,)
         E = geo.rank_of_expert_E.shape[0]
         if status != StatusCode.OK:
             K = topk_idx_TK.shape[-1] if topk_idx_TK.dim() >= 1 and topk_idx_TK.shape[-1] else 1
@@ -201,19 +211,22 @@ class Dispatcher(ABC):
             status_t = torch.tensor(int(status), dtype=torch.int64, device=device)
             return cls.layout_rank(geo, x_TD, topk_idx_TK, topk_weight_TK, status_t, detail, agree)
         idx = topk_idx_TK.long()
-        out_of_range = ((idx < 0) | (idx >= E)).any()
+        out_of_range = ((idx < DROPPED_CHOICE) | (idx >= E)).any()
         status_t = out_of_range.to(torch.int64) * int(StatusCode.EXPERT_ID_OUT_OF_RANGE)
 
         def range_detail() -> str:  # only evaluated on the error path
-            return f"expert ids span {int(idx.min())}..{int(idx.max())}, allowed 0..{E - 1}"
+            return (f"expert ids span {int(idx.min())}..{int(idx.max())}, allowed 0..{E - 1} "
+                    f"({DROPPED_CHOICE}: a dropped choice)")
 
-        return cls.layout_rank(geo, x_TD, idx.clamp(0, E - 1), topk_weight_TK, status_t, range_detail, agree)
+        return cls.layout_rank(geo, x_TD, idx.clamp(DROPPED_CHOICE, E - 1), topk_weight_TK, status_t, range_detail,
+                               agree)
 
     @staticmethod
     @abstractmethod
     def layout_rank(geo: RankGeometry, x_TD, topk_idx_TK, topk_weight_TK, status, status_detail,
                     agree) -> ExchangePlan:
-        """The dispatcher's own layout of valid (clamped) inputs for rank geo.rank."""
+        """The dispatcher's own layout of valid (clamped) inputs for rank geo.rank; topk_idx_TK
+        holds ids in 0..E-1 or DROPPED_CHOICE."""
 
     # ---- phase 2: count exchange (the one host sync) ------------------------------------------
     def exchange_counts(self, plan: ExchangePlan, chunk: Optional[int] = None) -> Route:
@@ -237,10 +250,10 @@ class Dispatcher(ABC):
         want = ((plan.num_tokens, plan.hidden_size), (plan.num_tokens, plan.top_k))
         got = (tuple(x_TD.shape), tuple(topk_weight_TK.shape))
         codes = (dtype_code(x_TD.dtype), dtype_code(topk_weight_TK.dtype))
-        if got != want or codes != tuple(plan.agree[1:]) or x_TD.device != topk_weight_TK.device:
+        if got != want or codes != tuple(plan.agree[1:3]) or x_TD.device != topk_weight_TK.device:
             raise ValueError(f"rank {self.rank}: send() got x_TD {got[0]} {x_TD.dtype} and topk_weight_TK {got[1]} "
                              f"{topk_weight_TK.dtype} on {x_TD.device}/{topk_weight_TK.device}; its route was laid "
-                             f"out for {want[0]} and {want[1]} with dtype codes {plan.agree[1:]}: pass the tensors "
+                             f"out for {want[0]} and {want[1]} with dtype codes {plan.agree[1:3]}: pass the tensors "
                              "given to layout()")
         return self._send(x_TD, topk_weight_TK, route)
 

@@ -31,7 +31,7 @@ class StatusCode(IntEnum):
 
 STATUS_MESSAGES = {
     StatusCode.BAD_SHAPE_OR_DTYPE: "x_TD / topk_idx_TK / topk_weight_TK shapes or dtypes are inconsistent",
-    StatusCode.EXPERT_ID_OUT_OF_RANGE: "expert ids out of range (negative or >= num_experts)",
+    StatusCode.EXPERT_ID_OUT_OF_RANGE: "expert ids out of range (below -1, the dropped choice, or >= num_experts)",
     StatusCode.HIDDEN_SIZE_MISMATCH: "hidden size differs from the dispatcher's",
     StatusCode.COMBINE_SHAPE_MISMATCH: "expert output shape does not match the dispatched rows",
 }
@@ -84,10 +84,14 @@ def exchange_counts(send_counts_WC: torch.Tensor, status: torch.Tensor, group: A
     if any(v != values[0] for v in values):
         def name(code: int) -> str:
             return str(PAYLOAD_DTYPES[code]).removeprefix("torch.") if 0 <= code < len(PAYLOAD_DTYPES) else "an unsupported dtype"
-        detail = "; ".join(f"rank {r}: k={v[0]}, x {name(v[1])}, topk_weight {name(v[2])}" if len(v) == 3
+        detail = "; ".join(f"rank {r}: k={v[0]}, x {name(v[1])}, topk_weight {name(v[2])}"
+                           + (f", {v[3]} tokens" if len(v) == 4 else "") if len(v) in (3, 4)
                            else f"rank {r}: {list(v)}" for r, v in enumerate(values))
-        raise InputError(f"top-k / dtypes differ across ranks ({detail}); every rank must dispatch the same k and "
-                         "dtypes (x, topk_weight)")
+        equal_tokens = len(values[0]) == 4
+        raise InputError(f"top-k / dtypes{' / token counts' if equal_tokens else ''} differ across ranks ({detail}); "
+                         "every rank must dispatch the same k and dtypes (x, topk_weight)"
+                         + (" and, with routing.pad_to_capacity (capacity from each rank's tokens), the same number "
+                            "of tokens" if equal_tokens else ""))
     return CountExchange(recv_host[:, :C], sent_host[:, :C], recv[:, :C])
 
 

@@ -16,7 +16,8 @@ from c2r_comm.comm_failures import CommSite
 from c2r_comm.dispatch.base import DispatchHandle, Dispatcher, ExpertBatch, Route, RouteStage
 from c2r_comm.dispatch.comm import CountExchange, metadata_dtype
 from c2r_comm.dispatch.exchange_plan import ExchangePlan, StageTraffic
-from c2r_comm.dispatch.layout import RankGeometry, SlotPairs, bucket_counts, expert_offsets, group_rows, pairs_by_slot
+from c2r_comm.dispatch.layout import (RankGeometry, SlotPairs, bucket_counts, expert_offsets, group_rows, pairs_by_slot,
+                                      valid_choices)
 from c2r_comm.dispatch.pack import RowFormat
 from c2r_comm.dispatch.row_sum import RowSum, csr_sum_available
 from c2r_comm.dispatch.transport import Exchange, Pending, link
@@ -102,9 +103,10 @@ class DedupDispatcher(Dispatcher):
         W, L, rank = geo.world_size, geo.num_local_experts, geo.rank
         e2r, e2s = geo.rank_of_expert_E, geo.slot_of_expert_E
         T, K = topk_idx_TK.shape
-        rank_TK, slot_TK = e2r[topk_idx_TK], e2s[topk_idx_TK]
-        rows = group_rows(rank_TK, W, with_token_order=csr_sum_available(x_TD.device, x_TD.dtype))
-        pairs_WL = bucket_counts(rank_TK * L + slot_TK, W * L).reshape(W, L)
+        valid_TK, idx_TK = valid_choices(topk_idx_TK)
+        rank_TK, slot_TK = e2r[idx_TK], e2s[idx_TK]
+        rows = group_rows(rank_TK, W, valid_TK, with_token_order=csr_sum_available(x_TD.device, x_TD.dtype))
+        pairs_WL = bucket_counts(rank_TK * L + slot_TK, W * L, valid_TK).reshape(W, L)
         meta = metadata_dtype(L)
         slot_RK = torch.where(rows.member_RK, slot_TK.index_select(0, rows.token_of_row_R), -1).to(meta)
         fmt = token_format(x_TD, topk_weight_TK, meta)

@@ -27,7 +27,7 @@ from c2r_comm.dispatch.comm import CountExchange, metadata_dtype
 from c2r_comm.dispatch.dedup import expanded_grad_packer, grad_format, link_token_rows, token_format, weighted_partials
 from c2r_comm.dispatch.exchange_plan import ExchangePlan, StageTraffic
 from c2r_comm.dispatch.layout import (RankGeometry, bucket_counts, distinct_counts, expert_offsets, group_rows,
-                                      pairs_by_slot)
+                                      pairs_by_slot, valid_choices)
 from c2r_comm.dispatch.pack import RowFormat
 from c2r_comm.dispatch.row_sum import RowSum, csr_sum_available
 from c2r_comm.dispatch.transport import Exchange, Pending, link
@@ -55,9 +55,9 @@ class HierarchicalDispatcher(Dispatcher):
     name = "hierarchical"
 
     def __init__(self, plan: PlacementPlan, groups: ProcessGroups, hidden_size: int, debug_checks: bool = False,
-                 label: Optional[str] = None):
+                 label: Optional[str] = None, equal_tokens: bool = False):
         topo = groups.topology
-        super().__init__(plan, groups, hidden_size, debug_checks, label)
+        super().__init__(plan, groups, hidden_size, debug_checks, label, equal_tokens)
         N = topo.nodes
         self.node_index, self.local_index = topo.node_of(self.rank), topo.local_index_of(self.rank)
         # Other nodes in rotated order (next node first), so this node's own rows sort last.
@@ -83,23 +83,25 @@ class HierarchicalDispatcher(Dispatcher):
         my_node, my_local = topo.node_of(rank), topo.local_index_of(rank)
         e2r, e2s = geo.rank_of_expert_E, geo.slot_of_expert_E
         T, K = topk_idx_TK.shape
-        rank_TK = e2r[topk_idx_TK]
+        valid_TK, idx_TK = valid_choices(topk_idx_TK)
+        rank_TK = e2r[idx_TK]
         node_TK = torch.div(rank_TK, G, rounding_mode="floor")
-        rows = group_rows((node_TK - my_node - 1) % N, N, with_token_order=False)  # rotated: own node is group N-1
-        code_TK = (rank_TK % G) * L + e2s[topk_idx_TK]
+        # rotated: own node is group N-1
+        rows = group_rows((node_TK - my_node - 1) % N, N, valid_TK, with_token_order=False)
+        code_TK = (rank_TK % G) * L + e2s[idx_TK]
         meta = metadata_dtype(G * L)
         code_RK = torch.where(rows.member_RK, code_TK.index_select(0, rows.token_of_row_R), -1).to(meta)
         fmt = token_format(x_TD, topk_weight_TK, meta)
         # Count exchange columns, per peer p: [0] stage A rows to p (p a rail peer; for p = this
         # rank: its own node's rows), [1:1+G] rows p forwards for us to each GPU of p's node,
         # [1+G] distinct (token, p) rows, [2+G:] (token, choice) pairs per slot of p.
-        per_rank_W = distinct_counts(rank_TK, W)
+        per_rank_W = distinct_counts(rank_TK, W, valid_TK)
         node_of_W = torch.div(torch.arange(W, device=device), G, rounding_mode="floor")
         is_rail_W = (torch.arange(W, device=device) % G == my_local) & (node_of_W != my_node)
         col_a = torch.where(is_rail_W, rows.counts_G[(node_of_W - my_node - 1) % N], 0)
         col_a[rank] = rows.counts_G[N - 1]
         counts_WC = torch.cat([col_a.unsqueeze(1), per_rank_W.reshape(N, G)[node_of_W],
-                               per_rank_W.unsqueeze(1), bucket_counts(rank_TK * L + e2s[topk_idx_TK], W * L).reshape(W, L)], 1)
+                               per_rank_W.unsqueeze(1), bucket_counts(rank_TK * L + e2s[idx_TK], W * L, valid_TK).reshape(W, L)], 1)
         back_bytes = x_TD.shape[1] * x_TD.element_size()
         rail_rows = torch.where(is_rail_W, col_a, 0)
         forwarder_of_dest = tuple(topo.rank_of(topo.node_of(d), my_local) for d in range(W))

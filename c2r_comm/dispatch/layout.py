@@ -14,7 +14,15 @@ import torch
 
 from c2r_comm.dispatch.row_sum import RowSum, sources_by_destination
 from c2r_comm.plan import PlacementPlan
+from c2r_comm.routing.capacity import DROPPED_CHOICE  # an expert id that routes a choice nowhere
 from c2r_comm.topology import Topology
+
+
+def valid_choices(topk_idx_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bool [T, K] choices that go to an expert, the ids with dropped choices as expert 0 so they
+    can index the expert maps): layouts mask everything they derive from the second by the first."""
+    valid_TK = topk_idx_TK != DROPPED_CHOICE
+    return valid_TK, topk_idx_TK.clamp_min(0)
 
 
 def first_choice_mask(group_TK: torch.Tensor) -> torch.Tensor:
@@ -37,10 +45,13 @@ def distinct_counts(group_TK: torch.Tensor, num_groups: int, valid_TK: torch.Ten
                              torch.ones_like(group_TK, dtype=torch.int64).reshape(-1))[:num_groups]
 
 
-def bucket_counts(bucket: torch.Tensor, num_buckets: int) -> torch.Tensor:
-    """int64 [num_buckets] occurrences of each bucket id (a bincount without the GPU sync)."""
-    counts = torch.zeros(num_buckets, dtype=torch.int64, device=bucket.device)
-    return counts.index_add_(0, bucket.reshape(-1), torch.ones_like(bucket, dtype=torch.int64).reshape(-1))
+def bucket_counts(bucket: torch.Tensor, num_buckets: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """int64 [num_buckets] occurrences of each bucket id (a bincount without the GPU sync);
+    entries where `valid` is False are not counted."""
+    counts = torch.zeros(num_buckets + 1, dtype=torch.int64, device=bucket.device)
+    if valid is not None:
+        bucket = torch.where(valid, bucket, num_buckets)
+    return counts.index_add_(0, bucket.reshape(-1), torch.ones_like(bucket, dtype=torch.int64).reshape(-1))[:num_buckets]
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,12 @@ dispatch exchange is in flight and its second while the combine exchange is. c2r
 pipeline (schedule/) cannot run here: Megatron calls its experts once on all rows between
 `dispatch_postprocess` and `combine_preprocess`.
 
+Capacity mode (`moe_expert_capacity_factor`, either `moe_token_drop_policy`): Megatron's router
+drops the choices over capacity; a routing-map row with fewer than `moe_router_topk` experts
+becomes dropped choices (DROPPED_CHOICE) that travel nowhere. `moe_pad_expert_input_to_capacity`
+is refused (its routing map gives tokens more than top-k experts); c2r-comm's own layer pads after
+the exchange instead (routing.pad_to_capacity).
+
 Per-call state (the ExchangePlan, then the frozen DispatchHandle) lives in frozen `_InFlight`
 records, one per micro-batch, queued first-in first-out between the phases; nothing per call is
 kept in attributes. Several micro-batches may be in flight: dispatch A, dispatch B, combine A,
@@ -66,7 +72,7 @@ from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from c2r_comm.dispatch import DispatchHandle, Dispatcher, ExchangePlan, InputError, build_dispatcher
+from c2r_comm.dispatch import DROPPED_CHOICE, DispatchHandle, Dispatcher, ExchangePlan, InputError, build_dispatcher
 from c2r_comm.groups import ProcessGroups, build_process_groups
 from c2r_comm.plan import PlacementPlan
 from c2r_comm.topology import Topology
@@ -131,8 +137,8 @@ def check_megatron_config(config) -> None:
     if config.recompute_granularity == "selective" and "moe" in (config.recompute_modules or ()):
         raise _unsupported("recompute_modules", list(config.recompute_modules), "a list without 'moe' (recomputing "
                            "the MoE layer would re-run its exchanges inside backward; not verified)")
-    for option, allowed in (("moe_pad_expert_input_to_capacity", "False"),
-                            ("moe_expert_capacity_factor", "None (dropless routing only)"),
+    for option, allowed in (("moe_pad_expert_input_to_capacity", "False (capacity mode drops without padding here: "
+                             "a padded routing map gives tokens more than moe_router_topk experts)"),
                             ("moe_router_padding_for_quantization", "False"),
                             ("moe_token_dropping", "False")):
         value = getattr(config, option, None)
@@ -148,19 +154,27 @@ def check_megatron_config(config) -> None:
                                "(the count exchange syncs with the host)")
 
 
-def topk_from_routing_map(routing_map_TE: torch.Tensor, probs_TE: torch.Tensor,
-                          topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_from_routing_map(routing_map_TE: torch.Tensor, probs_TE: torch.Tensor, topk: int,
+                          dropping: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Megatron's [T, E] routing map and probs -> (expert ids [T, K] ascending, their probs [T, K]).
 
-    No host sync: a row without exactly `topk` experts gets id E (out of range), which makes every
-    rank raise InputError at the count exchange."""
+    dropping (moe_expert_capacity_factor set: Megatron's router dropped choices over capacity): a row
+    with fewer than `topk` experts fills its last places with DROPPED_CHOICE (weight 0). No host
+    sync: a row with more experts (or, without dropping, fewer) gets id E (out of range), which makes
+    every rank raise InputError at the count exchange."""
     E = routing_map_TE.shape[1]
     ids = torch.arange(E, device=routing_map_TE.device)
     key_TE = torch.where(routing_map_TE, ids, ids + E)  # chosen experts sort first, by id
     idx_TK = key_TE.topk(topk, dim=1, largest=False, sorted=True).values
-    ok_T = routing_map_TE.sum(dim=1) == topk
+    per_row_T = routing_map_TE.sum(dim=1)
+    ok_T = per_row_T <= topk if dropping else per_row_T == topk
     idx_TK = torch.where(ok_T.unsqueeze(1), idx_TK, E)
-    return idx_TK, probs_TE.gather(1, idx_TK.clamp(max=E - 1))
+    weight_TK = probs_TE.gather(1, idx_TK.clamp(max=E - 1))
+    if dropping:
+        chosen_TK = idx_TK < E
+        idx_TK = torch.where(chosen_TK | ~ok_T.unsqueeze(1), idx_TK, DROPPED_CHOICE)
+        weight_TK = weight_TK * chosen_TK.to(weight_TK.dtype)
+    return idx_TK, weight_TK
 
 
 def expert_at_megatron_position(plan: PlacementPlan) -> tuple[int, ...]:
@@ -281,7 +295,8 @@ class C2RTokenDispatcher(MoETokenDispatcher):
                                "moe_shared_expert_overlap=False for several")
         hidden_shape = tokens.shape
         x_TD = tokens.reshape(-1, hidden_shape[-1])
-        idx_TK, weight_TK = topk_from_routing_map(routing_map, probs, self.topk)
+        idx_TK, weight_TK = topk_from_routing_map(routing_map, probs, self.topk,
+                                                  dropping=self.config.moe_expert_capacity_factor is not None)
         plan = self.c2r.layout(x_TD, idx_TK, weight_TK)
         if self.shared_experts is not None:
             self.shared_experts.pre_forward_comm(tokens)
@@ -295,7 +310,8 @@ class C2RTokenDispatcher(MoETokenDispatcher):
         try:
             route = self.c2r.exchange_counts(call.plan)
         except InputError as exc:  # raised on every rank alike
-            raise InputError(f"{exc}\n  (a routing_map row without exactly moe_router_topk={self.topk} experts shows "
+            rule = "more than" if self.config.moe_expert_capacity_factor is not None else "without exactly"
+            raise InputError(f"{exc}\n  (a routing_map row {rule} moe_router_topk={self.topk} experts shows "
                              f"as expert id {self.config.num_moe_experts})") from exc
         pending = self.c2r.send(hidden_states, probs, route)
         if self.shared_experts is not None:
