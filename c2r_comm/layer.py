@@ -18,6 +18,7 @@ from c2r_comm.dispatch import DispatchHandle, Dispatcher, build_dispatcher
 from c2r_comm.experts import GroupedExperts, SharedExpert
 from c2r_comm.padded_experts import PaddedExperts
 from c2r_comm.plan import PlacementPlan, load_layer_plan
+from c2r_comm.replica_grads import ReplicaGradSync
 from c2r_comm.routing.capacity import CapacityDrop, CapacitySpec, apply_capacity
 from c2r_comm.routing.factory import build_router
 from c2r_comm.routing.router import RouterOutput, TopKRouter
@@ -53,6 +54,9 @@ class MoELayer(nn.Module):
                 raise ValueError("pad_to_capacity needs a dispatcher built with equal_tokens=True (padded sizes come "
                                  "from each rank's token count, which every rank must then share)")
         self.capacity = capacity
+        # With replicas: sums each replicated expert's gradients over its copies (call after backward)
+        self.replica_grad_sync = ReplicaGradSync(dispatcher.plan, dispatcher.rank, dispatcher.groups.ep,
+                                                 dispatcher.topology) if dispatcher.plan.replicas else None
         if experts.num_local_experts != dispatcher.num_local_experts:
             raise ValueError(f"experts hold {experts.num_local_experts} local experts, the dispatcher's plan "
                              f"puts {dispatcher.num_local_experts} on each rank")
@@ -103,6 +107,14 @@ class MoELayer(nn.Module):
             return MoEOutput(run.out_TD, zero, tuple(ch.handle for ch in run.chunks))
         res = serial_forward(self.dispatcher, experts, self.shared_expert, x_TD, topk_idx_TK, topk_weight_TK)
         return MoEOutput(res.out_TD, zero, (res.handle,))
+
+    def sync_replica_grads(self) -> None:
+        """With a replica plan: give every copy of a replicated expert the sum of all copies'
+        gradients (one packed all_reduce; replica_grads.py), so an optimizer step keeps the copies
+        identical. Collective: every rank calls it after backward, before the optimizer step. No-op
+        without replicas."""
+        if self.replica_grad_sync is not None:
+            self.replica_grad_sync(self.experts)
 
     def forward(self, x_TD: torch.Tensor) -> MoEOutput:
         routing = self.router(x_TD)

@@ -1,7 +1,10 @@
-"""PlacementPlan: which rank hosts each expert, and in which local slot; plan files (JSON).
+"""PlacementPlan: which ranks host each expert, and in which local slot; plan files (JSON).
 
-A plan only moves experts between ranks; it never changes results. Local slots on a rank are the
-rank's experts in ascending global id, so a plan is fully described by `expert_to_rank`.
+A plan only moves experts between ranks; it never changes results. Every expert has one primary
+rank (`expert_to_rank`); a plan with replicas also gives every rank R replica slots
+(`replicas[r]`: the experts whose copies rank r holds), so an expert lives on its primary and on
+up to R other ranks. Local slots on a rank are its primaries in ascending global id, then its
+replicas in ascending global id; without replicas a plan is fully described by `expert_to_rank`.
 """
 from __future__ import annotations
 
@@ -20,12 +23,16 @@ from c2r_comm.topology import Topology
 
 @dataclass(frozen=True)
 class PlacementPlan:
-    expert_to_rank: tuple[int, ...]
+    expert_to_rank: tuple[int, ...]  # primary rank of each expert
     world_size: int
+    # replicas[r]: experts rank r holds a copy of (ascending); () = no replicas. Every rank holds
+    # the same number R of them, never its own primaries, and an expert has at most R copies.
+    replicas: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         e2r = tuple(int(r) for r in self.expert_to_rank)
         object.__setattr__(self, "expert_to_rank", e2r)
+        object.__setattr__(self, "replicas", tuple(tuple(sorted(int(e) for e in rep)) for rep in self.replicas))
         E, W = len(e2r), self.world_size
         if W < 1 or E < 1:
             raise ValueError(f"PlacementPlan needs >= 1 expert and >= 1 rank, got {E} experts, {W} ranks")
@@ -37,6 +44,31 @@ class PlacementPlan:
         counts = np.bincount(np.asarray(e2r), minlength=W)
         if (counts != E // W).any():
             raise ValueError(f"PlacementPlan: every rank must host {E // W} experts, got per-rank counts {counts.tolist()}")
+        if self.replicas:
+            self._check_replicas()
+
+    def _check_replicas(self) -> None:
+        E, W, rep = self.num_experts, self.world_size, self.replicas
+        if len(rep) != W:
+            raise ValueError(f"PlacementPlan: replicas must list every rank's replica slots ({W} lists), got {len(rep)}")
+        R = len(rep[0])
+        if any(len(r) != R for r in rep):
+            raise ValueError(f"PlacementPlan: every rank needs the same number of replica slots, got "
+                             f"{[len(r) for r in rep]}")
+        copies = np.zeros(E, dtype=np.int64)
+        for r, experts in enumerate(rep):
+            bad = [e for e in experts if not 0 <= e < E]
+            if bad:
+                raise ValueError(f"PlacementPlan: rank {r}'s replicas name experts {bad} outside 0..{E - 1}")
+            if len(set(experts)) != len(experts):
+                raise ValueError(f"PlacementPlan: rank {r} holds a replica of one expert twice: {list(experts)}")
+            own = [e for e in experts if self.expert_to_rank[e] == r]
+            if own:
+                raise ValueError(f"PlacementPlan: rank {r} holds replicas of its own primary experts {own}")
+            copies[list(experts)] += 1
+        if R and copies.max() > R:
+            raise ValueError(f"PlacementPlan: expert {int(copies.argmax())} has {int(copies.max())} replicas, allowed "
+                             f"at most {R} (the replica slots per rank)")
 
     # ---- constructors -------------------------------------------------------------------------
     @classmethod
@@ -58,24 +90,56 @@ class PlacementPlan:
         return len(self.expert_to_rank)
 
     @property
-    def experts_per_rank(self) -> int:
+    def primaries_per_rank(self) -> int:
         return self.num_experts // self.world_size
+
+    @property
+    def replica_slots(self) -> int:
+        """R: replica slots per rank (0 without replicas)."""
+        return len(self.replicas[0]) if self.replicas else 0
+
+    @property
+    def experts_per_rank(self) -> int:
+        """Local expert slots per rank: E/W primaries + R replicas."""
+        return self.primaries_per_rank + self.replica_slots
 
     @cached_property
     def rank_experts(self) -> tuple[tuple[int, ...], ...]:
-        """rank_experts[r][slot] = global expert id (ascending within a rank)."""
+        """rank_experts[r][slot] = global expert id: primaries ascending, then replicas ascending."""
         out: list[list[int]] = [[] for _ in range(self.world_size)]
         for e, r in enumerate(self.expert_to_rank):
             out[r].append(e)
+        for r, experts in enumerate(self.replicas):
+            out[r].extend(experts)
         return tuple(tuple(x) for x in out)
 
     @cached_property
     def expert_to_slot(self) -> tuple[int, ...]:
+        """Local slot of each expert on its primary rank."""
         slot = [0] * self.num_experts
-        for experts in self.rank_experts:
-            for s, e in enumerate(experts):
+        for r, experts in enumerate(self.rank_experts):
+            for s, e in enumerate(experts[:self.primaries_per_rank]):
                 slot[e] = s
         return tuple(slot)
+
+    @cached_property
+    def hosts_of_expert(self) -> tuple[tuple[int, ...], ...]:
+        """hosts_of_expert[e] = (primary rank, replica ranks ascending)."""
+        hosts = [[r] for r in self.expert_to_rank]
+        for r, experts in enumerate(self.replicas):
+            for e in experts:
+                hosts[e].append(r)
+        return tuple(tuple(h) for h in hosts)
+
+    @cached_property
+    def slot_on_rank(self) -> dict[tuple[int, int], int]:
+        """(expert, rank) -> local slot, for every copy."""
+        return {(e, r): s for r, experts in enumerate(self.rank_experts) for s, e in enumerate(experts)}
+
+    @property
+    def max_hosts(self) -> int:
+        """H: the most ranks any expert lives on (1 without replicas)."""
+        return max(len(h) for h in self.hosts_of_expert)
 
     def rank_tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
         return torch.tensor(self.expert_to_rank, dtype=torch.long, device=device)
@@ -83,9 +147,21 @@ class PlacementPlan:
     def slot_tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
         return torch.tensor(self.expert_to_slot, dtype=torch.long, device=device)
 
+    def host_tensors(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """(ranks, slots) int64 [E, H]: every copy of each expert, primary first; an expert with
+        fewer than H copies repeats its primary (so any column is a valid copy)."""
+        H = self.max_hosts
+        ranks = [list(h) + [h[0]] * (H - len(h)) for h in self.hosts_of_expert]
+        slots = [[self.slot_on_rank[(e, r)] for r in row] for e, row in enumerate(ranks)]
+        return (torch.tensor(ranks, dtype=torch.long, device=device),
+                torch.tensor(slots, dtype=torch.long, device=device))
+
     def fingerprint(self) -> int:
         """Cheap, stable 62-bit hash, exchanged across ranks to catch plans that differ."""
-        digest = hashlib.sha256(json.dumps([self.world_size, self.expert_to_rank]).encode()).digest()
+        what: list = [self.world_size, self.expert_to_rank]
+        if self.replicas:
+            what.append(self.replicas)
+        digest = hashlib.sha256(json.dumps(what).encode()).digest()
         return int.from_bytes(digest[:8], "little") >> 2
 
     def check_matches(self, num_experts: int, world_size: int, what: str = "run") -> None:
@@ -120,6 +196,7 @@ class PlanFile:
             "topology": {"nodes": self.topology.nodes, "gpus_per_node": self.topology.gpus_per_node},
             "num_experts": self.num_experts,
             "layers": {str(l): {"expert_to_rank": list(p.expert_to_rank),
+                                **({"replicas": [list(r) for r in p.replicas]} if p.replicas else {}),
                                 "metrics": dict(self.metrics.get(l, {}))}
                        for l, p in sorted(self.layers.items())},
             "method": self.method,
@@ -172,8 +249,16 @@ class PlanFile:
             for e, r in enumerate(e2r):
                 if not isinstance(r, int) or isinstance(r, bool):
                     raise bad(f"layers.{key}.expert_to_rank[{e}]", r, allowed)
+            replicas = entry.get("replicas", [])
+            allowed_rep = "a list with one list of expert ids per rank (the experts whose copies it holds)"
+            if not isinstance(replicas, list) or not all(isinstance(r, list) for r in replicas):
+                raise bad(f"layers.{key}.replicas", replicas, allowed_rep)
+            for r, experts in enumerate(replicas):
+                for i, e in enumerate(experts):
+                    if not isinstance(e, int) or isinstance(e, bool):
+                        raise bad(f"layers.{key}.replicas[{r}][{i}]", e, allowed_rep)
             try:
-                plan = PlacementPlan(tuple(e2r), topo.world_size)
+                plan = PlacementPlan(tuple(e2r), topo.world_size, tuple(tuple(r) for r in replicas))
                 plan.check_matches(num_experts, topo.world_size, what=f"plan file's header (layer {key})")
             except ValueError as exc:
                 raise ValueError(f"{source}: layer {key}: {exc}") from None

@@ -6,7 +6,8 @@ A case draws: world topology (nodes x GPUs, 2x4 and more at world 8), dispatcher
 DISPATCHERS), a random balanced plan (PlacementPlan needs E/W experts per rank), E, k in 1..min(E, 6)
 or k = E, tokens per rank in 0..24 (zeros, all zeros), the routing (uniform distinct experts,
 skewed to a few hot experts, all-to-one: every token's top-1 on one rank, every token the same
-experts) with none, 30 % or all choices dropped (expert id -1, as capacity mode drops them), routing weights (random leaves, or a softmax gate whose matrix gets a gradient), a
+experts) with none, 30 % or all choices dropped (expert id -1, as capacity mode drops them), a plan
+with 0, 1 or 2 replica slots per rank (expert gradients then compared summed over copies), routing weights (random leaves, or a softmax gate whose matrix gets a gradient), a
 shared expert or none, the schedule (the layer serially or pipelined over 2 or 3 chunks, or the
 dispatcher called directly with weights applied at combine) and debug_checks. Each rank rebuilds
 its inputs from (seed, rank); the parent computes the reference once and compares.
@@ -65,6 +66,7 @@ class FuzzCase:
     direct: bool = False  # dispatch / experts / combine(weighted=False) instead of the layer (overlap 1)
     debug_checks: bool = False
     dropped: float = 0.0  # fraction of choices dropped (expert id -1, as capacity mode drops them)
+    replicas: tuple[tuple[int, ...], ...] = ()  # per rank: experts it holds a copy of (plan.replicas)
     hidden: int = 4
     ffn: int = 6
     seed: int = 0
@@ -79,7 +81,7 @@ class FuzzCase:
 
     @property
     def plan(self) -> PlacementPlan:
-        return PlacementPlan(self.expert_to_rank, self.world)
+        return PlacementPlan(self.expert_to_rank, self.world, self.replicas)
 
 
 # ---- inputs, identical in the ranks and in the parent ---------------------------------------------
@@ -180,7 +182,19 @@ def reference(case: FuzzCase) -> list[dict[str, object]]:
     for r, mine in enumerate(case.plan.rank_experts):  # expert grads sum over every rank's tokens
         per_rank[r]["grad_experts"] = [np.stack([_numpy(experts[e][i].grad, experts[e][i]) for e in mine])
                                        for i in range(3)]
+    per_rank[0]["grad_by_expert"] = [[_numpy(w.grad, w) for w in expert] for expert in experts]
     return per_rank
+
+
+def summed_over_copies(case: FuzzCase, per_rank: list[dict]) -> list[list[np.ndarray]]:
+    """[expert][param]: each expert's weight gradients summed over its copies (a replica plan splits
+    an expert's tokens over its copies; the model's gradient is the sum)."""
+    out = [[0.0, 0.0, 0.0] for _ in range(case.num_experts)]
+    for r, mine in enumerate(case.plan.rank_experts):
+        for slot, e in enumerate(mine):
+            for i in range(3):
+                out[e][i] = out[e][i] + per_rank[r]["grad_experts"][i][slot]
+    return out
 
 
 def _rel_err(got: np.ndarray, want: np.ndarray) -> float:
@@ -200,7 +214,12 @@ def compare(case: FuzzCase, got: list[dict], want: list[dict]) -> tuple[float, l
             bad.append(f"rank {r}: {g['chunks']} handles, want {chunks}")
         pairs = [("out", g["out"], w["out"]), ("grad_x", g["grad_x"], w["grad_x"]),
                  ("grad_gate" if case.gate else "grad_w", g["grad_w"], w["grad_w"])]
-        pairs += [(f"grad_experts[{i}]", a, b) for i, (a, b) in enumerate(zip(g["grad_experts"], w["grad_experts"]))]
+        if not case.replicas:
+            pairs += [(f"grad_experts[{i}]", a, b) for i, (a, b) in enumerate(zip(g["grad_experts"], w["grad_experts"]))]
+        elif r == 0:  # copies hold shares of an expert's gradient: compare the sums
+            got_e, want_e = summed_over_copies(case, got), want[0]["grad_by_expert"]
+            pairs += [(f"grad_experts[expert {e}][{i}] (summed over copies)", np.asarray(got_e[e][i]),
+                       np.asarray(want_e[e][i])) for e in range(case.num_experts) for i in range(3)]
         pairs += [(f"grad_shared[{i}]", a, b) for i, (a, b) in enumerate(zip(g["grad_shared"], w["grad_shared"]))]
         if len(g["grad_shared"]) != len(w["grad_shared"]):
             pairs.append(("grad_shared count", np.zeros(len(g["grad_shared"])), np.zeros(len(w["grad_shared"]))))
@@ -221,6 +240,19 @@ def fuzz_cases(draw, world: int, dispatcher: Optional[str] = None) -> FuzzCase:
     E = world * per_rank
     base = [e // per_rank for e in range(E)]
     expert_to_rank = tuple(draw(st.permutations(base)))  # random balanced plan, shrinks to contiguous
+    R = draw(st.sampled_from([0, 0, 1, 2]))
+    R = min(R, E - per_rank)  # a rank holds copies of other ranks' experts only
+    order = draw(st.permutations(list(range(E)))) if R else []
+    copies = [0] * E
+    replicas = []
+    for r in range(world if R else 0):  # each rank takes the R least-copied experts it does not own
+        pick = sorted((e for e in order if expert_to_rank[e] != r and copies[e] < R), key=lambda e: copies[e])[:R]
+        if len(pick) < R:  # no valid plan this way (an expert would exceed R copies): no replicas
+            replicas = []
+            break
+        for e in pick:
+            copies[e] += 1
+        replicas.append(tuple(pick))
     k = E if draw(st.sampled_from([False, False, False, True])) else draw(st.integers(1, min(E, 6)))
     count = st.integers(0, MAX_TOKENS)  # hypothesis draws 0 (and all zeros) often enough
     tokens = tuple(draw(st.lists(count, min_size=world, max_size=world)))
@@ -233,6 +265,7 @@ def fuzz_cases(draw, world: int, dispatcher: Optional[str] = None) -> FuzzCase:
         expert_to_rank=expert_to_rank, top_k=k, tokens=tokens, routing=routing, hot=hot, gate=draw(st.booleans()),
         shared=draw(st.booleans()), overlap=overlap, direct=overlap == 1 and draw(st.booleans()),
         debug_checks=draw(st.booleans()), dropped=draw(st.sampled_from([0.0, 0.0, 0.3, 1.0])),
+        replicas=tuple(replicas),
         hidden=draw(st.integers(1, 8)), ffn=draw(st.integers(1, 8)),
         seed=draw(st.integers(0, 2**16)))
 
@@ -255,7 +288,7 @@ def test_fuzz_dispatchers_match_reference(world, request, capsys):
     fuzz_settings, fuzz_seed, how = _fuzz_settings(request.config, world)
     stats = {"examples": 0, "failures": 0, "worst": 0.0,
              "by": {name: 0 for name in sorted(DISPATCHERS)}, "zero_rank": 0, "overlap>1": 0, "k=E": 0,
-             "dropped": 0}
+             "dropped": 0, "replicas": 0}
     t0 = time.monotonic()
     with RankPool(world, timeout_s=90 if world == 8 else 60) as pool:
 
@@ -266,6 +299,7 @@ def test_fuzz_dispatchers_match_reference(world, request, capsys):
             stats["overlap>1"] += not case.direct and case.overlap > 1
             stats["k=E"] += case.top_k == case.num_experts
             stats["dropped"] += case.dropped > 0
+            stats["replicas"] += bool(case.replicas)
             try:
                 got = pool.run(fuzz_rank, case)
             except RankError:
@@ -288,7 +322,7 @@ def test_fuzz_dispatchers_match_reference(world, request, capsys):
                 print(f"\nfuzz world={world}: {stats['examples']} examples, {stats['failures']} failures "
                       f"({how}; {time.monotonic() - t0:.1f} s; per dispatcher {stats['by']}; rank with 0 tokens "
                       f"{stats['zero_rank']}, pipelined {stats['overlap>1']}, k=E {stats['k=E']}, with dropped choices "
-                      f"{stats['dropped']}; pool restarts "
+                      f"{stats['dropped']}, with replicas {stats['replicas']}; pool restarts "
                       f"{pool.restarts}; worst rel err {stats['worst']:.2g})")
     assert stats["examples"] > 0
 

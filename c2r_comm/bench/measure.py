@@ -57,6 +57,9 @@ class Measurement:
     routed_choices: Optional[int] = None
     dropped_choices: Optional[int] = None
     dropped_tokens: Optional[int] = None
+    # Replica plans: the replica gradient sync of one training step (ReplicaGradSync.stats: ring
+    # all_reduce model, all ranks), which the benchmark's forward + backward does not run. None: no replicas.
+    replica_sync: Optional[CommStats] = None
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,11 @@ def measure_layer(layer: MoELayer, x_TD: torch.Tensor, grad_TD: torch.Tensor, wa
                                                show_progress, network_interface)
     d_stats, c_stats, tokens = world_stats([h.route.plan for h in handles], topology, x_TD.device, group)
     meas = replace(meas, tokens=tokens, dispatch=d_stats, combine=c_stats)
+    sync = layer.replica_grad_sync
+    if sync is not None:
+        experts = layer.experts
+        meas = replace(meas, replica_sync=sync.stats(experts.hidden_size, experts.ffn_size,
+                                                     experts.w_gate_LDF.element_size()))
     if capacity is not None:  # the last iteration's drops, summed over ranks (outside the timed region)
         drops = torch.stack([capacity.routed_choices, capacity.dropped_choices, capacity.dropped_tokens]).to(x_TD.device)
         with guard(group_site("benchmark drop count reduction", group)):

@@ -19,6 +19,9 @@ def format_table(records: Sequence[BenchRecord]) -> str:
     with_wire = any(r.measurement.wire_bytes_sent is not None for r in records)
     if with_wire:
         head += " wire MB/iter fwd+bwd (node links) |"
+    with_sync = any(r.measurement.replica_sync is not None for r in records)
+    if with_sync:  # replica plans: the gradient sync a training step adds (not timed here)
+        head += " replica grad sync MB/step (cross-node) |"
     with_drops = any(r.measurement.dropped_choices is not None for r in records)
     if with_drops:  # capacity mode
         head += " dropped choices (% of routed) | tokens with every choice dropped |"
@@ -33,8 +36,14 @@ def format_table(records: Sequence[BenchRecord]) -> str:
             f"| {f.median_ms:.2f} ({f.p10_ms:.2f}-{f.p90_ms:.2f}) | {b.median_ms:.2f} ({b.p10_ms:.2f}-{b.p90_ms:.2f}) "
             f"| {r.measurement.cpu_user_s:.2f}+{r.measurement.cpu_sys_s:.2f} | {r.measurement.peak_memory_mb:.1f} |"
             + (f" {_mb(r.measurement.wire_bytes_sent)} |" if with_wire else "")
+            + (f" {_sync(r)} |" if with_sync else "")
             + (f" {_drops(r)} |" if with_drops else ""))
     return "\n".join(rows)
+
+
+def _sync(r: BenchRecord) -> str:
+    s = r.measurement.replica_sync
+    return "-" if s is None else f"{s.bytes_off_rank / 1e6:.2f} ({s.bytes_cross_node / 1e6:.2f})"
 
 
 def _drops(r: BenchRecord) -> str:

@@ -63,6 +63,7 @@ def lay_out_world(dispatcher: str, topology: Topology, placement: PlacementPlan,
     placement.check_matches(placement.num_experts, W, what=f"topology {topology}")
     cls = DISPATCHERS[dispatcher]
     rank_E, slot_E = placement.rank_tensor(), placement.slot_tensor()
+    hosts = placement.host_tensors() if placement.replicas else (None, None)
     x_1D = torch.zeros(1, hidden_size, dtype=dtype)
     w_1K: Optional[torch.Tensor] = None
     rows_SWW: Optional[torch.Tensor] = None
@@ -71,7 +72,7 @@ def lay_out_world(dispatcher: str, topology: Topology, placement: PlacementPlan,
     for r in range(W):
         idx_TK = torch.as_tensor(ids_of_rank(r), dtype=torch.int64)
         T, K = idx_TK.shape
-        geo = RankGeometry(r, topology, placement.experts_per_rank, rank_E, slot_E)
+        geo = RankGeometry(r, topology, placement.experts_per_rank, rank_E, slot_E, *hosts)
         if w_1K is None or w_1K.shape[1] != K:
             w_1K = torch.zeros(1, K, dtype=weight_dtype or dtype)
         plan = cls.layout_for(geo, hidden_size, x_1D.expand(T, hidden_size), idx_TK, w_1K.expand(T, K))

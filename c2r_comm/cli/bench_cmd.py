@@ -119,6 +119,10 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Optional[RoutingTr
                           "layer batch, not per chunk)")
     if config.routing.capacity_factor is not None and getattr(args, "peers", None):
         raise ConfigError("--peers", args.peers, "no peers with routing.capacity_factor (the peers run dropless)")
+    if getattr(args, "peers", None) and config.placement.plan and any(
+            PlanFile.load(config.placement.plan).plan_for_layer(layer, _topology(config), config.model.num_experts).replicas
+            for layer in layers):
+        raise ConfigError("--peers", args.peers, "no peers with a replica plan (the peers hold one copy per expert)")
     if not launched(os.environ):  # this process would start the ranks: refuse what they would fail on
         check_before_launch(config, args.json)
     return config, trace, layers

@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="refinement: one more node per token costs this many more GPUs")
     p.add_argument("--polish-kicks", type=int, default=0,
                    help="iterated local search rounds on the exact objective after refinement (slower; 0: off)")
+    p.add_argument("--replica-slots", type=int, default=0, metavar="R",
+                   help="R replica slots per GPU, chosen to cut GPUs (and nodes) per token (0: no replicas)")
     p.add_argument("--partitioner", choices=PARTITIONERS, default="auto")
     p.add_argument("--ip-runs", type=int, default=1, help="Mt-KaHyPar initial-partitioning runs (preset: 20)")
     p.add_argument("--threads", type=int, default=2, help="Mt-KaHyPar threads")
@@ -103,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     hierarchical = {"auto": None, "yes": True, "no": False}[args.hierarchical]
     options = PlannerOptions(load_tolerance=args.load_tolerance, refine=not args.no_refine,
                              hierarchical=hierarchical, inter_node_cost=args.inter_node_cost, seed=args.seed,
-                             polish_kicks=args.polish_kicks,
+                             polish_kicks=args.polish_kicks, replica_slots=args.replica_slots,
                              partition=PartitionSettings(args.partitioner, args.seed, args.threads, args.ip_runs))
     fmt = lambda r: f"{'' if r[0] is None else r[0]}:{'' if r[1] is None else r[1]}"
     info = {"trace": str(args.trace), "fit_prompts": fmt(fit_range), "eval_prompts": fmt(eval_range)}

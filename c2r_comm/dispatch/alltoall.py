@@ -66,11 +66,12 @@ class AllToAllDispatcher(Dispatcher):
     def layout_rank(geo: RankGeometry, x_TD, topk_idx_TK, topk_weight_TK, status, status_detail,
                     agree) -> AllToAllPlan:
         W, L, rank = geo.world_size, geo.num_local_experts, geo.rank
-        e2r, e2s = geo.rank_of_expert_E, geo.slot_of_expert_E
         T, K = topk_idx_TK.shape
-        valid, idx = (t.reshape(-1) for t in valid_choices(topk_idx_TK))
+        valid_TK, idx_TK = valid_choices(topk_idx_TK)
+        rank_TK, slot_TK = geo.copies(idx_TK, valid_TK)
+        valid = valid_TK.reshape(-1)
         # (destination rank, local slot) of each pair; dropped choices sort last and are not sent
-        bucket = torch.where(valid, e2r[idx] * L + e2s[idx], W * L)
+        bucket = torch.where(valid, (rank_TK * L + slot_TK).reshape(-1), W * L)
         order = torch.sort(bucket, stable=True).indices
         counts_WL = bucket_counts(bucket, W * L, valid).reshape(W, L)
         row_bytes = x_TD.shape[1] * x_TD.element_size()

@@ -101,10 +101,9 @@ class DedupDispatcher(Dispatcher):
     def layout_rank(geo: RankGeometry, x_TD, topk_idx_TK, topk_weight_TK, status, status_detail,
                     agree) -> DedupPlan:
         W, L, rank = geo.world_size, geo.num_local_experts, geo.rank
-        e2r, e2s = geo.rank_of_expert_E, geo.slot_of_expert_E
         T, K = topk_idx_TK.shape
         valid_TK, idx_TK = valid_choices(topk_idx_TK)
-        rank_TK, slot_TK = e2r[idx_TK], e2s[idx_TK]
+        rank_TK, slot_TK = geo.copies(idx_TK, valid_TK)
         rows = group_rows(rank_TK, W, valid_TK, with_token_order=csr_sum_available(x_TD.device, x_TD.dtype))
         pairs_WL = bucket_counts(rank_TK * L + slot_TK, W * L, valid_TK).reshape(W, L)
         meta = metadata_dtype(L)

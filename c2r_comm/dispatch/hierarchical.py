@@ -81,14 +81,13 @@ class HierarchicalDispatcher(Dispatcher):
         topo, W, L, device, rank = geo.topology, geo.world_size, geo.num_local_experts, x_TD.device, geo.rank
         N, G = topo.nodes, topo.gpus_per_node
         my_node, my_local = topo.node_of(rank), topo.local_index_of(rank)
-        e2r, e2s = geo.rank_of_expert_E, geo.slot_of_expert_E
         T, K = topk_idx_TK.shape
         valid_TK, idx_TK = valid_choices(topk_idx_TK)
-        rank_TK = e2r[idx_TK]
+        rank_TK, slot_TK = geo.copies(idx_TK, valid_TK, by_node=True)
         node_TK = torch.div(rank_TK, G, rounding_mode="floor")
         # rotated: own node is group N-1
         rows = group_rows((node_TK - my_node - 1) % N, N, valid_TK, with_token_order=False)
-        code_TK = (rank_TK % G) * L + e2s[idx_TK]
+        code_TK = (rank_TK % G) * L + slot_TK
         meta = metadata_dtype(G * L)
         code_RK = torch.where(rows.member_RK, code_TK.index_select(0, rows.token_of_row_R), -1).to(meta)
         fmt = token_format(x_TD, topk_weight_TK, meta)
@@ -101,7 +100,7 @@ class HierarchicalDispatcher(Dispatcher):
         col_a = torch.where(is_rail_W, rows.counts_G[(node_of_W - my_node - 1) % N], 0)
         col_a[rank] = rows.counts_G[N - 1]
         counts_WC = torch.cat([col_a.unsqueeze(1), per_rank_W.reshape(N, G)[node_of_W],
-                               per_rank_W.unsqueeze(1), bucket_counts(rank_TK * L + e2s[idx_TK], W * L, valid_TK).reshape(W, L)], 1)
+                               per_rank_W.unsqueeze(1), bucket_counts(rank_TK * L + slot_TK, W * L, valid_TK).reshape(W, L)], 1)
         back_bytes = x_TD.shape[1] * x_TD.element_size()
         rail_rows = torch.where(is_rail_W, col_a, 0)
         forwarder_of_dest = tuple(topo.rank_of(topo.node_of(d), my_local) for d in range(W))

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from c2r_comm.placement.replica_choice import choose_copies
 from c2r_comm.dispatch.row_sum import RowSum, sources_by_destination
 from c2r_comm.plan import PlacementPlan
 from c2r_comm.routing.capacity import DROPPED_CHOICE  # an expert id that routes a choice nowhere
@@ -157,14 +158,27 @@ class RankGeometry:
     rank: int
     topology: Topology
     num_local_experts: int
-    rank_of_expert_E: torch.Tensor  # int64 [E] on the layout's device
+    rank_of_expert_E: torch.Tensor  # int64 [E] on the layout's device: the primary copy
     slot_of_expert_E: torch.Tensor  # int64 [E]
+    # With replicas: every copy of each expert, [E, H] ranks and slots (plan.host_tensors); None: one copy
+    host_rank_EH: Optional[torch.Tensor] = None
+    host_slot_EH: Optional[torch.Tensor] = None
 
     @classmethod
     def of(cls, rank: int, topology: Topology, placement: PlacementPlan, device: torch.device | str = "cpu") -> "RankGeometry":
+        hosts = placement.host_tensors(device) if placement.replicas else (None, None)
         return cls(rank, topology, placement.experts_per_rank, placement.rank_tensor(device),
-                   placement.slot_tensor(device))
+                   placement.slot_tensor(device), *hosts)
 
     @property
     def world_size(self) -> int:
         return self.topology.world_size
+
+    def copies(self, idx_TK: torch.Tensor, valid_TK: torch.Tensor, by_node: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rank_TK, slot_TK) each choice is sent to: its expert's only copy, or with replicas the
+        copies that cover the token with the fewest ranks (nodes first with by_node;
+        placement/replica_choice.py)."""
+        if self.host_rank_EH is None:
+            return self.rank_of_expert_E[idx_TK], self.slot_of_expert_E[idx_TK]
+        return choose_copies(idx_TK, valid_TK, self.host_rank_EH, self.host_slot_EH, self.world_size,
+                             self.topology.gpus_per_node, by_node)

@@ -237,6 +237,9 @@ class C2RTokenDispatcher(MoETokenDispatcher):
                                "must have one rank)")
         E, ep = config.num_moe_experts, self.ep_size
         plan = options.plan if options.plan is not None else PlacementPlan.contiguous(E, ep)
+        if plan.replicas:
+            raise ValueError("c2r option plan has replicas: not supported by the Megatron adapter (Megatron's "
+                             "experts hold one copy each): allowed a plan without replicas")
         if plan.num_experts != E or plan.world_size != ep or plan.experts_per_rank != num_local_experts:
             raise ValueError(f"c2r option plan is for {plan.num_experts} experts on {plan.world_size} ranks: allowed "
                              f"a plan for num_moe_experts={E} on the expert-parallel group's {ep} ranks")

@@ -10,7 +10,9 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 import numpy as np
+import torch
 
+from c2r_comm.placement.replica_choice import choose_copies
 from c2r_comm.plan import PlacementPlan, distinct_per_token, expert_to_node
 from c2r_comm.topology import Topology
 
@@ -49,6 +51,22 @@ def _holds(group_of_expert: np.ndarray, ids_TK: np.ndarray, group_T: np.ndarray)
     return (group_of_expert[ids_TK] == group_T[:, None]).any(axis=1)
 
 
+def chosen_copies(plan: PlacementPlan, topology: Topology, ids_TK: np.ndarray, source_rank_T: np.ndarray) -> np.ndarray:
+    """int64 [T, K]: the rank each (token, choice) goes to under a replica plan, by the dispatchers'
+    own rule (replica_choice.choose_copies; nodes first on multi-node topologies, as the
+    hierarchical exchange chooses), each source rank's tokens as one batch."""
+    host_rank_EH, host_slot_EH = plan.host_tensors()
+    ids = torch.as_tensor(ids_TK, dtype=torch.int64)
+    out = np.zeros(ids_TK.shape, dtype=np.int64)
+    for r in range(plan.world_size):  # host loop over source ranks (each its own batch, as in dispatch)
+        rows = np.nonzero(source_rank_T == r)[0]
+        block = ids[torch.from_numpy(rows)]
+        rank_TK, _ = choose_copies(block, torch.ones_like(block, dtype=torch.bool), host_rank_EH, host_slot_EH,
+                                   plan.world_size, topology.gpus_per_node, by_node=topology.nodes > 1)
+        out[rows] = rank_TK.numpy()
+    return out
+
+
 def max_over_mean(loads: np.ndarray) -> float:
     """Imbalance of non-negative loads: max / mean, 1.0 = perfectly balanced.
 
@@ -78,14 +96,23 @@ def placement_metrics(plan: PlacementPlan, topology: Topology, ids_TK: np.ndarra
     if source_rank_T.shape != (T,) or source_rank_T.min() < 0 or source_rank_T.max() >= plan.world_size:
         raise ValueError(f"source_rank_T must be [{T}] ranks in 0..{plan.world_size - 1}, got shape "
                          f"{source_rank_T.shape} with values {source_rank_T.min()}..{source_rank_T.max()}")
-    rank_E = np.asarray(plan.expert_to_rank, dtype=np.int64)
-    node_E = expert_to_node(plan, topology)
-    gpus_T = distinct_per_token(rank_E, ids_TK)
-    nodes_T = distinct_per_token(node_E, ids_TK)
     source_node_T = source_rank_T // topology.gpus_per_node
-    remote_gpus_T = gpus_T - _holds(rank_E, ids_TK, source_rank_T)
-    remote_nodes_T = nodes_T - _holds(node_E, ids_TK, source_node_T)
-    load_R = rank_loads(expert_loads(ids_TK, E), rank_E, plan.world_size)
+    if plan.replicas:  # each token's copies, as the dispatchers choose them (one batch per source rank)
+        rank_TK = chosen_copies(plan, topology, ids_TK, source_rank_T)
+        node_TK = rank_TK // topology.gpus_per_node
+        gpus_T, nodes_T = distinct_per_token(np.arange(plan.world_size), rank_TK), \
+            distinct_per_token(np.arange(topology.nodes), node_TK)
+        remote_gpus_T = gpus_T - (rank_TK == source_rank_T[:, None]).any(1)
+        remote_nodes_T = nodes_T - (node_TK == source_node_T[:, None]).any(1)
+        load_R = np.bincount(rank_TK.reshape(-1), minlength=plan.world_size).astype(np.float64)
+    else:
+        rank_E = np.asarray(plan.expert_to_rank, dtype=np.int64)
+        node_E = expert_to_node(plan, topology)
+        gpus_T = distinct_per_token(rank_E, ids_TK)
+        nodes_T = distinct_per_token(node_E, ids_TK)
+        remote_gpus_T = gpus_T - _holds(rank_E, ids_TK, source_rank_T)
+        remote_nodes_T = nodes_T - _holds(node_E, ids_TK, source_node_T)
+        load_R = rank_loads(expert_loads(ids_TK, E), rank_E, plan.world_size)
     load_N = load_R.reshape(topology.nodes, topology.gpus_per_node).sum(axis=1)
     return PlacementMetrics(
         tokens=int(T), gpus_per_token=float(gpus_T.mean()), nodes_per_token=float(nodes_T.mean()),

@@ -33,6 +33,7 @@ class PlannerOptions:
     hierarchical: Optional[bool] = None  # None: hierarchical when there are several nodes
     inter_node_cost: float = 4.0  # refinement: one more node per token costs this many more GPUs
     polish_kicks: int = 0  # iterated-local-search rounds on the exact objective after refinement (slow)
+    replica_slots: int = 0  # R replica slots per GPU on the chosen method's plan (placement/replicas.py)
     seed: int = 0
     partition: PartitionSettings = field(default_factory=PartitionSettings)
 
@@ -41,6 +42,8 @@ class PlannerOptions:
             raise ValueError(f"load_tolerance = {self.load_tolerance} is invalid: allowed a max/mean ratio >= 1.0")
         if self.inter_node_cost < 0:
             raise ValueError(f"inter_node_cost = {self.inter_node_cost} is invalid: allowed >= 0")
+        if isinstance(self.replica_slots, bool) or not isinstance(self.replica_slots, int) or self.replica_slots < 0:
+            raise ValueError(f"replica_slots = {self.replica_slots!r} is invalid: allowed an integer >= 0")
         if self.polish_kicks < 0:
             raise ValueError(f"polish_kicks = {self.polish_kicks} is invalid: allowed an integer >= 0")
 

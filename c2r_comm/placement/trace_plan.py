@@ -2,11 +2,14 @@
 PlanFile; also the comparison methods (contiguous, occult_greedy) under the same options."""
 from __future__ import annotations
 
+import dataclasses
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from c2r_comm.placement.metrics import PlacementMetrics, placement_metrics
 from c2r_comm.placement.planners import LayerPlan, PlannerOptions, plan_layer
+from c2r_comm.placement.replicas import select_replicas
 from c2r_comm.plan import PlanFile
 from c2r_comm.routing.trace import RoutingTrace
 from c2r_comm.topology import Topology
@@ -44,8 +47,13 @@ def plan_trace(fit: RoutingTrace, evaluation: RoutingTrace, topology: Topology, 
     for i, layer in enumerate(layers):
         fit_ids, eval_ids = fit.layer(layer), evaluation.layer(layer)
         layer_plans, layer_metrics = {}, {}
+        selection = None
         for m in methods:
             lp = plan_layer(m, fit_ids, fit.num_experts, topology, options)
+            if m == method and options.replica_slots:  # replicas on the chosen plan; comparisons stay as they are
+                started = time.perf_counter()
+                selection = select_replicas(lp.plan, fit_ids, topology, options.replica_slots, options.load_tolerance)
+                lp = dataclasses.replace(lp, plan=selection.plan, seconds=lp.seconds + time.perf_counter() - started)
             layer_plans[m] = lp
             layer_metrics[m] = placement_metrics(lp.plan, topology, eval_ids)
         chosen = layer_plans[method]
@@ -58,6 +66,13 @@ def plan_trace(fit: RoutingTrace, evaluation: RoutingTrace, topology: Topology, 
             entry["fit_gpu_load_max_over_mean"] = chosen.balance.load_max_over_mean
             entry["load_tolerance_met"] = chosen.balance.met
             entry["balance"] = chosen.balance.message
+        if selection is not None:
+            entry["replicas_fit"] = {"gpus_per_token_before": selection.fit_gpus_per_token[0],
+                                     "gpus_per_token_after": selection.fit_gpus_per_token[1],
+                                     "modelled_gpu_load_max_over_mean": selection.modelled_load_max_over_mean}
+            if selection.fit_nodes_per_token is not None:
+                entry["replicas_fit"].update(nodes_per_token_before=selection.fit_nodes_per_token[0],
+                                             nodes_per_token_after=selection.fit_nodes_per_token[1])
         metrics_by_layer[layer] = entry
         reports.append(LayerReport(layer, layer_plans, layer_metrics))
         if on_layer is not None:
@@ -69,5 +84,7 @@ def plan_trace(fit: RoutingTrace, evaluation: RoutingTrace, topology: Topology, 
                    partitioner=sorted(partitioners) or None,
                    initial_partitioning_runs=options.partition.initial_partitioning_runs,
                    fit_tokens=fit.num_tokens, eval_tokens=evaluation.num_tokens, plan_seconds=round(plan_seconds, 3))
+    if options.replica_slots:  # absent without replicas: those plan files stay byte-identical
+        fit_doc["replica_slots"] = options.replica_slots
     plan_file = PlanFile(topology, fit.num_experts, plans, method, metrics_by_layer, fit_doc)
     return TracePlanResult(plan_file, tuple(reports), method, plan_seconds)

@@ -82,6 +82,8 @@ def train_step(model: MoETransformerLM, optimizer: torch.optim.Optimizer, inputs
             dist.all_reduce(flat, group=group)
         for p, g in zip(replicated, _unflatten_dense_tensors(flat, [p.grad for p in replicated])):
             p.grad.copy_(g)
+    for moe in model.moes:  # replica plans: every copy of an expert gets the sum of the copies' gradients
+        moe.sync_replica_grads()
     optimizer.step()
     return _metrics(model, out, ce_sum, tokens, group)
 

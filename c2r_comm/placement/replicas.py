@@ -1,0 +1,198 @@
+"""Replica selection: fill R replica slots per GPU so that tokens touch fewer GPUs (and nodes).
+
+Objective, exact: a token's cost is the minimum number of distinct GPUs that hold a copy of each
+of its k experts (a minimum set cover over W GPUs), on multi-node topologies (k+1) x the minimum
+number of nodes plus that (nodes first, as the hierarchical exchange pays). It is computed for
+every fit token with packed bitsets: a set S of GPUs covers a token iff S meets every expert's
+host set, so with the 2^W subsets as bits, the subsets that cover the token are the AND over its
+experts of a per-host-set table, and its minimum cover is the smallest popcount level that this
+AND hits (W <= 12: at most 4,096 subsets, 64 words per token).
+
+Search: greedy. Each step evaluates every allowed (expert, GPU) copy exactly -- the new cover of
+every token holding that expert, from the AND of its other experts' tables kept per (token,
+choice) -- and takes the largest reduction of the summed objective; ties go to the lower
+resulting GPU load, then the lower expert and GPU id. Allowed: the GPU has a free slot and no copy
+of the expert, and the expert has fewer than R replicas; preferred: the modelled per-GPU load (an
+expert's fit load split equally over its copies) stays within the tolerance (or no worse than
+before when the base plan already exceeds it). When no copy is within it, the slot (every slot
+is filled) takes the copy with the least modelled imbalance. Why greedy and not the partitioner on an expanded
+hypergraph: the objective with copies is a cover, not a cut (km1 cannot express "either copy"),
+and the exact per-step evaluation is cheap (W*R steps of E*W candidates). When no copy lowers the
+objective, slots are filled by the copy that lowers the modelled maximum load the most (replicas
+as a load-balancing lever). The realised load and GPUs per token on held-out tokens come from
+the dispatch's own replica choice (placement/replica_choice.py) in placement_metrics.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from c2r_comm.plan import PlacementPlan
+from c2r_comm.topology import Topology
+
+MAX_COVER_GROUPS = 12  # 2^12 subsets per token at most
+
+
+@dataclass(frozen=True)
+class CoverTables:
+    """Bitset tables over the 2^n subsets of n groups (GPUs or nodes)."""
+
+    groups: int
+    cover_HW: np.ndarray  # uint64 [2^n, words]: for host set h, the subsets that meet h
+    level_PW: np.ndarray  # uint64 [n+1, words]: the subsets of each size
+
+    @classmethod
+    def build(cls, groups: int) -> "CoverTables":
+        if groups > MAX_COVER_GROUPS:
+            raise ValueError(f"replica selection covers at most {MAX_COVER_GROUPS} GPUs (or nodes) exactly, "
+                             f"got {groups}")
+        S = 1 << groups
+        subsets = np.arange(S, dtype=np.int64)
+        meets = (subsets[None, :] & subsets[:, None]) != 0  # [host set, subset]
+        size = np.array([bin(s).count("1") for s in range(S)])
+        levels = size[None, :] == np.arange(groups + 1)[:, None]
+        return cls(groups, _pack(meets), _pack(levels))
+
+    def min_cover(self, covering_NW: np.ndarray) -> np.ndarray:
+        """[..., words] covering subsets -> [...] the smallest subset size among them."""
+        hits = ((covering_NW[..., None, :] & self.level_PW) != 0).any(-1)  # [..., n+1]
+        return hits.argmax(-1)
+
+
+def _pack(bits: np.ndarray) -> np.ndarray:
+    """bool [..., S] -> uint64 [..., ceil(S/64)] (little-endian bit order within a word)."""
+    S = bits.shape[-1]
+    words = -(-S // 64)
+    padded = np.zeros(bits.shape[:-1] + (words * 64,), dtype=bool)
+    padded[..., :S] = bits
+    as_bytes = np.packbits(padded.reshape(bits.shape[:-1] + (words, 64)), axis=-1, bitorder="little")
+    return as_bytes.view(np.uint64).reshape(bits.shape[:-1] + (words,))
+
+
+class _Level:
+    """The cover state of one grouping (GPUs, or nodes) over the fit tokens."""
+
+    def __init__(self, ids_TK: np.ndarray, host_mask_E: np.ndarray, tables: CoverTables):
+        self.ids_TK, self.tables = ids_TK, tables
+        self.mask_E = host_mask_E.copy()
+        cover_TKW = tables.cover_HW[self.mask_E[ids_TK]]
+        T, K, words = cover_TKW.shape
+        ones = np.full((T, 1, words), np.uint64(0xFFFFFFFFFFFFFFFF))
+        prefix = np.concatenate([ones, np.bitwise_and.accumulate(cover_TKW, axis=1)[:, :-1]], axis=1)
+        suffix = np.concatenate([np.bitwise_and.accumulate(cover_TKW[:, ::-1], axis=1)[:, ::-1][:, 1:], ones], axis=1)
+        self.others_TKW = prefix & suffix  # AND over the token's other choices
+        self.cost_T = tables.min_cover(self.others_TKW[:, 0] & cover_TKW[:, 0])
+
+    def gains(self, e: int, new_masks_G: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """[G] summed cost reduction if expert e's host set became each of new_masks_G."""
+        if rows.size == 0:
+            return np.zeros(len(new_masks_G))
+        new = self.tables.min_cover(self.others_TKW[rows, cols][:, None, :] & self.tables.cover_HW[new_masks_G][None])
+        return (self.cost_T[rows][:, None] - new).sum(0).astype(np.float64)
+
+    def add_host(self, e: int, new_mask: int, rows: np.ndarray, cols: np.ndarray) -> None:
+        """Give expert e the host set new_mask; update the tokens that hold it."""
+        self.mask_E[e] = new_mask
+        cover = self.tables.cover_HW[new_mask]
+        if rows.size:
+            self.cost_T[rows] = self.tables.min_cover(self.others_TKW[rows, cols] & cover)
+            for j in range(self.ids_TK.shape[1]):  # refresh the other choices' "others" (k <= 8)
+                sel = cols != j
+                self.others_TKW[rows[sel], j] = _others_again(self, rows[sel], j)
+
+    @property
+    def mean_cost(self) -> float:
+        return float(self.cost_T.mean()) if self.cost_T.size else 0.0
+
+
+def _others_again(level: _Level, rows: np.ndarray, j: int) -> np.ndarray:
+    cover_tKW = level.tables.cover_HW[level.mask_E[level.ids_TK[rows]]]
+    keep = np.ones(level.ids_TK.shape[1], dtype=bool)
+    keep[j] = False
+    return np.bitwise_and.reduce(cover_tKW[:, keep], axis=1) if keep.any() else \
+        np.full((rows.size, cover_tKW.shape[2]), np.uint64(0xFFFFFFFFFFFFFFFF))
+
+
+@dataclass(frozen=True)
+class ReplicaSelection:
+    plan: PlacementPlan
+    fit_gpus_per_token: tuple[float, float]  # exact mean minimum cover before, after
+    fit_nodes_per_token: Optional[tuple[float, float]]
+    modelled_load_max_over_mean: float
+
+
+def select_replicas(base: PlacementPlan, fit_ids_TK: np.ndarray, topology: Topology, replica_slots: int,
+                    load_tolerance: float = 1.10) -> ReplicaSelection:
+    """`base` (no replicas) plus R replica slots per GPU, chosen greedily (see the module docstring)."""
+    if base.replicas:
+        raise ValueError("select_replicas starts from a plan without replicas")
+    W, E, R = base.world_size, base.num_experts, replica_slots
+    if R < 0 or R > E - base.primaries_per_rank:
+        raise ValueError(f"--replica-slots {R} is invalid: allowed 0..{E - base.primaries_per_rank} (a GPU holds "
+                         "copies of other GPUs' experts only)")
+    topology.check_world_size(W)
+    ids = np.asarray(fit_ids_TK, dtype=np.int64)
+    rank_E = np.asarray(base.expert_to_rank, dtype=np.int64)
+    gpu = _Level(ids, (1 << rank_E).astype(np.int64), CoverTables.build(W))
+    G = topology.gpus_per_node
+    node = _Level(ids, (1 << (rank_E // G)).astype(np.int64), CoverTables.build(topology.nodes)) \
+        if topology.nodes > 1 else None
+    before = (gpu.mean_cost, None if node is None else node.mean_cost)
+    load_E = np.bincount(ids.reshape(-1), minlength=E).astype(np.float64)
+    hosts = [[int(r)] for r in rank_E]
+    free = np.full(W, R)
+    replicas: list[list[int]] = [[] for _ in range(W)]
+    token_rows = [np.nonzero(ids == e) for e in range(E)]  # (rows, cols) of each expert's choices
+    weight = ids.shape[1] + 1  # one node outweighs any number of GPUs (at most k)
+
+    load_W = np.bincount(rank_E, weights=load_E, minlength=W).astype(np.float64)  # modelled: split equally
+
+    def loads(extra: Optional[tuple[int, int]] = None) -> np.ndarray:
+        if extra is None:
+            return load_W
+        e, g = extra
+        c = len(hosts[e])
+        out = load_W.copy()
+        out[hosts[e]] -= load_E[e] / c - load_E[e] / (c + 1)
+        out[g] += load_E[e] / (c + 1)
+        return out
+
+    def imbalance(load: np.ndarray) -> float:
+        return float(load.max() / load.mean()) if load.mean() > 0 else 1.0
+
+    for _ in range(W * R):
+        current = imbalance(loads())
+        best = None
+        for e in range(E):
+            if len(hosts[e]) - 1 >= R:
+                continue
+            gs = np.array([g for g in range(W) if free[g] and g not in hosts[e]])
+            if gs.size == 0:
+                continue
+            rows, cols = token_rows[e]
+            gain = gpu.gains(e, gpu.mask_E[e] | (1 << gs), rows, cols)
+            if node is not None:
+                gain = gain + weight * node.gains(e, node.mask_E[e] | (1 << (gs // G)), rows, cols)
+            for g, gn in zip(gs.tolist(), gain.tolist()):
+                new_imb = imbalance(loads((e, g)))
+                within = new_imb <= max(load_tolerance, current) + 1e-12
+                # within the tolerance: the largest gain; else (every slot must be filled) the least imbalance
+                key = (0, -gn, new_imb, e, g) if within else (1, new_imb, -gn, e, g)
+                if best is None or key < best[0]:
+                    best = (key, e, g)
+        if best is None:  # cannot happen: R <= E - E/W leaves every GPU a candidate
+            raise ValueError(f"no replica slot can be filled ({int(free.sum())} slots left)")
+        _, e, g = best
+        rows, cols = token_rows[e]
+        gpu.add_host(e, int(gpu.mask_E[e] | (1 << g)), rows, cols)
+        if node is not None:
+            node.add_host(e, int(node.mask_E[e] | (1 << (g // G))), rows, cols)
+        load_W = loads((e, g))
+        hosts[e].append(g)
+        replicas[g].append(e)
+        free[g] -= 1
+    plan = PlacementPlan(base.expert_to_rank, W, tuple(tuple(r) for r in replicas)) if R else base
+    return ReplicaSelection(plan, (before[0], gpu.mean_cost),
+                            None if node is None else (before[1], node.mean_cost), imbalance(loads()))

@@ -1,0 +1,219 @@
+"""Replica plans (issue 13): plan files, the dispatch's replica choice against a brute-force minimum
+cover, the planner's exact objective, and a layer with replicas on gloo ranks (fp64 reference;
+after the replica gradient sync and one optimizer step every copy is identical)."""
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from ranks import run_ranks
+
+from c2r_comm.config import config_from_dict
+from c2r_comm.experts import init_expert_weights, reference_moe
+from c2r_comm.groups import build_process_groups
+from c2r_comm.layer import build_moe_layer
+from c2r_comm.placement.metrics import placement_metrics
+from c2r_comm.placement.replica_choice import choose_copies
+from c2r_comm.placement.replicas import select_replicas
+from c2r_comm.plan import PlacementPlan, PlanFile
+from c2r_comm.topology import Topology
+
+
+def replica_plan(E: int, W: int, R: int, seed: int) -> PlacementPlan:
+    """A random balanced plan plus R replica slots per rank (least-copied experts first)."""
+    rng = np.random.default_rng(seed)
+    base = PlacementPlan.random(E, W, seed)
+    copies = np.zeros(E, dtype=int)
+    replicas = []
+    for r in range(W):
+        cand = [e for e in rng.permutation(E).tolist() if base.expert_to_rank[e] != r]
+        pick = sorted(cand, key=lambda e: copies[e])[:R]
+        copies[pick] += 1
+        replicas.append(tuple(pick))
+    return PlacementPlan(base.expert_to_rank, W, tuple(replicas))
+
+
+def brute_min_cover(plan: PlacementPlan, experts, group=lambda r: r) -> int:
+    return min(len({group(r) for r in combo}) for combo in itertools.product(*(plan.hosts_of_expert[e] for e in experts)))
+
+
+# ---- plans and plan files ---------------------------------------------------------------------------
+def test_replica_plan_maps_and_validation():
+    p = PlacementPlan((0, 0, 1, 1), 2, ((3,), (0,)))
+    assert p.replica_slots == 1 and p.experts_per_rank == 3 and p.primaries_per_rank == 2
+    assert p.rank_experts == ((0, 1, 3), (2, 3, 0))  # primaries, then replicas
+    assert p.hosts_of_expert == ((0, 1), (0,), (1,), (1, 0))
+    assert p.slot_on_rank[(3, 0)] == 2 and p.slot_on_rank[(0, 1)] == 2 and p.expert_to_slot == (0, 1, 0, 1)
+    ranks, slots = p.host_tensors()
+    assert ranks.tolist() == [[0, 1], [0, 0], [1, 1], [1, 0]] and slots.tolist() == [[0, 2], [1, 1], [0, 0], [1, 2]]
+    assert p.fingerprint() != PlacementPlan((0, 0, 1, 1), 2).fingerprint()
+    for replicas, words in [(((0,), (2,)), "its own primary"), (((3,), ()), "same number of replica slots"),
+                            (((3, 3), (0, 1)), "twice"), (((9,), (0,)), "outside"), (((3,),), "every rank")]:
+        with pytest.raises(ValueError, match=words):
+            PlacementPlan((0, 0, 1, 1), 2, replicas)
+    with pytest.raises(ValueError, match="at most 1"):  # expert 0 copied three times with one slot per rank
+        PlacementPlan((0, 0, 1, 1, 2, 2, 3, 3), 4, ((2,), (0,), (0,), (0,)))
+
+
+def test_plan_file_round_trip_and_old_files(tmp_path):
+    topo = Topology(2, 2)
+    plan = replica_plan(8, 4, 2, seed=3)
+    pf = PlanFile(topo, 8, {5: plan}, "hypergraph", {5: {}}, {"replica_slots": 2})
+    pf.save(tmp_path / "p.json")
+    back = PlanFile.load(tmp_path / "p.json")
+    assert back.layers[5] == plan and back.layers[5].replicas == plan.replicas
+    plain = PlanFile(topo, 8, {0: PlacementPlan.contiguous(8, 4)}, "contiguous")
+    assert "replicas" not in json.dumps(plain.to_json())  # R = 0: the files of before, byte for byte
+    with pytest.raises(ValueError, match="plan file is for topology 2x2 but the run uses 1x4"):
+        back.plan_for_layer(5, Topology(1, 4), 8)
+    doc = pf.to_json()
+    doc["layers"]["5"]["replicas"][0] = [0.5]
+    with pytest.raises(ValueError, match=r"replicas\[0\]\[0\]' = 0.5"):
+        PlanFile.from_json(doc)
+
+
+# ---- the dispatch's replica choice ------------------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from([(2, 1), (4, 1), (2, 2), (8, 1)]), st.integers(1, 2),
+       st.integers(1, 4), st.booleans())
+def test_replica_choice_is_a_minimum_cover(seed, topo, R, K, with_drops):
+    nodes, gpus = topo
+    W = nodes * gpus
+    E = 2 * W if W > 2 else 4
+    R = min(R, E - E // W)
+    plan = replica_plan(E, W, R, seed)
+    g = torch.Generator().manual_seed(seed)
+    T = 40
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    valid = torch.rand(T, K, generator=g) > 0.2 if with_drops else torch.ones(T, K, dtype=torch.bool)
+    ranks, slots = plan.host_tensors()
+    for by_node in (False, True):
+        rank_TK, slot_TK = choose_copies(idx, valid, ranks, slots, W, gpus, by_node)
+        again = choose_copies(idx, valid, ranks, slots, W, gpus, by_node)
+        assert torch.equal(rank_TK, again[0]) and torch.equal(slot_TK, again[1])  # deterministic
+        for t in range(T):
+            chosen = [(e, r, s) for e, r, s, v in zip(idx[t].tolist(), rank_TK[t].tolist(), slot_TK[t].tolist(),
+                                                      valid[t].tolist()) if v]
+            assert all(r in plan.hosts_of_expert[e] and plan.slot_on_rank[(e, r)] == s for e, r, s in chosen)
+            experts = [e for e, _, _ in chosen]
+            if not experts:
+                continue
+            got_ranks, got_nodes = len({r for _, r, _ in chosen}), len({r // gpus for _, r, _ in chosen})
+            if by_node:
+                assert got_nodes == brute_min_cover(plan, experts, lambda r: r // gpus)
+                best = min(len(set(c)) for c in itertools.product(*(plan.hosts_of_expert[e] for e in experts))
+                           if len({r // gpus for r in c}) == got_nodes)
+                assert got_ranks == best
+            else:
+                assert got_ranks == brute_min_cover(plan, experts)
+
+
+def test_ties_go_to_the_less_loaded_copy_then_the_primary():
+    # expert 0 on ranks 0 (primary) and 1; experts 2, 3 live on rank 1 only, so rank 1 is loaded
+    plan = PlacementPlan((0, 0, 1, 1), 2, ((2,), (0,)))
+    ranks, slots = plan.host_tensors()
+    idx = torch.tensor([[0], [2], [3]])
+    rank_TK, _ = choose_copies(idx, torch.ones(3, 1, dtype=torch.bool), ranks, slots, 2, 2)
+    assert rank_TK[0, 0] == 0  # the less loaded copy (rank 1 carries experts 2 and 3)
+    idx = torch.tensor([[0]])  # no forced load anywhere: the first copy in hosts_of_expert order
+    assert choose_copies(idx, torch.ones(1, 1, dtype=torch.bool), ranks, slots, 2, 2)[0][0, 0] == 0
+
+
+# ---- the planner ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("topo", [(1, 4), (2, 2)])
+def test_replica_selection_objective_is_exact_and_fills_every_slot(topo):
+    rng = np.random.default_rng(1)
+    topology = Topology(*topo)
+    W, E, K = topology.world_size, 8, 3
+    hot = rng.choice(E, 3, replace=False)
+    ids = np.array([np.concatenate([[rng.choice(hot)], rng.choice(np.setdiff1d(np.arange(E), hot), K - 1,
+                                                                    replace=False)]) for _ in range(400)])
+    base = PlacementPlan.random(E, W, 2)
+    sel = select_replicas(base, ids, topology, 2, load_tolerance=1.5)
+    plan = sel.plan
+    assert plan.replica_slots == 2 and plan.expert_to_rank == base.expert_to_rank
+    before = np.mean([brute_min_cover(base, t) for t in ids.tolist()])
+    after = np.mean([brute_min_cover(plan, t) for t in ids.tolist()])
+    assert sel.fit_gpus_per_token == pytest.approx((before, after)) and after < before
+    if topology.nodes > 1:
+        node = lambda r: r // topology.gpus_per_node  # noqa: E731
+        assert sel.fit_nodes_per_token == pytest.approx((np.mean([brute_min_cover(base, t, node) for t in ids.tolist()]),
+                                                         np.mean([brute_min_cover(plan, t, node) for t in ids.tolist()])))
+    m = placement_metrics(plan, topology, ids)  # the dispatch's choice realises the minimum
+    if topology.nodes == 1:
+        assert m.gpus_per_token == pytest.approx(after)
+
+
+# ---- a layer with replicas on gloo ranks --------------------------------------------------------------
+D, F, T, K = 6, 5, 10, 3
+
+
+def _inputs(rank):
+    g = torch.Generator().manual_seed(70 + rank)
+    x = torch.randn(T, D, generator=g, dtype=torch.float64)
+    idx = torch.argsort(torch.rand(T, 8, generator=g), dim=1)[:, :K]
+    w = torch.rand(T, K, generator=g, dtype=torch.float64) + 0.1
+    return x, idx, w, torch.randn(T, D, generator=g, dtype=torch.float64)
+
+
+def _replica_layer_rank(rank, world, dispatcher, nodes, plan_path):
+    cfg = config_from_dict({"model": {"hidden_size": D, "ffn_hidden_size": F, "num_experts": 8, "top_k": K},
+                            "parallel": {"nodes": nodes, "gpus_per_node": world // nodes},
+                            "placement": {"plan": plan_path, "layer": 0}, "run": {"dtype": "float64", "seed": 4}})
+    layer = build_moe_layer(cfg, build_process_groups(Topology(nodes, world // nodes), timeout_s=60),
+                            torch.device("cpu"), dispatcher=dispatcher)
+    x, idx, w, grad = _inputs(rank)
+    x.requires_grad_(), w.requires_grad_()
+    out = layer.forward_routed(x, idx, w)
+    (out.out_TD * grad).sum().backward()
+    params = (layer.experts.w_gate_LDF, layer.experts.w_up_LDF, layer.experts.w_down_LFD)
+    partial = [p.grad.clone() for p in params]
+    layer.sync_replica_grads()
+    synced = [p.grad.clone() for p in params]
+    torch.optim.SGD(layer.experts.parameters(), lr=0.1).step()
+    arrays = lambda ts: [t.detach().numpy().copy() for t in ts]  # noqa: E731 (numpy: no shared-memory handles)
+    return {"out": out.out_TD.detach().numpy().copy(), "grad_x": x.grad.numpy().copy(),
+            "grad_w": w.grad.numpy().copy(), "partial": arrays(partial), "synced": arrays(synced),
+            "after_step": arrays(params), "ids": layer.experts.global_ids}
+
+
+@pytest.mark.parametrize("dispatcher, world, nodes", [("dedup", 2, 1), ("alltoall", 4, 1), ("hierarchical", 4, 2)])
+def test_layer_with_replicas_matches_reference_and_copies_stay_identical(tmp_path, dispatcher, world, nodes):
+    plan = replica_plan(8, world, 2, seed=world)
+    path = tmp_path / "plan.json"
+    PlanFile(Topology(nodes, world // nodes), 8, {0: plan}, "test").save(path)
+    got = run_ranks(world, _replica_layer_rank, dispatcher, nodes, str(path))
+    experts = [[t.double().requires_grad_() for t in init_expert_weights(e, D, F, seed=4)] for e in range(8)]
+    for r in range(world):
+        x, idx, w, grad = _inputs(r)
+        x.requires_grad_(), w.requires_grad_()
+        ref = reference_moe(x, idx, w, experts)
+        (ref * grad).sum().backward()
+        for key, want in (("out", ref.detach()), ("grad_x", x.grad), ("grad_w", w.grad)):
+            torch.testing.assert_close(torch.from_numpy(got[r][key]), want, rtol=1e-10, atol=1e-10)
+    summed = {e: [0.0, 0.0, 0.0] for e in range(8)}  # the copies' partial gradients add up to the model's
+    for res in got:
+        for slot, e in enumerate(res["ids"]):
+            for i in range(3):
+                summed[e][i] = summed[e][i] + res["partial"][i][slot]
+    for e in range(8):
+        for i in range(3):
+            torch.testing.assert_close(torch.from_numpy(summed[e][i]), experts[e][i].grad, rtol=1e-10, atol=1e-10)
+    for res in got:  # after the sync every copy holds the full gradient, and after the step the same weights
+        for slot, e in enumerate(res["ids"]):
+            for i in range(3):
+                torch.testing.assert_close(torch.from_numpy(res["synced"][i][slot]), experts[e][i].grad, rtol=1e-10,
+                                           atol=1e-10)
+    copies: dict[int, list] = {}
+    for res in got:
+        for slot, e in enumerate(res["ids"]):
+            copies.setdefault(e, []).append([res["after_step"][i][slot] for i in range(3)])
+    assert any(len(c) > 1 for c in copies.values())
+    for e, cs in copies.items():
+        for c in cs[1:]:
+            assert all(np.array_equal(a, b) for a, b in zip(c, cs[0])), f"copies of expert {e} differ after the step"
