@@ -16,12 +16,13 @@ import torch.nn as nn
 from c2r_comm.config import OVERLAP_AUTO, Config
 from c2r_comm.dispatch import DispatchHandle, Dispatcher, build_dispatcher
 from c2r_comm.experts import GroupedExperts, SharedExpert
+from c2r_comm.migrate import migrate_experts
 from c2r_comm.padded_experts import PaddedExperts
 from c2r_comm.plan import PlacementPlan, load_layer_plan
 from c2r_comm.replica_grads import ReplicaGradSync
 from c2r_comm.routing.capacity import CapacityDrop, CapacitySpec, apply_capacity
 from c2r_comm.routing.factory import build_router
-from c2r_comm.routing.router import RouterOutput, TopKRouter
+from c2r_comm.routing.router import DeviceConstrainedRouter, RouterOutput, TopKRouter
 from c2r_comm.groups import ProcessGroups
 from c2r_comm.schedule import ChunkPipeline, agree_overlap_degree, serial_forward, timed_serial_forward
 
@@ -107,6 +108,20 @@ class MoELayer(nn.Module):
             return MoEOutput(run.out_TD, zero, tuple(ch.handle for ch in run.chunks))
         res = serial_forward(self.dispatcher, experts, self.shared_expert, x_TD, topk_idx_TK, topk_weight_TK)
         return MoEOutput(res.out_TD, zero, (res.handle,))
+
+    def apply_plan(self, plan: PlacementPlan, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        """Re-plan live: move the expert weights (and `optimizer`'s state for them) to `plan`'s ranks
+        and slots with one all_to_all (migrate.py), and dispatch by `plan` from now on. Collective:
+        every rank calls it with the same plan (checked first, on every rank); nothing may be in
+        flight. The experts' Parameters stay the same objects, so the optimizer needs no rebuild."""
+        if isinstance(self.router, DeviceConstrainedRouter):
+            raise ValueError("apply_plan: routing.kind device_constrained picks experts by the placement's groups, so "
+                             "a new plan would change the routing (and results): allowed with topk or c2r routing")
+        d = self.dispatcher
+        new = build_dispatcher(d.name, plan, d.groups, d.hidden_size, d.debug_checks, d.label, d.equal_tokens)
+        migrate_experts(self.experts, d.plan, plan, d.rank, d.groups.ep, optimizer)
+        self.dispatcher = new
+        self.replica_grad_sync = ReplicaGradSync(plan, new.rank, new.groups.ep, new.topology) if plan.replicas else None
 
     def sync_replica_grads(self) -> None:
         """With a replica plan: give every copy of a replicated expert the sum of all copies'

@@ -217,3 +217,71 @@ def test_layer_with_replicas_matches_reference_and_copies_stay_identical(tmp_pat
     for e, cs in copies.items():
         for c in cs[1:]:
             assert all(np.array_equal(a, b) for a, b in zip(c, cs[0])), f"copies of expert {e} differ after the step"
+
+
+# ---- live re-planning -------------------------------------------------------------------------------
+def _migration_rank(rank, world, plan_path, other_path, migrate=True):
+    cfg = config_from_dict({"model": {"hidden_size": D, "ffn_hidden_size": F, "num_experts": 8, "top_k": K},
+                            "parallel": {"nodes": 1, "gpus_per_node": world},
+                            "placement": {"plan": plan_path, "layer": 0}, "run": {"dtype": "float64", "seed": 4}})
+    groups = build_process_groups(Topology(1, world), timeout_s=60)
+    if migrate:  # the same two steps without any migration, for comparison
+        control = _migration_rank(rank, world, plan_path, other_path, migrate=False)
+    layer = build_moe_layer(cfg, groups, torch.device("cpu"))
+    opt = torch.optim.Adam(layer.experts.parameters(), lr=0.01)
+    x, idx, w, grad = _inputs(rank)
+
+    def step() -> np.ndarray:
+        opt.zero_grad()
+        out = layer.forward_routed(x, idx, w).out_TD
+        (out * grad).sum().backward()
+        layer.sync_replica_grads()
+        opt.step()
+        return out.detach().numpy().copy()
+
+    def snapshot() -> dict:
+        params = (layer.experts.w_gate_LDF, layer.experts.w_up_LDF, layer.experts.w_down_LFD)
+        return {"ids": layer.experts.global_ids, "w": [p.detach().numpy().copy() for p in params],
+                "m": [opt.state[p]["exp_avg"].numpy().copy() for p in params],
+                "v": [opt.state[p]["exp_avg_sq"].numpy().copy() for p in params]}
+
+    step()
+    before = snapshot()
+    with torch.no_grad():
+        out_before = layer.forward_routed(x, idx, w).out_TD.numpy().copy()
+    if not migrate:
+        step()
+        return snapshot()
+    other = PlanFile.load(other_path).layers[0]
+    layer.apply_plan(other, opt)
+    moved = snapshot()
+    with torch.no_grad():
+        out_moved = layer.forward_routed(x, idx, w).out_TD.numpy().copy()
+    step()  # training goes on under the new plan (replica gradient sync included)
+    layer.apply_plan(PlanFile.load(plan_path).layers[0], opt)
+    return {"before": before, "moved": moved, "out_before": out_before, "out_moved": out_moved, "back": snapshot(),
+            "control": control}
+
+
+def test_apply_plan_moves_weights_and_optimizer_state_and_changes_no_result(tmp_path):
+    world = 4
+    start, other = PlacementPlan.random(8, world, 1), replica_plan(8, world, 1, seed=9)
+    for name, plan in (("start", start), ("other", other)):
+        PlanFile(Topology(1, world), 8, {0: plan}, "test").save(tmp_path / f"{name}.json")
+    got = run_ranks(world, _migration_rank, str(tmp_path / "start.json"), str(tmp_path / "other.json"))
+    by_expert: dict[int, list] = {}
+    for res in got:
+        for slot, e in enumerate(res["before"]["ids"]):
+            by_expert[e] = [res["before"][k][i][slot] for k in ("w", "m", "v") for i in range(3)]
+    for r, res in enumerate(got):
+        np.testing.assert_allclose(res["out_moved"], res["out_before"], rtol=1e-12, atol=1e-12)
+        assert res["moved"]["ids"] == other.rank_experts[r]
+        for slot, e in enumerate(res["moved"]["ids"]):  # every copy, replicas included, came over intact
+            moved = [res["moved"][k][i][slot] for k in ("w", "m", "v") for i in range(3)]
+            assert all(np.array_equal(a, b) for a, b in zip(moved, by_expert[e])), (r, e)
+        assert res["back"]["ids"] == start.rank_experts[r]
+    for res in got:  # a step under the replica plan, then back: the same model as two steps without moving
+        assert res["back"]["ids"] == res["control"]["ids"]
+        for k in ("w", "m", "v"):
+            for a, b in zip(res["back"][k], res["control"][k]):
+                np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)

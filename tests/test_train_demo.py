@@ -63,6 +63,23 @@ def test_dispatchers_give_the_same_losses_and_resume_continues_exactly(tmp_path,
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-12), (x, y)
 
 
+def test_live_replanning_moves_experts_and_changes_no_loss(tmp_path, text):
+    """--replan-every: the placement changes during training (experts and Adam state move), the
+    losses do not (float64)."""
+    flags = ["--dispatcher", "dedup", "--steps", "6", "--topology", "1x4", "--num-experts", "8"]
+    plain = _train(text, tmp_path / "plain.jsonl", *flags)
+    moved = _train(text, tmp_path / "moved.jsonl", *flags, "--replan-every", "2")
+    replans = [r for r in moved if r["kind"] == "replan"]
+    assert [r["step"] for r in replans] == [2, 4, 6]
+    contiguous = [e // 2 for e in range(8)]
+    assert any(ranks != contiguous for r in replans for ranks in r["expert_to_rank"])  # experts did move
+    plain_rows = [r for r in plain if r["kind"] != "replan"]
+    moved_rows = [r for r in moved if r["kind"] != "replan"]
+    assert [(r["kind"], r["step"]) for r in plain_rows] == [(r["kind"], r["step"]) for r in moved_rows]
+    for x, y in zip(plain_rows, moved_rows):
+        assert abs(x["loss"] - y["loss"]) < 1e-9, (x, y)
+
+
 @pytest.mark.parametrize("flags, words", [
     (["--steps", "0"], "--steps"),
     (["--seq-len", "0"], "--seq-len"),

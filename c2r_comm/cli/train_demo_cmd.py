@@ -32,6 +32,7 @@ from c2r_comm.train import checkpoint
 from c2r_comm.train.data import ByteCorpus
 from c2r_comm.train.model import MoETransformerLM
 from c2r_comm.train.record import record_routing
+from c2r_comm.train.replan import new_profiler, replan
 from c2r_comm.train.step import StepMetrics, evaluate, train_step
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2].parent / "shared" / "text"
@@ -73,6 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log", default=None, help="write one JSON line per step and per evaluation here")
     p.add_argument("--checkpoint", default=None, metavar="DIR", help="write DIR/rank<r>.pt at the end")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue from a --checkpoint DIR (steps count on)")
+    p.add_argument("--replan-every", type=int, default=0, metavar="N",
+                   help="every N steps, re-plan each MoE layer's placement from the co-activations of the steps "
+                        "since the last one and move its experts there (live re-planning; 0: off)")
 
 
 def resolve(args: argparse.Namespace) -> Config:
@@ -92,6 +96,11 @@ def resolve(args: argparse.Namespace) -> Config:
         raise ConfigError("--heads", args.heads, f"a divisor of model.hidden_size ({config.model.hidden_size})")
     if args.eval_every < 0:
         raise ConfigError("--eval-every", args.eval_every, "an integer >= 0")
+    if args.replan_every < 0:
+        raise ConfigError("--replan-every", args.replan_every, "an integer >= 0")
+    if args.replan_every and config.routing.kind == "device_constrained":
+        raise ConfigError("--replan-every", args.replan_every, "0 with routing.kind device_constrained (its routing "
+                          "follows the placement, so re-planning would change the model)")
     if not args.lr > 0:
         raise ConfigError("--lr", args.lr, "a number > 0")
     check_plan(config, range(args.layers), "--plan" if args.plan else "placement.plan")
@@ -136,13 +145,19 @@ def _train(args: argparse.Namespace, config: Config, ctx, corpus: ByteCorpus) ->
     seed = config.run.seed
     show = ctx.rank == 0
     t0 = time.perf_counter()
+    profiler = new_profiler(model) if args.replan_every else None
     bar = tqdm(range(start, start + args.steps), desc=f"train-demo {config.dispatcher}", disable=not show,
                file=sys.stderr)
     try:
         for step in bar:
             inputs, targets = (t.to(ctx.device) for t in corpus.batch("train", args.batch, args.seq_len, seed, step,
                                                                        ctx.rank))
-            m = train_step(model, optimizer, inputs, targets, groups.ep)
+            m = train_step(model, optimizer, inputs, targets, groups.ep, profiler)
+            if args.replan_every and (step + 1) % args.replan_every == 0:
+                plans = replan(model, profiler, optimizer, groups.ep)
+                profiler = new_profiler(model)
+                _write(log, {"kind": "replan", "step": step + 1,
+                             "expert_to_rank": [list(p.expert_to_rank) for p in plans]})
             bar.set_postfix(loss=f"{m.loss:.3f}", cv=f"{m.load_cv:.2f}", copies=f"{m.copies_per_token:.2f}")
             _write(log, {"kind": "train", "step": step + 1, **m.as_dict()})
             last = step + 1 == start + args.steps

@@ -10,7 +10,7 @@ GPUs per token, so every rank logs the same numbers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from c2r_comm.comm_failures import group_site, guard
+from c2r_comm.routing.collaboration import CollaborationProfiler
 from c2r_comm.train.model import LMOutput, MoETransformerLM
 
 
@@ -67,10 +68,14 @@ def _metrics(model: MoETransformerLM, out: LMOutput, ce_sum: torch.Tensor, token
 
 
 def train_step(model: MoETransformerLM, optimizer: torch.optim.Optimizer, inputs_BS: torch.Tensor,
-               targets_BS: torch.Tensor, group: Any) -> StepMetrics:
+               targets_BS: torch.Tensor, group: Any, profiler: Optional[CollaborationProfiler] = None) -> StepMetrics:
+    """profiler: collects each MoE layer's routing of this step (for live re-planning, train/replan.py)."""
     world = dist.get_world_size(group)
     optimizer.zero_grad(set_to_none=True)
     out = model(inputs_BS)
+    if profiler is not None:
+        for layer, idx_TK in enumerate(out.topk_idx_LTK):
+            profiler.update(layer, idx_TK.detach())
     ce_sum = F.cross_entropy(out.logits_BSV.reshape(-1, out.logits_BSV.shape[-1]), targets_BS.reshape(-1),
                              reduction="sum")
     tokens = targets_BS.numel()
