@@ -32,7 +32,8 @@ class PlacementPlan:
     def __post_init__(self) -> None:
         e2r = tuple(int(r) for r in self.expert_to_rank)
         object.__setattr__(self, "expert_to_rank", e2r)
-        object.__setattr__(self, "replicas", tuple(tuple(sorted(int(e) for e in rep)) for rep in self.replicas))
+        replicas = tuple(tuple(sorted(int(e) for e in rep)) for rep in self.replicas)
+        object.__setattr__(self, "replicas", replicas if any(replicas) else ())  # all empty: no replicas
         E, W = len(e2r), self.world_size
         if W < 1 or E < 1:
             raise ValueError(f"PlacementPlan needs >= 1 expert and >= 1 rank, got {E} experts, {W} ranks")

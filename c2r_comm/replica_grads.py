@@ -83,7 +83,9 @@ class ReplicaGradSync:
             offset = 0
             for p in params:
                 n = p[0].numel()
-                if p.grad is None:
+                part = buf[row, offset:offset + n].view_as(p[0])
+                if p.grad is None and bool(part.any()):  # no local tokens, but other copies had some
                     p.grad = torch.zeros_like(p)
-                p.grad[slot].copy_(buf[row, offset:offset + n].view_as(p[0]))
+                if p.grad is not None:
+                    p.grad[slot].copy_(part)
                 offset += n

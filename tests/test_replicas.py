@@ -60,6 +60,12 @@ def test_replica_plan_maps_and_validation():
         PlacementPlan((0, 0, 1, 1, 2, 2, 3, 3), 4, ((2,), (0,), (0,), (0,)))
 
 
+def test_empty_replica_lists_are_no_replicas():
+    plan = PlacementPlan((0, 0, 1, 1), 2, ((), ()))
+    assert plan.replicas == () and plan == PlacementPlan((0, 0, 1, 1), 2)
+    assert plan.fingerprint() == PlacementPlan((0, 0, 1, 1), 2).fingerprint()
+
+
 def test_plan_file_round_trip_and_old_files(tmp_path):
     topo = Topology(2, 2)
     plan = replica_plan(8, 4, 2, seed=3)
@@ -78,6 +84,15 @@ def test_plan_file_round_trip_and_old_files(tmp_path):
 
 
 # ---- the dispatch's replica choice ------------------------------------------------------------------
+def _choice_key(ranks, source: int, gpus: int, by_node: bool) -> tuple:
+    """What choose_copies minimises first: (other nodes,) other ranks, then distinct ranks."""
+    rs = set(ranks)
+    key = (len(rs - {source}), len(rs))
+    if by_node:
+        key = (len({r // gpus for r in rs} - {source // gpus}),) + key
+    return key
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.integers(0, 10_000), st.sampled_from([(2, 1), (4, 1), (2, 2), (8, 1)]), st.integers(1, 2),
        st.integers(1, 4), st.booleans())
@@ -92,9 +107,10 @@ def test_replica_choice_is_a_minimum_cover(seed, topo, R, K, with_drops):
     idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
     valid = torch.rand(T, K, generator=g) > 0.2 if with_drops else torch.ones(T, K, dtype=torch.bool)
     ranks, slots = plan.host_tensors()
+    source = seed % W
     for by_node in (False, True):
-        rank_TK, slot_TK = choose_copies(idx, valid, ranks, slots, W, gpus, by_node)
-        again = choose_copies(idx, valid, ranks, slots, W, gpus, by_node)
+        rank_TK, slot_TK = choose_copies(idx, valid, ranks, slots, W, gpus, source, by_node)
+        again = choose_copies(idx, valid, ranks, slots, W, gpus, source, by_node)
         assert torch.equal(rank_TK, again[0]) and torch.equal(slot_TK, again[1])  # deterministic
         for t in range(T):
             chosen = [(e, r, s) for e, r, s, v in zip(idx[t].tolist(), rank_TK[t].tolist(), slot_TK[t].tolist(),
@@ -103,25 +119,35 @@ def test_replica_choice_is_a_minimum_cover(seed, topo, R, K, with_drops):
             experts = [e for e, _, _ in chosen]
             if not experts:
                 continue
-            got_ranks, got_nodes = len({r for _, r, _ in chosen}), len({r // gpus for _, r, _ in chosen})
-            if by_node:
-                assert got_nodes == brute_min_cover(plan, experts, lambda r: r // gpus)
-                best = min(len(set(c)) for c in itertools.product(*(plan.hosts_of_expert[e] for e in experts))
-                           if len({r // gpus for r in c}) == got_nodes)
-                assert got_ranks == best
-            else:
-                assert got_ranks == brute_min_cover(plan, experts)
+            best = min(_choice_key(c, source, gpus, by_node)
+                       for c in itertools.product(*(plan.hosts_of_expert[e] for e in experts)))
+            assert _choice_key([r for _, r, _ in chosen], source, gpus, by_node) == best
+            if not by_node and source not in {r for _, r, _ in chosen}:  # then it is a minimum cover too
+                assert len({r for _, r, _ in chosen}) == brute_min_cover(plan, experts)
 
 
-def test_ties_go_to_the_less_loaded_copy_then_the_primary():
+def test_load_never_outweighs_the_cover():
+    """A heavily loaded rank that covers a token alone still wins over two lighter ones."""
+    plan = PlacementPlan((0, 0, 1, 1, 2, 2, 3, 3), 4, ((2, 3), (6, 7), (0, 1), (2, 3)))
+    ranks, slots = plan.host_tensors()
+    idx = torch.tensor([[4, 0, 1]] + [[4, 5, 7]] * 9)  # rank 2 holds 4, 0 and 1; it also carries 4 and 5
+    rank_TK, _ = choose_copies(idx, torch.ones_like(idx, dtype=torch.bool), ranks, slots, 4, 4, 3)
+    assert rank_TK[0].tolist() == [2, 2, 2]
+
+
+def test_ties_go_to_the_local_copy_then_the_less_loaded_then_the_primary():
     # expert 0 on ranks 0 (primary) and 1; experts 2, 3 live on rank 1 only, so rank 1 is loaded
     plan = PlacementPlan((0, 0, 1, 1), 2, ((2,), (0,)))
     ranks, slots = plan.host_tensors()
+    ones = torch.ones(3, 1, dtype=torch.bool)
     idx = torch.tensor([[0], [2], [3]])
-    rank_TK, _ = choose_copies(idx, torch.ones(3, 1, dtype=torch.bool), ranks, slots, 2, 2)
-    assert rank_TK[0, 0] == 0  # the less loaded copy (rank 1 carries experts 2 and 3)
-    idx = torch.tensor([[0]])  # no forced load anywhere: the first copy in hosts_of_expert order
-    assert choose_copies(idx, torch.ones(1, 1, dtype=torch.bool), ranks, slots, 2, 2)[0][0, 0] == 0
+    assert choose_copies(idx, ones, ranks, slots, 2, 2, source_rank=1)[0][0, 0] == 1  # its own rank's copy
+    plan3 = PlacementPlan((1, 0, 0, 1, 2, 2), 3, ((0,), (2,), (1,)))  # expert 0: primary on 1, copy on 0
+    ranks3, slots3 = plan3.host_tensors()
+    rank_TK, _ = choose_copies(torch.tensor([[0], [3], [3]]), ones, ranks3, slots3, 3, 3, source_rank=2)
+    assert rank_TK[0, 0] == 0  # the less loaded copy: rank 1 carries expert 3 twice
+    one = torch.ones(1, 1, dtype=torch.bool)  # no forced load anywhere: the first copy (the primary)
+    assert choose_copies(torch.tensor([[0]]), one, ranks3, slots3, 3, 3, source_rank=2)[0][0, 0] == 1
 
 
 # ---- the planner ------------------------------------------------------------------------------------
@@ -147,6 +173,16 @@ def test_replica_selection_objective_is_exact_and_fills_every_slot(topo):
     m = placement_metrics(plan, topology, ids)  # the dispatch's choice realises the minimum
     if topology.nodes == 1:
         assert m.gpus_per_token == pytest.approx(after)
+
+
+def test_replica_selection_never_paints_itself_into_a_corner():
+    """E = W = 4, R = 2: greedy choices could leave a GPU whose free slot no expert may fill (every
+    other expert already has R copies); each step keeps the remaining slots fillable."""
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        ids = np.array([rng.choice(4, 2, replace=False) for _ in range(50)])
+        plan = select_replicas(PlacementPlan.random(4, 4, seed), ids, Topology(1, 4), 2).plan
+        assert plan.replica_slots == 2 and max(len(h) for h in plan.hosts_of_expert) <= 3
 
 
 # ---- a layer with replicas on gloo ranks --------------------------------------------------------------

@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="iterated local search rounds on the exact objective after refinement (slower; 0: off)")
     p.add_argument("--replica-slots", type=int, default=0, metavar="R",
                    help="R replica slots per GPU, chosen to cut GPUs (and nodes) per token (0: no replicas)")
+    p.add_argument("--replica-load-tolerance", type=float, default=None,
+                   help="the replica selection's bound on the modelled per-GPU load (an expert's load split "
+                        "equally over its copies; default: --load-tolerance)")
     p.add_argument("--partitioner", choices=PARTITIONERS, default="auto")
     p.add_argument("--ip-runs", type=int, default=1, help="Mt-KaHyPar initial-partitioning runs (preset: 20)")
     p.add_argument("--threads", type=int, default=2, help="Mt-KaHyPar threads")
@@ -106,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
     options = PlannerOptions(load_tolerance=args.load_tolerance, refine=not args.no_refine,
                              hierarchical=hierarchical, inter_node_cost=args.inter_node_cost, seed=args.seed,
                              polish_kicks=args.polish_kicks, replica_slots=args.replica_slots,
+                             replica_load_tolerance=args.replica_load_tolerance,
                              partition=PartitionSettings(args.partitioner, args.seed, args.threads, args.ip_runs))
     fmt = lambda r: f"{'' if r[0] is None else r[0]}:{'' if r[1] is None else r[1]}"
     info = {"trace": str(args.trace), "fit_prompts": fmt(fit_range), "eval_prompts": fmt(eval_range)}

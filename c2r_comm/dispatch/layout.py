@@ -176,9 +176,9 @@ class RankGeometry:
 
     def copies(self, idx_TK: torch.Tensor, valid_TK: torch.Tensor, by_node: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(rank_TK, slot_TK) each choice is sent to: its expert's only copy, or with replicas the
-        copies that cover the token with the fewest ranks (nodes first with by_node;
-        placement/replica_choice.py)."""
+        copies that reach the token's experts with the fewest other ranks (other nodes first with
+        by_node; placement/replica_choice.py)."""
         if self.host_rank_EH is None:
             return self.rank_of_expert_E[idx_TK], self.slot_of_expert_E[idx_TK]
         return choose_copies(idx_TK, valid_TK, self.host_rank_EH, self.host_slot_EH, self.world_size,
-                             self.topology.gpus_per_node, by_node)
+                             self.topology.gpus_per_node, self.rank, by_node)

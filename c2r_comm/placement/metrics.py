@@ -53,8 +53,9 @@ def _holds(group_of_expert: np.ndarray, ids_TK: np.ndarray, group_T: np.ndarray)
 
 def chosen_copies(plan: PlacementPlan, topology: Topology, ids_TK: np.ndarray, source_rank_T: np.ndarray) -> np.ndarray:
     """int64 [T, K]: the rank each (token, choice) goes to under a replica plan, by the dispatchers'
-    own rule (replica_choice.choose_copies; nodes first on multi-node topologies, as the
-    hierarchical exchange chooses), each source rank's tokens as one batch."""
+    own rule (replica_choice.choose_copies), each source rank's tokens as one batch. On several
+    nodes it is the hierarchical exchange's choice (other nodes first); dedup and alltoall choose by
+    ranks alone, so there their realised counts can differ slightly."""
     host_rank_EH, host_slot_EH = plan.host_tensors()
     ids = torch.as_tensor(ids_TK, dtype=torch.int64)
     out = np.zeros(ids_TK.shape, dtype=np.int64)
@@ -62,7 +63,7 @@ def chosen_copies(plan: PlacementPlan, topology: Topology, ids_TK: np.ndarray, s
         rows = np.nonzero(source_rank_T == r)[0]
         block = ids[torch.from_numpy(rows)]
         rank_TK, _ = choose_copies(block, torch.ones_like(block, dtype=torch.bool), host_rank_EH, host_slot_EH,
-                                   plan.world_size, topology.gpus_per_node, by_node=topology.nodes > 1)
+                                   plan.world_size, topology.gpus_per_node, r, by_node=topology.nodes > 1)
         out[rows] = rank_TK.numpy()
     return out
 

@@ -34,6 +34,7 @@ class PlannerOptions:
     inter_node_cost: float = 4.0  # refinement: one more node per token costs this many more GPUs
     polish_kicks: int = 0  # iterated-local-search rounds on the exact objective after refinement (slow)
     replica_slots: int = 0  # R replica slots per GPU on the chosen method's plan (placement/replicas.py)
+    replica_load_tolerance: Optional[float] = None  # the replica selection's modelled load bound (None: load_tolerance)
     seed: int = 0
     partition: PartitionSettings = field(default_factory=PartitionSettings)
 
@@ -44,6 +45,9 @@ class PlannerOptions:
             raise ValueError(f"inter_node_cost = {self.inter_node_cost} is invalid: allowed >= 0")
         if isinstance(self.replica_slots, bool) or not isinstance(self.replica_slots, int) or self.replica_slots < 0:
             raise ValueError(f"replica_slots = {self.replica_slots!r} is invalid: allowed an integer >= 0")
+        if self.replica_load_tolerance is not None and not self.replica_load_tolerance >= 1.0:
+            raise ValueError(f"replica_load_tolerance = {self.replica_load_tolerance} is invalid: allowed a max/mean "
+                             "ratio >= 1.0")
         if self.polish_kicks < 0:
             raise ValueError(f"polish_kicks = {self.polish_kicks} is invalid: allowed an integer >= 0")
 

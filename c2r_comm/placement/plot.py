@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from c2r_comm.placement.metrics import PlacementMetrics, expert_loads, rank_loads
+from c2r_comm.placement.metrics import PlacementMetrics, chosen_copies, dealt_source_ranks, expert_loads, rank_loads
 from c2r_comm.routing.collaboration import coactivation_counts
 from c2r_comm.plan import PlacementPlan
 from c2r_comm.topology import Topology
@@ -40,10 +40,10 @@ def draw_coactivation_heatmap(ax: Any, counts_EE: np.ndarray, plan: PlacementPla
     E = plan.num_experts
     if np.shape(counts_EE) != (E, E):
         raise ValueError(f"co-activation counts must be [{E}, {E}] for the plan's experts, got {np.shape(counts_EE)}")
-    order = [e for experts in plan.rank_experts for e in experts]
+    per = plan.primaries_per_rank  # replicas are not drawn: each expert once, at its primary rank
+    order = [e for experts in plan.rank_experts for e in experts[:per]]
     counts = np.asarray(counts_EE, dtype=np.float64)[np.ix_(order, order)]
     im = ax.imshow(np.log1p(counts), cmap="viridis", interpolation="nearest")
-    per = plan.experts_per_rank
     for b in range(per, E, per):
         node_edge = (b // per) % topology.gpus_per_node == 0
         ax.axhline(b - 0.5, color="w" if node_edge else "r", lw=1.4 if node_edge else 0.6)
@@ -74,7 +74,10 @@ def save_placement_png(path: str | Path, layer: int, plans: Mapping[str, Placeme
     ax = axes[0]
     width = 0.8 / len(plans)
     for i, (name, plan) in enumerate(plans.items()):
-        load_R = rank_loads(load_E, plan.expert_to_rank, plan.world_size)
+        load_R = rank_loads(load_E, plan.expert_to_rank, plan.world_size) if not plan.replicas else \
+            np.bincount(chosen_copies(plan, topology, eval_ids_TK,
+                                      dealt_source_ranks(len(eval_ids_TK), plan.world_size)).reshape(-1),
+                        minlength=plan.world_size).astype(np.float64)  # the copies the dispatchers choose
         ax.bar(np.arange(plan.world_size) + (i - (len(plans) - 1) / 2) * width, load_R / load_R.mean(), width,
                label=name)
     ax.axhline(1.0, color="k", lw=0.8)

@@ -1,38 +1,57 @@
-"""Replica choice: which copy of each chosen expert a token goes to (dispatch layout() and the
-placement metrics use this one rule, so planned and dispatched copies agree).
+"""Replica choice: which copy of each chosen expert a token goes to (every dispatcher's layout()
+and the placement metrics use this one rule, so planned and dispatched copies agree).
 
 With replicas (plan.replicas) an expert lives on up to H ranks. For every token this picks one
-copy per choice so that the token touches the fewest distinct ranks (with `by_node`, the fewest
-distinct nodes first, then ranks: what the hierarchical exchange pays for), exactly: every
-combination of copies (H^k of them; k <= 8, H = 1 + R) is enumerated on the device, in token
-chunks of bounded memory. Ties go to the less loaded copies of this batch: the score is the sum,
-over the token's choices, of the load of the chosen copy's rank, where a rank's load is the number
-of this batch's (token, choice) pairs whose expert lives on that rank alone (their load is fixed
-whatever the choice). Remaining ties go to the first combination (copies in `hosts_of_expert`
-order: the primary first), so the choice is deterministic and identical on every device.
+copy per choice, exactly, by enumerating every combination of copies (H^k of them, k the top-k)
+on the device, in token chunks of bounded memory, and comparing lexicographically:
+1. the fewest ranks other than the token's own (the rows a dedup dispatch sends over links); with
+   `by_node` (the hierarchical exchange) first the fewest nodes other than its own, then those ranks;
+2. the fewest distinct ranks (own rank included: rows the experts compute);
+3. the least loaded copies of this batch: the sum over the token's choices of the load of the
+   chosen copy's rank, where a rank's load is the number of this batch's (token, choice) pairs
+   whose expert lives there alone (their load is fixed whatever the choice);
+4. the first combination (copies in `hosts_of_expert` order: the primary first).
+So the choice is deterministic and identical on every device. Cost: T x H^k x k small integers
+(H = 1 + R); plans keep it bounded (PlacementPlan allows at most R copies per expert).
 
 No host sync: shapes come from T, K and H; the per-rank counts the count exchange sends are
 computed from the chosen ranks as without replicas.
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 MAX_CHUNK_ELEMENTS = 1 << 22  # tokens x combinations x k per chunk (int64: 32 MB)
 
 
-def combinations(num_hosts: int, k: int, device: torch.device) -> torch.Tensor:
-    """int64 [H^k, k]: column choice of every choice in each combination (base-H digits, the
-    first choice's digit most significant, so combination 0 takes every primary)."""
+@lru_cache(maxsize=32)
+def _combinations(num_hosts: int, k: int, device: str) -> torch.Tensor:
     n = num_hosts ** k
     digits = torch.arange(n, device=device).unsqueeze(1) // (num_hosts ** torch.arange(k - 1, -1, -1, device=device))
     return digits % num_hosts
 
 
+def combinations(num_hosts: int, k: int, device: torch.device) -> torch.Tensor:
+    """int64 [H^k, k]: column choice of every choice in each combination (base-H digits, the
+    first choice's digit most significant, so combination 0 takes every primary). Cached."""
+    return _combinations(num_hosts, k, str(device))
+
+
+def _distinct(values_tCK: torch.Tensor, sentinel: int) -> torch.Tensor:
+    """[t, C] distinct values below `sentinel` along the last dim."""
+    ordered = torch.sort(values_tCK, dim=2).values
+    new = torch.ones_like(ordered, dtype=torch.bool)
+    new[..., 1:] = ordered[..., 1:] != ordered[..., :-1]
+    return (new & (ordered < sentinel)).sum(2)
+
+
 def choose_copies(idx_TK: torch.Tensor, valid_TK: torch.Tensor, host_rank_EH: torch.Tensor,
-                  host_slot_EH: torch.Tensor, world_size: int, gpus_per_node: int,
+                  host_slot_EH: torch.Tensor, world_size: int, gpus_per_node: int, source_rank: int,
                   by_node: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rank_TK, slot_TK): the chosen copy of every choice (entries of invalid choices: the primary).
+    """(rank_TK, slot_TK): the chosen copy of every choice of `source_rank`'s tokens (entries of
+    invalid choices: any copy; masked out by the caller).
 
     idx_TK: expert ids with dropped choices already replaced by a valid id (valid_TK says which)."""
     T, K = idx_TK.shape
@@ -42,7 +61,7 @@ def choose_copies(idx_TK: torch.Tensor, valid_TK: torch.Tensor, host_rank_EH: to
     slot_TKH = host_slot_EH[idx_TK]
     if H == 1 or T == 0 or K == 0:
         return rank_TKH[..., 0], slot_TKH[..., 0]
-    W = world_size
+    W, G = world_size, gpus_per_node
     single_TK = (rank_TKH == rank_TKH[..., :1]).all(-1) & valid_TK
     forced_W = torch.zeros(W + 1, dtype=torch.int64, device=device).index_add_(
         0, torch.where(single_TK, rank_TKH[..., 0], W).reshape(-1), torch.ones(T * K, dtype=torch.int64, device=device))
@@ -51,7 +70,7 @@ def choose_copies(idx_TK: torch.Tensor, valid_TK: torch.Tensor, host_rank_EH: to
     rank_TKH = torch.where(valid_TK.unsqueeze(-1), rank_TKH, W)
     combo_CK = combinations(H, K, device)
     C = combo_CK.shape[0]
-    score_cap = T * K + 1  # the load score of one token is at most T*K
+    base = K + 2  # every count below is at most K + 1
     chunk = max(1, MAX_CHUNK_ELEMENTS // (C * K))
     best = []
     for start in range(0, T, chunk):  # host loop over token chunks (shapes only: no sync)
@@ -59,18 +78,17 @@ def choose_copies(idx_TK: torch.Tensor, valid_TK: torch.Tensor, host_rank_EH: to
         t = r_tKH.shape[0]
         picked_tCK = torch.gather(r_tKH.unsqueeze(1).expand(t, C, K, H), 3,
                                   combo_CK.view(1, C, K, 1).expand(t, C, K, 1)).squeeze(3)
-        ranks_sorted = torch.sort(picked_tCK, dim=2).values
-        new_rank = torch.ones_like(ranks_sorted, dtype=torch.bool)
-        new_rank[..., 1:] = ranks_sorted[..., 1:] != ranks_sorted[..., :-1]
-        size = (new_rank & (ranks_sorted < W)).sum(2)
+        ranks = _distinct(picked_tCK, W)
+        remote_ranks = ranks - (picked_tCK == source_rank).any(2).long()
+        key = remote_ranks * base + ranks
         if by_node:
-            nodes_sorted = torch.sort(torch.where(picked_tCK < W, picked_tCK // gpus_per_node, W), dim=2).values
-            new_node = torch.ones_like(nodes_sorted, dtype=torch.bool)
-            new_node[..., 1:] = nodes_sorted[..., 1:] != nodes_sorted[..., :-1]
-            size = (new_node & (nodes_sorted < W)).sum(2) * (K + 1) + size
+            node_tCK = torch.where(picked_tCK < W, picked_tCK // G, W)
+            remote_nodes = _distinct(node_tCK, W) - (node_tCK == source_rank // G).any(2).long()
+            key = remote_nodes * base * base + key
         load = forced_W[picked_tCK].sum(2)
-        key = (size * score_cap + load) * C + torch.arange(C, device=device)
-        best.append(key.argmin(1))
+        # lexicographic: the smallest key first, then among those the least load, then the first
+        load = torch.where(key == key.min(1, keepdim=True).values, load, torch.iinfo(torch.int64).max)
+        best.append(load.argmin(1))
     combo_T = torch.cat(best)
     column_TK = combo_CK[combo_T]
     return (torch.gather(host_rank_EH[idx_TK], 2, column_TK.unsqueeze(2)).squeeze(2),

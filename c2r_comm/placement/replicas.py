@@ -1,8 +1,10 @@
 """Replica selection: fill R replica slots per GPU so that tokens touch fewer GPUs (and nodes).
 
-Objective, exact: a token's cost is the minimum number of distinct GPUs that hold a copy of each
-of its k experts (a minimum set cover over W GPUs), on multi-node topologies (k+1) x the minimum
-number of nodes plus that (nodes first, as the hierarchical exchange pays). It is computed for
+Objective: a token's cost is the minimum number of distinct GPUs that hold a copy of each of its
+k experts (a minimum set cover over W GPUs, exact), on multi-node topologies plus (k+1) x the
+minimum number of nodes (exact too; nodes first, as the hierarchical exchange pays). The two
+minima are taken separately, so on several nodes the GPU term is a lower bound of what the
+hierarchical choice (fewest nodes, then ranks) realises. It is computed for
 every fit token with packed bitsets: a set S of GPUs covers a token iff S meets every expert's
 host set, so with the 2^W subsets as bits, the subsets that cover the token are the AND over its
 experts of a per-host-set table, and its minimum cover is the smallest popcount level that this
@@ -123,6 +125,39 @@ class ReplicaSelection:
     modelled_load_max_over_mean: float
 
 
+def _fillable(hosts: list[list[int]], free: np.ndarray, R: int) -> bool:
+    """Whether the free slots can all still be filled: a bipartite b-matching of GPUs (capacity:
+    free slots) to experts (capacity: R - replicas so far) over pairs where the GPU has no copy."""
+    W, E = len(free), len(hosts)
+    need = int(free.sum())
+    cap_e = [R - (len(h) - 1) for h in hosts]
+    # augmenting paths on the unit-expanded graph: slot units of each GPU against expert units
+    match_e: dict[int, list[int]] = {e: [] for e in range(E)}  # expert -> GPUs it is matched to
+
+    def augment(g: int, seen: set[int]) -> bool:
+        for e in range(E):
+            if e in seen or g in hosts[e] or g in match_e[e]:
+                continue
+            seen.add(e)
+            if len(match_e[e]) < cap_e[e]:
+                match_e[e].append(g)
+                return True
+            for other in list(match_e[e]):
+                match_e[e].remove(other)
+                match_e[e].append(g)
+                if augment(other, seen):
+                    return True
+                match_e[e].remove(g)
+                match_e[e].append(other)
+        return False
+
+    matched = 0
+    for g in range(W):
+        for _ in range(int(free[g])):
+            matched += augment(g, set())
+    return matched == need
+
+
 def select_replicas(base: PlacementPlan, fit_ids_TK: np.ndarray, topology: Topology, replica_slots: int,
                     load_tolerance: float = 1.10) -> ReplicaSelection:
     """`base` (no replicas) plus R replica slots per GPU, chosen greedily (see the module docstring)."""
@@ -162,9 +197,12 @@ def select_replicas(base: PlacementPlan, fit_ids_TK: np.ndarray, topology: Topol
     def imbalance(load: np.ndarray) -> float:
         return float(load.max() / load.mean()) if load.mean() > 0 else 1.0
 
+    if R and not _fillable(hosts, free, R):
+        raise ValueError(f"--replica-slots {R}: no way to fill every GPU's {R} replica slots with at most {R} copies "
+                         f"per expert on {W} GPUs and {E} experts")
     for _ in range(W * R):
         current = imbalance(loads())
-        best = None
+        candidates = []
         for e in range(E):
             if len(hosts[e]) - 1 >= R:
                 continue
@@ -180,11 +218,21 @@ def select_replicas(base: PlacementPlan, fit_ids_TK: np.ndarray, topology: Topol
                 within = new_imb <= max(load_tolerance, current) + 1e-12
                 # within the tolerance: the largest gain; else (every slot must be filled) the least imbalance
                 key = (0, -gn, new_imb, e, g) if within else (1, new_imb, -gn, e, g)
-                if best is None or key < best[0]:
-                    best = (key, e, g)
-        if best is None:  # cannot happen: R <= E - E/W leaves every GPU a candidate
-            raise ValueError(f"no replica slot can be filled ({int(free.sum())} slots left)")
-        _, e, g = best
+                candidates.append((key, e, g))
+        best = None
+        for _, e, g in sorted(candidates):  # the best copy that leaves the other slots fillable
+            hosts[e].append(g)
+            free[g] -= 1
+            ok = _fillable(hosts, free, R)
+            hosts[e].pop()
+            free[g] += 1
+            if ok:
+                best = (e, g)
+                break
+        if best is None:
+            raise ValueError(f"--replica-slots {R}: no way to fill every GPU's {R} replica slots with at most {R} "
+                             f"copies per expert on {W} GPUs and {E} experts")
+        e, g = best
         rows, cols = token_rows[e]
         gpu.add_host(e, int(gpu.mask_E[e] | (1 << g)), rows, cols)
         if node is not None:

@@ -213,12 +213,14 @@ class CollaborationProfiler:
         self._gpu_sum_L = torch.zeros(L, dtype=torch.long, device=device)
         self._node_sum_L = torch.zeros(L, dtype=torch.long, device=device)
 
-    def update(self, layer: int, topk_idx_TK: torch.Tensor) -> None:
-        """Add one batch of one layer's selections."""
+    def update(self, layer: int, topk_idx_TK: torch.Tensor, check: bool = True) -> None:
+        """Add one batch of one layer's selections. check=False skips the id checks (three host
+        syncs) for routing a router just produced (training loops)."""
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer {layer} is out of range: the profiler has layers 0..{self.num_layers - 1}")
         ids_TK = torch.as_tensor(topk_idx_TK)
-        check_expert_ids(ids_TK, self.num_experts, layer)
+        if check:
+            check_expert_ids(ids_TK, self.num_experts, layer)
         K = ids_TK.shape[1]
         if self.top_k is None:
             self.top_k = K

@@ -37,8 +37,9 @@ class StepMetrics:
                     copies_per_token=self.copies_per_token, gpus_per_token=self.gpus_per_token)
 
 
-def _distinct_ranks(rank_of_expert_E: torch.Tensor, idx_TK: torch.Tensor) -> torch.Tensor:
-    r_TK = rank_of_expert_E[idx_TK].sort(dim=1).values
+def _distinct_ranks(geo, idx_TK: torch.Tensor, by_node: bool) -> torch.Tensor:
+    """Distinct GPUs each token's experts are sent to: the dispatcher's own choice of copies."""
+    r_TK = geo.copies(idx_TK, torch.ones_like(idx_TK, dtype=torch.bool), by_node)[0].sort(dim=1).values
     return 1 + (r_TK[:, 1:] != r_TK[:, :-1]).sum(dim=1)
 
 
@@ -46,8 +47,8 @@ def _metrics(model: MoETransformerLM, out: LMOutput, ce_sum: torch.Tensor, token
     """One all_reduce of [ce sum, tokens, aux, copies, distinct GPUs, loads per layer and expert]."""
     E = model.moes[0].router.num_experts if model.moes else 1
     loads = [torch.bincount(i.reshape(-1), minlength=E).to(torch.float64) for i in out.topk_idx_LTK]
-    distinct = [_distinct_ranks(m.dispatcher.geometry(i.device).rank_of_expert_E, i).sum()
-                for m, i in zip(model.moes, out.topk_idx_LTK)]  # the dispatcher's cached expert -> rank map
+    distinct = [_distinct_ranks(m.dispatcher.geometry(i.device), i, m.dispatcher.name == "hierarchical").sum()
+                for m, i in zip(model.moes, out.topk_idx_LTK)]  # the dispatcher's cached expert -> rank maps
     device = ce_sum.device
     head = torch.stack([ce_sum.detach().to(torch.float64), torch.tensor(float(tokens), dtype=torch.float64, device=device),
                         out.aux_loss.detach().to(device, torch.float64) * tokens,
@@ -75,7 +76,7 @@ def train_step(model: MoETransformerLM, optimizer: torch.optim.Optimizer, inputs
     out = model(inputs_BS)
     if profiler is not None:
         for layer, idx_TK in enumerate(out.topk_idx_LTK):
-            profiler.update(layer, idx_TK.detach())
+            profiler.update(layer, idx_TK.detach(), check=False)  # the router's own ids: valid
     ce_sum = F.cross_entropy(out.logits_BSV.reshape(-1, out.logits_BSV.shape[-1]), targets_BS.reshape(-1),
                              reduction="sum")
     tokens = targets_BS.numel()
