@@ -87,8 +87,8 @@ class _Level:
         self.others_TKW = prefix & suffix  # AND over the token's other choices
         self.cost_T = tables.min_cover(self.others_TKW[:, 0] & cover_TKW[:, 0])
 
-    def gains(self, e: int, new_masks_G: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """[G] summed cost reduction if expert e's host set became each of new_masks_G."""
+    def gains(self, new_masks_G: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """[G] summed cost reduction if the expert at (rows, cols) had each host set of new_masks_G."""
         if rows.size == 0:
             return np.zeros(len(new_masks_G))
         new = self.tables.min_cover(self.others_TKW[rows, cols][:, None, :] & self.tables.cover_HW[new_masks_G][None])
@@ -210,9 +210,9 @@ def select_replicas(base: PlacementPlan, fit_ids_TK: np.ndarray, topology: Topol
             if gs.size == 0:
                 continue
             rows, cols = token_rows[e]
-            gain = gpu.gains(e, gpu.mask_E[e] | (1 << gs), rows, cols)
+            gain = gpu.gains(gpu.mask_E[e] | (1 << gs), rows, cols)
             if node is not None:
-                gain = gain + weight * node.gains(e, node.mask_E[e] | (1 << (gs // G)), rows, cols)
+                gain = gain + weight * node.gains(node.mask_E[e] | (1 << (gs // G)), rows, cols)
             for g, gn in zip(gs.tolist(), gain.tolist()):
                 new_imb = imbalance(loads((e, g)))
                 within = new_imb <= max(load_tolerance, current) + 1e-12
