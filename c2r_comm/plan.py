@@ -9,6 +9,8 @@ replicas in ascending global id; without replicas a plan is fully described by `
 from __future__ import annotations
 
 import hashlib
+import math
+import numbers
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -28,6 +30,10 @@ class PlacementPlan:
     # replicas[r]: experts rank r holds a copy of (ascending); () = no replicas. Every rank holds
     # the same number R of them, never its own primaries, and an expert has at most R copies.
     replicas: tuple[tuple[int, ...], ...] = ()
+    # With replicas: the per-rank load (rows of one dispatch batch, max/mean) above which the copy
+    # choice trades a little cover for balance (placement/replica_choice.py); None: load only
+    # breaks ties between equally small covers.
+    copy_load_cap: Optional[float] = None
 
     def __post_init__(self) -> None:
         e2r = tuple(int(r) for r in self.expert_to_rank)
@@ -47,6 +53,14 @@ class PlacementPlan:
             raise ValueError(f"PlacementPlan: every rank must host {E // W} experts, got per-rank counts {counts.tolist()}")
         if self.replicas:
             self._check_replicas()
+        if self.copy_load_cap is not None:
+            cap = self.copy_load_cap
+            if isinstance(cap, bool) or not isinstance(cap, numbers.Real) or not (math.isfinite(cap) and cap >= 1.0):
+                raise ValueError(f"PlacementPlan: copy_load_cap = {cap!r} is invalid: allowed a finite max/mean >= 1.0 "
+                                 "(or None)")
+            if not self.replicas:
+                raise ValueError("PlacementPlan: copy_load_cap needs replicas (without them each choice has one copy)")
+            object.__setattr__(self, "copy_load_cap", float(cap))
 
     def _check_replicas(self) -> None:
         E, W, rep = self.num_experts, self.world_size, self.replicas
@@ -162,6 +176,8 @@ class PlacementPlan:
         what: list = [self.world_size, self.expert_to_rank]
         if self.replicas:
             what.append(self.replicas)
+        if self.copy_load_cap is not None:
+            what.append(self.copy_load_cap)
         digest = hashlib.sha256(json.dumps(what).encode()).digest()
         return int.from_bytes(digest[:8], "little") >> 2
 
@@ -198,6 +214,7 @@ class PlanFile:
             "num_experts": self.num_experts,
             "layers": {str(l): {"expert_to_rank": list(p.expert_to_rank),
                                 **({"replicas": [list(r) for r in p.replicas]} if p.replicas else {}),
+                                **({"copy_load_cap": p.copy_load_cap} if p.copy_load_cap is not None else {}),
                                 "metrics": dict(self.metrics.get(l, {}))}
                        for l, p in sorted(self.layers.items())},
             "method": self.method,
@@ -258,8 +275,11 @@ class PlanFile:
                 for i, e in enumerate(experts):
                     if not isinstance(e, int) or isinstance(e, bool):
                         raise bad(f"layers.{key}.replicas[{r}][{i}]", e, allowed_rep)
+            cap = entry.get("copy_load_cap")
+            if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float))):
+                raise bad(f"layers.{key}.copy_load_cap", cap, "a number >= 1.0 (per-rank load max/mean) or absent")
             try:
-                plan = PlacementPlan(tuple(e2r), topo.world_size, tuple(tuple(r) for r in replicas))
+                plan = PlacementPlan(tuple(e2r), topo.world_size, tuple(tuple(r) for r in replicas), cap)
                 plan.check_matches(num_experts, topo.world_size, what=f"plan file's header (layer {key})")
             except ValueError as exc:
                 raise ValueError(f"{source}: layer {key}: {exc}") from None

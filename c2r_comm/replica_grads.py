@@ -6,7 +6,9 @@ before the optimizer step) `ReplicaGradSync` adds them up: one packed all_reduce
 over the expert-parallel group, of a buffer with one row per replicated expert (its three weight
 gradients flattened). A rank fills the rows of the experts it holds a copy of and leaves the rest
 zero; afterwards every copy reads its row back, so copies see identical gradients and, stepped by
-the same optimizer, stay bit-identical.
+the same optimizer, stay bit-identical. A rank whose experts had no tokens this step (grad None)
+gets a zero gradient tensor too, without looking at the values (no host sync): were it left None,
+its optimizer would skip the step while another copy's (with momentum) moved, and they would drift.
 
 Why one all_reduce over the whole EP group rather than one per expert over its holders: the
 replicated experts' host sets differ (up to W*R of them), so per-expert groups would mean up to
@@ -84,8 +86,7 @@ class ReplicaGradSync:
             for p in params:
                 n = p[0].numel()
                 part = buf[row, offset:offset + n].view_as(p[0])
-                if p.grad is None and bool(part.any()):  # no local tokens, but other copies had some
+                if p.grad is None:  # no local tokens this step: every copy still gets the (maybe zero) sum
                     p.grad = torch.zeros_like(p)
-                if p.grad is not None:
-                    p.grad[slot].copy_(part)
+                p.grad[slot].copy_(part)
                 offset += n

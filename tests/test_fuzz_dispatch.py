@@ -67,6 +67,7 @@ class FuzzCase:
     debug_checks: bool = False
     dropped: float = 0.0  # fraction of choices dropped (expert id -1, as capacity mode drops them)
     replicas: tuple[tuple[int, ...], ...] = ()  # per rank: experts it holds a copy of (plan.replicas)
+    copy_load_cap: Optional[float] = None  # plan.copy_load_cap (with replicas)
     hidden: int = 4
     ffn: int = 6
     seed: int = 0
@@ -81,7 +82,7 @@ class FuzzCase:
 
     @property
     def plan(self) -> PlacementPlan:
-        return PlacementPlan(self.expert_to_rank, self.world, self.replicas)
+        return PlacementPlan(self.expert_to_rank, self.world, self.replicas, self.copy_load_cap)
 
 
 # ---- inputs, identical in the ranks and in the parent ---------------------------------------------
@@ -265,7 +266,7 @@ def fuzz_cases(draw, world: int, dispatcher: Optional[str] = None) -> FuzzCase:
         expert_to_rank=expert_to_rank, top_k=k, tokens=tokens, routing=routing, hot=hot, gate=draw(st.booleans()),
         shared=draw(st.booleans()), overlap=overlap, direct=overlap == 1 and draw(st.booleans()),
         debug_checks=draw(st.booleans()), dropped=draw(st.sampled_from([0.0, 0.0, 0.3, 1.0])),
-        replicas=tuple(replicas),
+        replicas=tuple(replicas), copy_load_cap=draw(st.sampled_from([None, 1.0, 1.2])) if replicas else None,
         hidden=draw(st.integers(1, 8)), ffn=draw(st.integers(1, 8)),
         seed=draw(st.integers(0, 2**16)))
 

@@ -103,3 +103,21 @@ def test_real_trace_layer_beats_contiguous():
     assert m["hypergraph"].gpus_per_token < 0.75 * m["contiguous"].gpus_per_token
     assert m["hypergraph"].experts_per_gpu == 8
     assert result.reports[0].plans["hypergraph"].balance.met
+
+
+def test_plan_cli_replica_flags_reach_the_plan_file(tmp_path, trace, capsys):
+    trace.save(tmp_path / "t.npz")
+    out = tmp_path / "r.json"
+    assert run_cli(["--trace", str(tmp_path / "t.npz"), "--topology", "1x4", "--method", "hypergraph", "--layers", "0",
+                    "--fit-prompts", "0:40", "--eval-prompts", "40:60", "--replica-slots", "1",
+                    "--replica-pinned-load-cap", "none", "--copy-load-cap", "1.1", "--out", str(out), "--no-png"]) == 0
+    pf = PlanFile.load(out)
+    assert pf.layers[0].replica_slots == 1 and pf.layers[0].copy_load_cap == 1.1
+    assert pf.fit["replica_pinned_load_cap"] is None and pf.fit["copy_load_cap"] == 1.1
+    with pytest.raises(SystemExit):
+        run_cli(["--trace", str(tmp_path / "t.npz"), "--topology", "1x4", "--method", "hypergraph",
+                 "--copy-load-cap", "high", "--out", str(out)])
+    assert "'high' is not a number or 'none'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="copy_load_cap = 0.5 is invalid"):
+        run_cli(["--trace", str(tmp_path / "t.npz"), "--topology", "1x4", "--method", "hypergraph",
+                 "--replica-slots", "1", "--copy-load-cap", "0.5", "--out", str(out), "--no-png"])

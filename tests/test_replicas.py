@@ -3,6 +3,7 @@ cover, the planner's exact objective, and a layer with replicas on gloo ranks (f
 after the replica gradient sync and one optimizer step every copy is identical)."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 
@@ -150,6 +151,96 @@ def test_ties_go_to_the_local_copy_then_the_less_loaded_then_the_primary():
     assert choose_copies(torch.tensor([[0]]), one, ranks3, slots3, 3, 3, source_rank=2)[0][0, 0] == 1
 
 
+def _rows_per_rank(rank_TK, valid_TK, W):
+    return torch.bincount(rank_TK[valid_TK], minlength=W).double()
+
+
+def _first_minimum_cover_load(plan, idx, valid, source, gpus, by_node, W):
+    """Brute force: each token's first combination (primary-first order) of least key; the rows per rank."""
+    load = torch.zeros(W, dtype=torch.float64)
+    for t in range(idx.shape[0]):
+        experts = [e for e, v in zip(idx[t].tolist(), valid[t].tolist()) if v]
+        if not experts:
+            continue
+        combos = list(itertools.product(*(plan.hosts_of_expert[e] for e in experts)))
+        keys = [_choice_key(c, source, gpus, by_node) for c in combos]
+        for r in combos[keys.index(min(keys))]:
+            load[r] += 1
+    return load
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from([(1, 4), (2, 2), (1, 8)]), st.integers(1, 2), st.integers(1, 4),
+       st.sampled_from([1.0, 1.1, 1.5]), st.booleans())
+def test_load_cap_never_worsens_the_plain_choice(seed, topo, R, K, cap, by_node):
+    """With a cap the batch's max/mean load is never above the plain first minimum cover's (or the
+    cap); within the cap every token keeps a minimum cover; every choice lands on a copy of its
+    expert; deterministic."""
+    nodes, gpus = topo
+    W = nodes * gpus
+    E = 2 * W
+    plan = replica_plan(E, W, R, seed)
+    g = torch.Generator().manual_seed(seed)
+    T = 60
+    hot = torch.randint(0, E, (1,), generator=g)
+    idx = torch.stack([torch.cat([hot, torch.randperm(E, generator=g)[:K]]).unique()[:K] for _ in range(T)])
+    valid = torch.rand(idx.shape, generator=g) > 0.1
+    ranks, slots = plan.host_tensors()
+    source = seed % W
+    capped = choose_copies(idx, valid, ranks, slots, W, gpus, source, by_node, load_cap=cap)
+    assert all(torch.equal(a, b) for a, b in zip(capped, choose_copies(idx, valid, ranks, slots, W, gpus, source,
+                                                                          by_node, load_cap=cap)))
+    keys_minimal = True
+    for t in range(T):
+        chosen = [(e, r, s) for e, r, s, v in zip(idx[t].tolist(), capped[0][t].tolist(), capped[1][t].tolist(),
+                                                  valid[t].tolist()) if v]
+        assert all(r in plan.hosts_of_expert[e] and plan.slot_on_rank[(e, r)] == s for e, r, s in chosen)
+        if chosen:
+            best = min(_choice_key(c, source, gpus, by_node)
+                       for c in itertools.product(*(plan.hosts_of_expert[e] for e, _, _ in chosen)))
+            keys_minimal &= _choice_key([r for _, r, _ in chosen], source, gpus, by_node) == best
+    plain = _first_minimum_cover_load(plan, idx, valid, source, gpus, by_node, W)
+    if plain.sum() == 0:
+        return
+    ratio = lambda load: float(load.max() / load.mean())  # noqa: E731
+    got = ratio(_rows_per_rank(capped[0], valid, W))
+    assert max(got, cap) <= max(ratio(plain), cap) + 1e-6
+    if ratio(plain) <= cap:
+        assert keys_minimal and got <= cap + 1e-6
+
+
+@pytest.mark.parametrize("cap", [None, 1.0])
+def test_equal_tokens_split_over_copies_of_equal_cover(cap):
+    """Every token wants only expert 0 (primary rank 0, copy on rank 1): both copies are one remote
+    rank, a tie; the first-index rule would send all of them to the primary, the pricing splits them
+    (equal tokens do not flip together), with or without a cap."""
+    plan = PlacementPlan((0, 0, 1, 1, 2, 2, 3, 3), 4, ((2,), (0,), (1,), (4,)))
+    ranks, slots = plan.host_tensors()
+    idx = torch.zeros(400, 1, dtype=torch.int64)
+    ones = torch.ones_like(idx, dtype=torch.bool)
+    chosen, _ = choose_copies(idx, ones, ranks, slots, 4, 4, source_rank=3, load_cap=cap)
+    on_1 = int((chosen == 1).sum())
+    assert set(chosen.unique().tolist()) == {0, 1} and 150 <= on_1 <= 250, on_1
+
+
+def test_load_cap_in_plan_files_and_validation(tmp_path):
+    plan = dataclasses.replace(replica_plan(8, 4, 1, seed=2), copy_load_cap=1.05)
+    pf = PlanFile(Topology(1, 4), 8, {0: plan}, "test")
+    pf.save(tmp_path / "p.json")
+    back = PlanFile.load(tmp_path / "p.json").layers[0]
+    assert back == plan and back.copy_load_cap == 1.05
+    assert plan.fingerprint() != dataclasses.replace(plan, copy_load_cap=None).fingerprint()
+    with pytest.raises(ValueError, match="copy_load_cap needs replicas"):
+        PlacementPlan((0, 0, 1, 1), 2, (), 1.1)
+    for bad in (0.9, float("nan"), True, "1.1"):
+        with pytest.raises(ValueError, match="copy_load_cap"):
+            PlacementPlan((0, 0, 1, 1), 2, ((3,), (0,)), bad)
+    doc = pf.to_json()
+    doc["layers"]["0"]["copy_load_cap"] = "high"
+    with pytest.raises(ValueError, match=r"layers.0.copy_load_cap' = 'high'"):
+        PlanFile.from_json(doc)
+
+
 # ---- the planner ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("topo", [(1, 4), (2, 2)])
 def test_replica_selection_objective_is_exact_and_fills_every_slot(topo):
@@ -173,6 +264,49 @@ def test_replica_selection_objective_is_exact_and_fills_every_slot(topo):
     m = placement_metrics(plan, topology, ids)  # the dispatch's choice realises the minimum
     if topology.nodes == 1:
         assert m.gpus_per_token == pytest.approx(after)
+
+
+def test_replica_selection_repairs_pinned_load_first():
+    """Half the tokens are [0, 1], both on rank 0: a copy of either saves no GPU, so the greedy by
+    gain alone copies other experts and leaves rank 0 with twice the mean load that no copy choice
+    can move. With the pinned cap both get copies first."""
+    rng = np.random.default_rng(5)
+    E, W = 8, 4
+    base = PlacementPlan.contiguous(E, W)  # rank r hosts experts 2r, 2r+1
+    ids = np.array([[0, 1] if i % 2 else rng.choice(np.arange(2, E), 2, replace=False) for i in range(800)])
+    load_E = np.bincount(ids.reshape(-1), minlength=E) / (ids.size / W)
+
+    def pinned(plan):
+        out = np.zeros(W)
+        for e, hosts in enumerate(plan.hosts_of_expert):
+            if len(hosts) == 1:
+                out[hosts[0]] += load_E[e]
+        return out
+
+    copied = lambda plan: {e for rep in plan.replicas for e in rep}  # noqa: E731
+    plain = select_replicas(base, ids, Topology(1, W), 1, load_tolerance=10.0, pinned_load_cap=None).plan
+    assert pinned(plain).max() > 1.5 and not {0, 1} & copied(plain)
+    repaired = select_replicas(base, ids, Topology(1, W), 1, load_tolerance=10.0, pinned_load_cap=0.95,
+                               copy_load_cap=1.1).plan
+    assert pinned(repaired).max() <= 0.95 and {0, 1} <= copied(repaired)
+    assert repaired.copy_load_cap == 1.1  # the selection writes the dispatch's cap into the plan
+
+
+def test_local_search_never_worsens_the_greedy_and_sometimes_improves_it():
+    improved = 0
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        E, W = 12, 4
+        ids = np.array([rng.choice(E, 3, replace=False, p=np.arange(1, E + 1) / (E * (E + 1) / 2))
+                        for _ in range(300)])
+        base = PlacementPlan.random(E, W, seed)
+        greedy = select_replicas(base, ids, Topology(1, W), 2, load_tolerance=1.5, local_search_passes=0)
+        searched = select_replicas(base, ids, Topology(1, W), 2, load_tolerance=1.5)
+        before, after = greedy.fit_gpus_per_token[1], searched.fit_gpus_per_token[1]
+        assert after <= before + 1e-12
+        assert after == pytest.approx(np.mean([brute_min_cover(searched.plan, t) for t in ids.tolist()]))
+        improved += after < before - 1e-12
+    assert improved >= 1
 
 
 def test_replica_selection_never_paints_itself_into_a_corner():
@@ -253,6 +387,52 @@ def test_layer_with_replicas_matches_reference_and_copies_stay_identical(tmp_pat
     for e, cs in copies.items():
         for c in cs[1:]:
             assert all(np.array_equal(a, b) for a, b in zip(c, cs[0])), f"copies of expert {e} differ after the step"
+
+
+def _idle_rank_copies(rank, world, plan_path):
+    """Two Adam steps. In the second, rank 1 has no tokens and drops its (all-zero) expert gradients,
+    as a framework that frees unused gradients would, and rank 0's tokens go only to experts it alone
+    hosts: the replicated experts get no tokens anywhere, yet Adam's momentum moves rank 0's copies,
+    so rank 1's copies must step too (the sync gives them zero gradients)."""
+    cfg = config_from_dict({"model": {"hidden_size": D, "ffn_hidden_size": F, "num_experts": 8, "top_k": 2},
+                            "parallel": {"nodes": 1, "gpus_per_node": world},
+                            "placement": {"plan": plan_path, "layer": 0}, "run": {"dtype": "float64", "seed": 4}})
+    layer = build_moe_layer(cfg, build_process_groups(Topology(1, world), timeout_s=60), torch.device("cpu"))
+    opt = torch.optim.Adam(layer.experts.parameters(), lr=0.01)
+    x, idx, w, grad = _inputs(rank)
+    plan = PlanFile.load(plan_path).layers[0]
+    alone = [e for e, hosts in enumerate(plan.hosts_of_expert) if hosts == (0,)][:2]
+    for step in range(2):
+        opt.zero_grad()
+        if step == 0:
+            ids = idx[:, :2]
+        else:
+            ids = torch.tensor([alone] * T) if rank == 0 else idx[:0, :2]
+        n = ids.shape[0]
+        out = layer.forward_routed(x[:n], ids, w[:n, :2]).out_TD
+        (out * grad[:n]).sum().backward()
+        if n == 0:
+            for p in layer.experts.parameters():
+                p.grad = None
+        layer.sync_replica_grads()
+        opt.step()
+    params = (layer.experts.w_gate_LDF, layer.experts.w_up_LDF, layer.experts.w_down_LFD)
+    return {"ids": layer.experts.global_ids, "w": [p.detach().numpy().copy() for p in params]}
+
+
+def test_copies_stay_identical_when_a_rank_has_no_tokens(tmp_path):
+    plan = replica_plan(8, 2, 2, seed=5)
+    assert sum(hosts == (0,) for hosts in plan.hosts_of_expert) >= 2
+    path = tmp_path / "plan.json"
+    PlanFile(Topology(1, 2), 8, {0: plan}, "test").save(path)
+    got = run_ranks(2, _idle_rank_copies, str(path))
+    copies: dict[int, list] = {}
+    for res in got:
+        for slot, e in enumerate(res["ids"]):
+            copies.setdefault(e, []).append([w[slot] for w in res["w"]])
+    assert any(len(c) > 1 for c in copies.values())
+    for e, cs in copies.items():
+        assert all(np.array_equal(a, b) for c in cs[1:] for a, b in zip(c, cs[0])), f"copies of expert {e} differ"
 
 
 # ---- live re-planning -------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def lay_out_world(dispatcher: str, topology: Topology, placement: PlacementPlan,
     for r in range(W):
         idx_TK = torch.as_tensor(ids_of_rank(r), dtype=torch.int64)
         T, K = idx_TK.shape
-        geo = RankGeometry(r, topology, placement.experts_per_rank, rank_E, slot_E, *hosts)
+        geo = RankGeometry(r, topology, placement.experts_per_rank, rank_E, slot_E, *hosts, placement.copy_load_cap)
         if w_1K is None or w_1K.shape[1] != K:
             w_1K = torch.zeros(1, K, dtype=weight_dtype or dtype)
         plan = cls.layout_for(geo, hidden_size, x_1D.expand(T, hidden_size), idx_TK, w_1K.expand(T, K))

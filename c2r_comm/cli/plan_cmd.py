@@ -14,6 +14,7 @@ from tqdm import tqdm
 from c2r_comm.config import parse_topology
 from c2r_comm.placement.hypergraph import PARTITIONERS, PartitionSettings
 from c2r_comm.placement.planners import METHODS, PlannerOptions
+from c2r_comm.placement.replicas import COPY_LOAD_CAP, PINNED_LOAD_CAP, REPLICA_LOAD_TOLERANCE
 from c2r_comm.placement.trace_plan import TracePlanResult, plan_trace
 from c2r_comm.routing.trace import RoutingTrace, parse_layers, parse_range
 from c2r_comm.topology import Topology
@@ -36,9 +37,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="iterated local search rounds on the exact objective after refinement (slower; 0: off)")
     p.add_argument("--replica-slots", type=int, default=0, metavar="R",
                    help="R replica slots per GPU, chosen to cut GPUs (and nodes) per token (0: no replicas)")
-    p.add_argument("--replica-load-tolerance", type=float, default=None,
-                   help="the replica selection's bound on the modelled per-GPU load (an expert's load split "
-                        "equally over its copies; default: --load-tolerance)")
+    p.add_argument("--replica-load-tolerance", type=float, default=REPLICA_LOAD_TOLERANCE,
+                   help="the replica selection's bound on the modelled per-GPU load (an expert's fit load split "
+                        "equally over its copies; default %(default)s: the realised load is the pinned cap's and "
+                        "the copy choice's job)")
+    p.add_argument("--replica-pinned-load-cap", type=_cap_or_none, default=PINNED_LOAD_CAP, metavar="X|none",
+                   help="replicas first go to GPUs whose fit load of single-copy experts exceeds X x the mean "
+                        "(load no copy choice can move; default %(default)s; none: off)")
+    p.add_argument("--copy-load-cap", type=_cap_or_none, default=COPY_LOAD_CAP, metavar="X|none",
+                   help="written into replica plans: the dispatch's copy choice trades cover for balance when a "
+                        "batch's rows per GPU exceed X x the mean (default %(default)s; none: load breaks ties only)")
     p.add_argument("--partitioner", choices=PARTITIONERS, default="auto")
     p.add_argument("--ip-runs", type=int, default=1, help="Mt-KaHyPar initial-partitioning runs (preset: 20)")
     p.add_argument("--threads", type=int, default=2, help="Mt-KaHyPar threads")
@@ -47,6 +55,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--png", default=None, help="PNG to write (default: --out with .png)")
     p.add_argument("--no-png", action="store_true")
     p.add_argument("--png-layer", type=int, default=None, help="trace layer drawn in the PNG (default: first)")
+
+
+def _cap_or_none(text: str) -> Optional[float]:
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or 'none'") from None
 
 
 def _prompt_ranges(args: argparse.Namespace, num_prompts: int) -> tuple[tuple, tuple]:
@@ -110,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
                              hierarchical=hierarchical, inter_node_cost=args.inter_node_cost, seed=args.seed,
                              polish_kicks=args.polish_kicks, replica_slots=args.replica_slots,
                              replica_load_tolerance=args.replica_load_tolerance,
+                             replica_pinned_load_cap=args.replica_pinned_load_cap, copy_load_cap=args.copy_load_cap,
                              partition=PartitionSettings(args.partitioner, args.seed, args.threads, args.ip_runs))
     fmt = lambda r: f"{'' if r[0] is None else r[0]}:{'' if r[1] is None else r[1]}"
     info = {"trace": str(args.trace), "fit_prompts": fmt(fit_range), "eval_prompts": fmt(eval_range)}

@@ -163,12 +163,13 @@ class RankGeometry:
     # With replicas: every copy of each expert, [E, H] ranks and slots (plan.host_tensors); None: one copy
     host_rank_EH: Optional[torch.Tensor] = None
     host_slot_EH: Optional[torch.Tensor] = None
+    copy_load_cap: Optional[float] = None  # plan.copy_load_cap: the copy choice's per-batch load cap
 
     @classmethod
     def of(cls, rank: int, topology: Topology, placement: PlacementPlan, device: torch.device | str = "cpu") -> "RankGeometry":
         hosts = placement.host_tensors(device) if placement.replicas else (None, None)
         return cls(rank, topology, placement.experts_per_rank, placement.rank_tensor(device),
-                   placement.slot_tensor(device), *hosts)
+                   placement.slot_tensor(device), *hosts, placement.copy_load_cap)
 
     @property
     def world_size(self) -> int:
@@ -177,8 +178,8 @@ class RankGeometry:
     def copies(self, idx_TK: torch.Tensor, valid_TK: torch.Tensor, by_node: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(rank_TK, slot_TK) each choice is sent to: its expert's only copy, or with replicas the
         copies that reach the token's experts with the fewest other ranks (other nodes first with
-        by_node; placement/replica_choice.py)."""
+        by_node), balanced up to the plan's copy_load_cap (placement/replica_choice.py)."""
         if self.host_rank_EH is None:
             return self.rank_of_expert_E[idx_TK], self.slot_of_expert_E[idx_TK]
         return choose_copies(idx_TK, valid_TK, self.host_rank_EH, self.host_slot_EH, self.world_size,
-                             self.topology.gpus_per_node, self.rank, by_node)
+                             self.topology.gpus_per_node, self.rank, by_node, self.copy_load_cap)

@@ -63,7 +63,8 @@ def chosen_copies(plan: PlacementPlan, topology: Topology, ids_TK: np.ndarray, s
         rows = np.nonzero(source_rank_T == r)[0]
         block = ids[torch.from_numpy(rows)]
         rank_TK, _ = choose_copies(block, torch.ones_like(block, dtype=torch.bool), host_rank_EH, host_slot_EH,
-                                   plan.world_size, topology.gpus_per_node, r, by_node=topology.nodes > 1)
+                                   plan.world_size, topology.gpus_per_node, r, by_node=topology.nodes > 1,
+                                   load_cap=plan.copy_load_cap)
         out[rows] = rank_TK.numpy()
     return out
 

@@ -5,6 +5,7 @@ give them (no refinement); hypergraph is followed by the load refinement.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -16,6 +17,7 @@ from c2r_comm.placement.metrics import expert_loads
 from c2r_comm.placement.occult import normalised_coactivation, occult_greedy_ranks
 from c2r_comm.routing.collaboration import coactivation_counts
 from c2r_comm.placement.refine import BalanceResult, balance_load, polish_by_kicks
+from c2r_comm.placement.replicas import COPY_LOAD_CAP, PINNED_LOAD_CAP, REPLICA_LOAD_TOLERANCE
 from c2r_comm.placement.swap_cost import SwapCost, topology_levels
 from c2r_comm.placement.token_hypergraph import TokenHypergraph
 from c2r_comm.plan import PlacementPlan
@@ -34,7 +36,10 @@ class PlannerOptions:
     inter_node_cost: float = 4.0  # refinement: one more node per token costs this many more GPUs
     polish_kicks: int = 0  # iterated-local-search rounds on the exact objective after refinement (slow)
     replica_slots: int = 0  # R replica slots per GPU on the chosen method's plan (placement/replicas.py)
-    replica_load_tolerance: Optional[float] = None  # the replica selection's modelled load bound (None: load_tolerance)
+    replica_load_tolerance: float = REPLICA_LOAD_TOLERANCE  # the replica selection's modelled load bound
+    # replicas first go to GPUs whose single-copy fit load / mean exceeds this (None: no repair)
+    replica_pinned_load_cap: Optional[float] = PINNED_LOAD_CAP
+    copy_load_cap: Optional[float] = COPY_LOAD_CAP  # written into replica plans (replica_choice.py); None: ties only
     seed: int = 0
     partition: PartitionSettings = field(default_factory=PartitionSettings)
 
@@ -45,9 +50,16 @@ class PlannerOptions:
             raise ValueError(f"inter_node_cost = {self.inter_node_cost} is invalid: allowed >= 0")
         if isinstance(self.replica_slots, bool) or not isinstance(self.replica_slots, int) or self.replica_slots < 0:
             raise ValueError(f"replica_slots = {self.replica_slots!r} is invalid: allowed an integer >= 0")
-        if self.replica_load_tolerance is not None and not self.replica_load_tolerance >= 1.0:
+        if not self.replica_load_tolerance >= 1.0:
             raise ValueError(f"replica_load_tolerance = {self.replica_load_tolerance} is invalid: allowed a max/mean "
                              "ratio >= 1.0")
+        if self.replica_pinned_load_cap is not None and not (math.isfinite(self.replica_pinned_load_cap)
+                                                             and self.replica_pinned_load_cap > 0):
+            raise ValueError(f"replica_pinned_load_cap = {self.replica_pinned_load_cap} is invalid: allowed a "
+                             "finite load / mean > 0, or none")
+        if self.copy_load_cap is not None and not (math.isfinite(self.copy_load_cap) and self.copy_load_cap >= 1.0):
+            raise ValueError(f"copy_load_cap = {self.copy_load_cap} is invalid: allowed a max/mean ratio >= 1.0, "
+                             "or none")
         if self.polish_kicks < 0:
             raise ValueError(f"polish_kicks = {self.polish_kicks} is invalid: allowed an integer >= 0")
 

@@ -2,28 +2,52 @@
 and the placement metrics use this one rule, so planned and dispatched copies agree).
 
 With replicas (plan.replicas) an expert lives on up to H ranks. For every token this picks one
-copy per choice, exactly, by enumerating every combination of copies (H^k of them, k the top-k)
-on the device, in token chunks of bounded memory, and comparing lexicographically:
+copy per choice by enumerating every combination of copies (H^k of them, k the top-k) on the
+device, in token chunks of bounded memory. A combination's cover key, compared first:
 1. the fewest ranks other than the token's own (the rows a dedup dispatch sends over links); with
    `by_node` (the hierarchical exchange) first the fewest nodes other than its own, then those ranks;
-2. the fewest distinct ranks (own rank included: rows the experts compute);
-3. the least loaded copies of this batch: the sum over the token's choices of the load of the
-   chosen copy's rank, where a rank's load is the number of this batch's (token, choice) pairs
-   whose expert lives there alone (their load is fixed whatever the choice);
-4. the first combination (copies in `hosts_of_expert` order: the primary first).
-So the choice is deterministic and identical on every device. Cost: T x H^k x k small integers
-(H = 1 + R); plans keep it bounded (PlacementPlan allows at most R copies per expert).
+2. the fewest distinct ranks (own rank included: rows the experts compute).
+Every token gets a combination of least key, exactly (tests: a brute-force minimum cover).
 
-No host sync: shapes come from T, K and H; the per-rank counts the count exchange sends are
-computed from the chosen ranks as without replicas.
+Load: among equally small covers the choice balances this batch's rows per rank by Lagrangian
+pricing. Each rank has a price per row; a token takes the combination of least key + summed
+prices of the ranks its rows go to, where token t sees rank r's price x (1 + BALANCE_JITTER x
+u(t, r)), u a fixed hash in [0, 1) (without it, tokens with the same experts would all switch
+copies in the same round and never split). After each of BALANCE_ROUNDS rounds every rank's
+price moves by (rows / mean rows - 1) x TIE_STEP key units, but falls to no less than
+PRICE_DECAY x itself (a rank whose price dropped to 0 at once would draw the whole batch back the
+next round). Tie prices stay below 1 / (k (1 + JITTER)) key units, so their sum over a token's k
+choices never outweighs one unit of the key: the cover is exactly minimal whatever the load.
+
+Load cap (plan.copy_load_cap, e.g. 1.10): a batch whose popular experts drifted from the plan's
+fit can still load one rank far above the mean when only ties may move. With a cap, a second,
+unbounded price per rank moves by (rows / mean - cap) x CAP_STEP x (k + 2) key units per round
+(1 remote rank = k + 2 units; falling as slowly as the tie price), so tokens trade cover for
+balance while the batch is above the cap.
+
+The result is the round that is best by (max(load/mean, cap) with a cap, summed key, max load/mean),
+the plain first-index choice being round 0. Deterministic: fixed rounds, first index on ties, fp32
+whatever the ambient autocast (float rounding could break a near-tie differently on another device
+type; each rank chooses only for its own tokens, so ranks never need to agree, and the cover is
+minimal on every device). Cost: the key of every token and combination is kept between rounds,
+with one cost table of the same size per round (2 x T x H^k float32: 5.8 KB per token at H = 3,
+k = 6; 52 KB at k = 8), and a round is one [T, k*H] x [k*H, H^k] matmul, an argmin, a bincount
+and ~20 small ops (about 400 kernels per layout() with a replica plan: launch-bound on a GPU); no
+host sync, shapes come from T, K, H.
 """
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Optional
 
 import torch
 
-MAX_CHUNK_ELEMENTS = 1 << 22  # tokens x combinations x k per chunk (int64: 32 MB)
+MAX_CHUNK_ELEMENTS = 1 << 22  # tokens x combinations x k per chunk of the key computation (int64: 32 MB)
+BALANCE_ROUNDS = 16  # pricing rounds
+TIE_STEP = 0.16  # tie price change per round, key units per unit of load/mean off 1
+CAP_STEP = 0.1  # cap price change per round, remote ranks (k + 2 key units) per unit of load/mean off the cap
+PRICE_DECAY = 0.9  # a price falls by at most this factor per round (no flip-flop of whole batches)
+BALANCE_JITTER = 0.5  # token t sees rank r's price x (1 + JITTER * u(t, r)), u in [0, 1) fixed
 
 
 @lru_cache(maxsize=32)
@@ -31,6 +55,13 @@ def _combinations(num_hosts: int, k: int, device: str) -> torch.Tensor:
     n = num_hosts ** k
     digits = torch.arange(n, device=device).unsqueeze(1) // (num_hosts ** torch.arange(k - 1, -1, -1, device=device))
     return digits % num_hosts
+
+
+@lru_cache(maxsize=32)
+def _combination_onehot(num_hosts: int, k: int, device: str) -> torch.Tensor:
+    """float32 [k*H, H^k]: 1 where combination c takes column h for choice k (row k*H + h). Cached."""
+    combo_CK = _combinations(num_hosts, k, device)
+    return torch.nn.functional.one_hot(combo_CK, num_hosts).to(torch.float32).reshape(len(combo_CK), -1).T.contiguous()
 
 
 def combinations(num_hosts: int, k: int, device: torch.device) -> torch.Tensor:
@@ -49,11 +80,12 @@ def _distinct(values_tCK: torch.Tensor, sentinel: int) -> torch.Tensor:
 
 def choose_copies(idx_TK: torch.Tensor, valid_TK: torch.Tensor, host_rank_EH: torch.Tensor,
                   host_slot_EH: torch.Tensor, world_size: int, gpus_per_node: int, source_rank: int,
-                  by_node: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  by_node: bool = False, load_cap: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(rank_TK, slot_TK): the chosen copy of every choice of `source_rank`'s tokens (entries of
     invalid choices: any copy; masked out by the caller).
 
-    idx_TK: expert ids with dropped choices already replaced by a valid id (valid_TK says which)."""
+    idx_TK: expert ids with dropped choices already replaced by a valid id (valid_TK says which).
+    load_cap: the plan's copy_load_cap (None: load moves ties only)."""
     T, K = idx_TK.shape
     H = host_rank_EH.shape[1]
     device = idx_TK.device
@@ -62,34 +94,83 @@ def choose_copies(idx_TK: torch.Tensor, valid_TK: torch.Tensor, host_rank_EH: to
     if H == 1 or T == 0 or K == 0:
         return rank_TKH[..., 0], slot_TKH[..., 0]
     W, G = world_size, gpus_per_node
-    single_TK = (rank_TKH == rank_TKH[..., :1]).all(-1) & valid_TK
-    forced_W = torch.zeros(W + 1, dtype=torch.int64, device=device).index_add_(
-        0, torch.where(single_TK, rank_TKH[..., 0], W).reshape(-1), torch.ones(T * K, dtype=torch.int64, device=device))
-    forced_W[W] = 0
-    # Dropped choices go to rank W, which counts nowhere.
-    rank_TKH = torch.where(valid_TK.unsqueeze(-1), rank_TKH, W)
+    rank_TKH = torch.where(valid_TK.unsqueeze(-1), rank_TKH, W)  # dropped choices: rank W, counted nowhere
     combo_CK = combinations(H, K, device)
     C = combo_CK.shape[0]
     base = K + 2  # every count below is at most K + 1
     chunk = max(1, MAX_CHUNK_ELEMENTS // (C * K))
-    best = []
+    keys = []
     for start in range(0, T, chunk):  # host loop over token chunks (shapes only: no sync)
         r_tKH = rank_TKH[start:start + chunk]
         t = r_tKH.shape[0]
         picked_tCK = torch.gather(r_tKH.unsqueeze(1).expand(t, C, K, H), 3,
                                   combo_CK.view(1, C, K, 1).expand(t, C, K, 1)).squeeze(3)
         ranks = _distinct(picked_tCK, W)
-        remote_ranks = ranks - (picked_tCK == source_rank).any(2).long()
-        key = remote_ranks * base + ranks
+        key = (ranks - (picked_tCK == source_rank).any(2).long()) * base + ranks
         if by_node:
             node_tCK = torch.where(picked_tCK < W, picked_tCK // G, W)
             remote_nodes = _distinct(node_tCK, W) - (node_tCK == source_rank // G).any(2).long()
             key = remote_nodes * base * base + key
-        load = forced_W[picked_tCK].sum(2)
-        # lexicographic: the smallest key first, then among those the least load, then the first
-        load = torch.where(key == key.min(1, keepdim=True).values, load, torch.iinfo(torch.int64).max)
-        best.append(load.argmin(1))
-    combo_T = torch.cat(best)
+        keys.append(key.to(torch.float32))
+    combo_T = _priced(torch.cat(keys), rank_TKH, combo_CK, W, load_cap, base)
     column_TK = combo_CK[combo_T]
     return (torch.gather(host_rank_EH[idx_TK], 2, column_TK.unsqueeze(2)).squeeze(2),
             torch.gather(slot_TKH, 2, column_TK.unsqueeze(2)).squeeze(2))
+
+
+def _priced(key_TC: torch.Tensor, rank_TKH: torch.Tensor, combo_CK: torch.Tensor, world_size: int,
+            load_cap: Optional[float], key_unit: int) -> torch.Tensor:
+    """[T] the chosen combination of every token: the pricing rounds of the module docstring.
+    rank_TKH: the copies' ranks, world_size for dropped choices."""
+    with torch.autocast(key_TC.device.type, enabled=False):  # fp32 prices and matmul under any autocast
+        return _priced_fp32(key_TC, rank_TKH, combo_CK, world_size, load_cap, key_unit)
+
+
+def _priced_fp32(key_TC: torch.Tensor, rank_TKH: torch.Tensor, combo_CK: torch.Tensor, world_size: int,
+                 load_cap: Optional[float], key_unit: int) -> torch.Tensor:
+    T, K, H = rank_TKH.shape
+    W = world_size
+    device = key_TC.device
+    arange_T = torch.arange(T, device=device)
+    onehot_JC = _combination_onehot(H, K, str(device))
+    cell_TW = torch.arange(T * (W + 1), dtype=torch.int64, device=device).view(T, W + 1)
+    sense_TW = 1.0 + BALANCE_JITTER * ((cell_TW * 2654435761) % (1 << 32)).to(torch.float32) / float(1 << 32)
+    flat_TJ = rank_TKH.reshape(T, K * H)
+    ones_TK = torch.ones(T * K, dtype=torch.float32, device=device)
+    tie_max = 0.99 / (K * (1.0 + BALANCE_JITTER))  # K tie prices stay below one key unit
+
+    def score(c_T: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(load/mean per rank, the round's score: [max(load/mean, cap) with a cap,] summed key, max load/mean)"""
+        ranks_TK = torch.gather(rank_TKH, 2, combo_CK[c_T].unsqueeze(2)).squeeze(2)
+        load_W = torch.zeros(W + 1, dtype=torch.float32, device=device).index_add_(0, ranks_TK.reshape(-1), ones_TK)[:W]
+        ratio_W = load_W / load_W.mean().clamp(min=1.0 / W)
+        top = ratio_W.max()
+        summed = key_TC[arange_T, c_T].to(torch.int64).sum()  # integers: exact
+        return ratio_W, ([top.clamp(min=load_cap)] if load_cap is not None else []) + [summed, top]
+
+    combo_T = key_TC.argmin(1)  # round 0: the first combination of least key
+    ratio_W, best = score(combo_T)
+    tie_W = torch.zeros(W + 1, dtype=torch.float32, device=device)  # rank W: dropped choices, free
+    cap_W = torch.zeros(W + 1, dtype=torch.float32, device=device)
+    for _ in range(BALANCE_ROUNDS):  # fixed count: no host sync
+        tie_W[:W] = torch.maximum(tie_W[:W] + TIE_STEP * (ratio_W - 1.0), PRICE_DECAY * tie_W[:W]).clamp(max=tie_max)
+        if load_cap is not None:
+            cap_W[:W] = torch.maximum(cap_W[:W] + CAP_STEP * key_unit * (ratio_W - load_cap), PRICE_DECAY * cap_W[:W])
+        price_W = tie_W + cap_W if load_cap is not None else tie_W
+        cost_TC = torch.addmm(key_TC, torch.gather(sense_TW * price_W, 1, flat_TJ), onehot_JC)
+        c_T = cost_TC.argmin(1)
+        ratio_W, now = score(c_T)
+        better = _lexicographic_less(now, best)
+        combo_T = torch.where(better, c_T, combo_T)
+        best = [torch.where(better, n, b) for n, b in zip(now, best)]
+    return combo_T
+
+
+def _lexicographic_less(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    """0-dim bool: a < b comparing the scalars in order (on the device)."""
+    less = torch.zeros((), dtype=torch.bool, device=a[0].device)
+    equal = torch.ones((), dtype=torch.bool, device=a[0].device)
+    for x, y in zip(a, b):
+        less = less | (equal & (x < y))
+        equal = equal & (x == y)
+    return less

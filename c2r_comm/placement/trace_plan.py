@@ -52,8 +52,8 @@ def plan_trace(fit: RoutingTrace, evaluation: RoutingTrace, topology: Topology, 
             lp = plan_layer(m, fit_ids, fit.num_experts, topology, options)
             if m == method and options.replica_slots:  # replicas on the chosen plan; comparisons stay as they are
                 started = time.perf_counter()
-                tolerance = options.replica_load_tolerance or options.load_tolerance
-                selection = select_replicas(lp.plan, fit_ids, topology, options.replica_slots, tolerance)
+                selection = select_replicas(lp.plan, fit_ids, topology, options.replica_slots, options.replica_load_tolerance,
+                                            options.replica_pinned_load_cap, options.copy_load_cap)
                 lp = dataclasses.replace(lp, plan=selection.plan, seconds=lp.seconds + time.perf_counter() - started)
             layer_plans[m] = lp
             layer_metrics[m] = placement_metrics(lp.plan, topology, eval_ids)
@@ -87,6 +87,8 @@ def plan_trace(fit: RoutingTrace, evaluation: RoutingTrace, topology: Topology, 
                    fit_tokens=fit.num_tokens, eval_tokens=evaluation.num_tokens, plan_seconds=round(plan_seconds, 3))
     if options.replica_slots:  # absent without replicas: those plan files stay byte-identical
         fit_doc["replica_slots"] = options.replica_slots
-        fit_doc["replica_load_tolerance"] = options.replica_load_tolerance or options.load_tolerance
+        fit_doc["replica_load_tolerance"] = options.replica_load_tolerance
+        fit_doc["replica_pinned_load_cap"] = options.replica_pinned_load_cap
+        fit_doc["copy_load_cap"] = options.copy_load_cap
     plan_file = PlanFile(topology, fit.num_experts, plans, method, metrics_by_layer, fit_doc)
     return TracePlanResult(plan_file, tuple(reports), method, plan_seconds)
