@@ -32,8 +32,9 @@ type; each rank chooses only for its own tokens, so ranks never need to agree, a
 minimal on every device). Cost: the key of every token and combination is kept between rounds,
 with one cost table of the same size per round (2 x T x H^k float32: 5.8 KB per token at H = 3,
 k = 6; 52 KB at k = 8), and a round is one [T, k*H] x [k*H, H^k] matmul, an argmin, a bincount
-and ~20 small ops (about 400 kernels per layout() with a replica plan: launch-bound on a GPU); no
-host sync, shapes come from T, K, H.
+and ~20 small ops (about 600 torch ops per layout() with a replica plan, 1,000 with a cap, counted
+with torch.profiler on CPU: launch-bound on a GPU, not measured there); no host sync, shapes come
+from T, K, H.
 """
 from __future__ import annotations
 
@@ -140,13 +141,17 @@ def _priced_fp32(key_TC: torch.Tensor, rank_TKH: torch.Tensor, combo_CK: torch.T
     tie_max = 0.99 / (K * (1.0 + BALANCE_JITTER))  # K tie prices stay below one key unit
 
     def score(c_T: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(load/mean per rank, the round's score: [max(load/mean, cap) with a cap,] summed key, max load/mean)"""
+        """(load/mean per rank, the round's score). With a cap: [max(load/mean, cap), summed key,
+        max load/mean]; without, every round keeps minimum keys (tie prices sum below one key
+        unit), so the score is the max load/mean alone."""
         ranks_TK = torch.gather(rank_TKH, 2, combo_CK[c_T].unsqueeze(2)).squeeze(2)
         load_W = torch.zeros(W + 1, dtype=torch.float32, device=device).index_add_(0, ranks_TK.reshape(-1), ones_TK)[:W]
         ratio_W = load_W / load_W.mean().clamp(min=1.0 / W)
         top = ratio_W.max()
+        if load_cap is None:
+            return ratio_W, [top]
         summed = key_TC[arange_T, c_T].to(torch.int64).sum()  # integers: exact
-        return ratio_W, ([top.clamp(min=load_cap)] if load_cap is not None else []) + [summed, top]
+        return ratio_W, [top.clamp(min=load_cap), summed, top]
 
     combo_T = key_TC.argmin(1)  # round 0: the first combination of least key
     ratio_W, best = score(combo_T)

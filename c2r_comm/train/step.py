@@ -38,7 +38,9 @@ class StepMetrics:
 
 
 def _distinct_ranks(geo, idx_TK: torch.Tensor, by_node: bool) -> torch.Tensor:
-    """Distinct GPUs each token's experts are sent to: the dispatcher's own choice of copies."""
+    """Distinct GPUs each token's experts are sent to: the dispatcher's own choice of copies (exact
+    without a plan copy_load_cap: the cover is minimal whatever batch the choice sees; with one, the
+    layer's chunks may balance, and so choose, slightly differently from this whole-batch call)."""
     r_TK = geo.copies(idx_TK, torch.ones_like(idx_TK, dtype=torch.bool), by_node)[0].sort(dim=1).values
     return 1 + (r_TK[:, 1:] != r_TK[:, :-1]).sum(dim=1)
 
