@@ -19,7 +19,7 @@ from c2r_comm.experts import init_expert_weights, reference_moe
 from c2r_comm.groups import build_process_groups
 from c2r_comm.layer import build_moe_layer
 from c2r_comm.placement.metrics import placement_metrics
-from c2r_comm.placement.replica_choice import choose_copies
+from c2r_comm.placement.replica_choice import MAX_COMBINATIONS, choose_copies
 from c2r_comm.placement.replicas import select_replicas
 from c2r_comm.plan import PlacementPlan, PlanFile
 from c2r_comm.topology import Topology
@@ -221,6 +221,23 @@ def test_equal_tokens_split_over_copies_of_equal_cover(cap):
     chosen, _ = choose_copies(idx, ones, ranks, slots, 4, 4, source_rank=3, load_cap=cap)
     on_1 = int((chosen == 1).sum())
     assert set(chosen.unique().tolist()) == {0, 1} and 150 <= on_1 <= 250, on_1
+
+
+def test_too_many_combinations_take_the_own_copy_else_the_primary():
+    """k = 15 of 16 experts with 2 copies each: 2^15 combinations per token would not fit in memory,
+    so no enumeration: each choice goes to the copy on the token's own rank if it has one, else to
+    the primary (valid copies)."""
+    plan = replica_plan(16, 4, 2, seed=1)
+    assert plan.max_hosts ** 15 > MAX_COMBINATIONS
+    ranks, slots = plan.host_tensors()
+    g = torch.Generator().manual_seed(1)
+    idx = torch.stack([torch.randperm(16, generator=g)[:15] for _ in range(30)])
+    rank_TK, slot_TK = choose_copies(idx, torch.ones_like(idx, dtype=torch.bool), ranks, slots, 4, 4, 2,
+                                     load_cap=1.0)
+    for t in range(30):
+        for e, r, s in zip(idx[t].tolist(), rank_TK[t].tolist(), slot_TK[t].tolist()):
+            hosts = plan.hosts_of_expert[e]
+            assert r == (2 if 2 in hosts else hosts[0]) and plan.slot_on_rank[(e, r)] == s
 
 
 def test_load_cap_in_plan_files_and_validation(tmp_path):

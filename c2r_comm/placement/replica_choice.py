@@ -7,7 +7,10 @@ device, in token chunks of bounded memory. A combination's cover key, compared f
 1. the fewest ranks other than the token's own (the rows a dedup dispatch sends over links); with
    `by_node` (the hierarchical exchange) first the fewest nodes other than its own, then those ranks;
 2. the fewest distinct ranks (own rank included: rows the experts compute).
-Every token gets a combination of least key, exactly (tests: a brute-force minimum cover).
+Every token gets a combination of least key, exactly (tests: a brute-force minimum cover). The
+enumeration is bounded: when H^k exceeds MAX_COMBINATIONS (16,384: k >= 9 at R = 2, k >= 7 at
+R = 4) every choice takes the copy on the token's own rank if there is one, else the primary (valid,
+not minimal; the memory of T x H^k keys would not be bounded otherwise).
 
 Load: among equally small covers the choice balances this batch's rows per rank by Lagrangian
 pricing. Each rank has a price per row; a token takes the combination of least key + summed
@@ -44,6 +47,7 @@ from typing import Optional
 import torch
 
 MAX_CHUNK_ELEMENTS = 1 << 22  # tokens x combinations x k per chunk of the key computation (int64: 32 MB)
+MAX_COMBINATIONS = 1 << 14  # H^k above this (e.g. k >= 9 at R = 2, k >= 7 at R = 4): no enumeration
 BALANCE_ROUNDS = 16  # pricing rounds
 TIE_STEP = 0.16  # tie price change per round, key units per unit of load/mean off 1
 CAP_STEP = 0.1  # cap price change per round, remote ranks (k + 2 key units) per unit of load/mean off the cap
@@ -94,6 +98,11 @@ def choose_copies(idx_TK: torch.Tensor, valid_TK: torch.Tensor, host_rank_EH: to
     slot_TKH = host_slot_EH[idx_TK]
     if H == 1 or T == 0 or K == 0:
         return rank_TKH[..., 0], slot_TKH[..., 0]
+    if H ** K > MAX_COMBINATIONS:  # too many combinations to enumerate: the own rank's copy, else the primary
+        own_TKH = rank_TKH == source_rank
+        column_TK = torch.where(own_TKH.any(-1), own_TKH.to(torch.int8).argmax(-1), 0)
+        return (torch.gather(rank_TKH, 2, column_TK.unsqueeze(2)).squeeze(2),
+                torch.gather(slot_TKH, 2, column_TK.unsqueeze(2)).squeeze(2))
     W, G = world_size, gpus_per_node
     rank_TKH = torch.where(valid_TK.unsqueeze(-1), rank_TKH, W)  # dropped choices: rank W, counted nowhere
     combo_CK = combinations(H, K, device)
