@@ -59,7 +59,7 @@ class PlacementPlan:
                 raise ValueError(f"PlacementPlan: copy_load_cap = {cap!r} is invalid: allowed a finite max/mean >= 1.0 "
                                  "(or None)")
             if not self.replicas:
-                raise ValueError("PlacementPlan: copy_load_cap needs replicas (without them each choice has one copy)")
+                raise ValueError("PlacementPlan: copy_load_cap needs replicas (without them a choice has one copy)")
             object.__setattr__(self, "copy_load_cap", float(cap))
 
     def _check_replicas(self) -> None:

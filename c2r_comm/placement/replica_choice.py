@@ -104,12 +104,13 @@ def choose_copies(idx_TK: torch.Tensor, valid_TK: torch.Tensor, host_rank_EH: to
         return (torch.gather(rank_TKH, 2, column_TK.unsqueeze(2)).squeeze(2),
                 torch.gather(slot_TKH, 2, column_TK.unsqueeze(2)).squeeze(2))
     W, G = world_size, gpus_per_node
+    copy_rank_TKH = rank_TKH
     rank_TKH = torch.where(valid_TK.unsqueeze(-1), rank_TKH, W)  # dropped choices: rank W, counted nowhere
     combo_CK = combinations(H, K, device)
     C = combo_CK.shape[0]
     base = K + 2  # every count below is at most K + 1
     chunk = max(1, MAX_CHUNK_ELEMENTS // (C * K))
-    keys = []
+    key_TC = torch.empty(T, C, dtype=torch.float32, device=device)
     for start in range(0, T, chunk):  # host loop over token chunks (shapes only: no sync)
         r_tKH = rank_TKH[start:start + chunk]
         t = r_tKH.shape[0]
@@ -121,10 +122,10 @@ def choose_copies(idx_TK: torch.Tensor, valid_TK: torch.Tensor, host_rank_EH: to
             node_tCK = torch.where(picked_tCK < W, picked_tCK // G, W)
             remote_nodes = _distinct(node_tCK, W) - (node_tCK == source_rank // G).any(2).long()
             key = remote_nodes * base * base + key
-        keys.append(key.to(torch.float32))
-    combo_T = _priced(torch.cat(keys), rank_TKH, combo_CK, W, load_cap, base)
+        key_TC[start:start + t] = key
+    combo_T = _priced(key_TC, rank_TKH, combo_CK, W, load_cap, base)
     column_TK = combo_CK[combo_T]
-    return (torch.gather(host_rank_EH[idx_TK], 2, column_TK.unsqueeze(2)).squeeze(2),
+    return (torch.gather(copy_rank_TKH, 2, column_TK.unsqueeze(2)).squeeze(2),
             torch.gather(slot_TKH, 2, column_TK.unsqueeze(2)).squeeze(2))
 
 

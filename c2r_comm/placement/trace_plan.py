@@ -52,8 +52,9 @@ def plan_trace(fit: RoutingTrace, evaluation: RoutingTrace, topology: Topology, 
             lp = plan_layer(m, fit_ids, fit.num_experts, topology, options)
             if m == method and options.replica_slots:  # replicas on the chosen plan; comparisons stay as they are
                 started = time.perf_counter()
-                selection = select_replicas(lp.plan, fit_ids, topology, options.replica_slots, options.replica_load_tolerance,
-                                            options.replica_pinned_load_cap, options.copy_load_cap)
+                selection = select_replicas(lp.plan, fit_ids, topology, options.replica_slots,
+                                            options.replica_load_tolerance, options.replica_pinned_load_cap,
+                                            options.copy_load_cap)
                 lp = dataclasses.replace(lp, plan=selection.plan, seconds=lp.seconds + time.perf_counter() - started)
             layer_plans[m] = lp
             layer_metrics[m] = placement_metrics(lp.plan, topology, eval_ids)
