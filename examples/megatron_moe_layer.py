@@ -6,7 +6,8 @@
 
 Needs `pip install 'c2r-comm[megatron]'` (megatron-core 0.16.1; no Transformer Engine). On GPUs it
 runs as is (NCCL); on a CPU-only machine (gloo) it first installs the CPU-only shims for
-megatron-core's CUDA-only parts (megatron_cpu_shims.py beside it). It builds the layer from
+megatron-core's CUDA-only parts (`c2r_comm.bench.megatron_peer.install_cpu_only_shims`, the
+benchmark peer's). It builds the layer from
 megatron-core's own TransformerConfig and local layer spec, swaps the MoE module with
 `use_c2r_dispatcher`, copies the weights into a reference layer that uses megatron-core's
 MoEAlltoAllTokenDispatcher, runs forward + backward of both and prints the largest differences and
@@ -20,7 +21,8 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from megatron_cpu_shims import install_cpu_only_shims  # beside this file; CPU only
+
+from c2r_comm.bench.megatron_peer import install_cpu_only_shims  # CPU only
 
 
 def main() -> None:

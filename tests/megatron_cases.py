@@ -5,13 +5,11 @@ with megatron-core's own MoEAlltoAllTokenDispatcher and once with C2RMoELayer, g
 weights (set per global expert id, so a non-contiguous plan puts the same expert wherever it goes),
 runs forward + backward and reports the largest differences of outputs and gradients, also against
 an fp64 dense reference. The CPU shims for megatron-core's CUDA-only parts are the example's
-(examples/megatron_cpu_shims.py), never the product's.
+(c2r_comm/bench/megatron_peer.py, the benchmark peer's), never the adapter's.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -21,9 +19,8 @@ import torch.nn.functional as Fn
 H, FFN, SEED = 16, 8, 7
 
 
-# ---- CPU shims (examples/megatron_cpu_shims.py; tests and example only, never in the product) -----
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from megatron_cpu_shims import install_cpu_only_shims as install_cpu_shims  # noqa: E402
+# ---- CPU shims (the benchmark peer's; never the adapter's) ---------------------------------------
+from c2r_comm.bench.megatron_peer import install_cpu_only_shims as install_cpu_shims  # noqa: E402
 
 
 # ---- building layers ---------------------------------------------------------------------------

@@ -164,7 +164,7 @@ def test_bench_shows_deepspeed_as_a_row(tmp_path):
 def test_unknown_peer_fails_before_launch(capsys):
     assert main(["bench", "--topology", "1x2", "--peers", "megablocks"]) == 2
     err = capsys.readouterr().err
-    assert "--peers" in err and "allowed ['deepspeed']" in err
+    assert "--peers" in err and "allowed ['deepspeed', 'megatron']" in err
 
 
 def test_missing_deepspeed_fails_before_launch_with_the_install_command(monkeypatch, capsys):

@@ -72,9 +72,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from c2r_comm.bench.measure import BenchRecord, measure_module
-from c2r_comm.bench.peers import DEEPSPEED_INSTALL, DEEPSPEED_VERSION
+from c2r_comm.bench.peers import DEEPSPEED_INSTALL, DEEPSPEED_VERSION, PeerTraffic
 from c2r_comm.config import Config
-from c2r_comm.dispatch.exchange_plan import CommStats, stats_of_messages
+from c2r_comm.dispatch.exchange_plan import stats_of_messages
 from c2r_comm.experts import GroupedExperts, SharedExpert, swiglu
 from c2r_comm.layer import DTYPES
 from c2r_comm.routing.router import TopKRouter
@@ -308,14 +308,6 @@ def copy_expert_weights(moe: nn.Module, experts: GroupedExperts) -> None:
 
 
 # ---- DeepSpeed: measured like our rows ----------------------------------------------------------------
-
-@dataclass(frozen=True)
-class PeerTraffic:
-    dispatch: CommStats
-    combine: CommStats
-    tokens: int  # over all ranks
-    notes: dict
-
 
 def deepspeed_traffic(peer: DeepSpeedPeer, fwd_calls: Sequence[CommCall], bwd_calls: Sequence[CommCall],
                       tokens: int, groups, device: torch.device) -> PeerTraffic:

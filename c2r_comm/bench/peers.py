@@ -1,36 +1,60 @@
-"""Peers benchmarked side by side with our dispatchers: `c2r-comm bench --peers deepspeed`.
+"""Peers benchmarked side by side with our dispatchers: `c2r-comm bench --peers deepspeed,megatron`.
 
 Optional extras, never needed for the main job: nothing here imports a peer until a run asks for it
-(the DeepSpeed peer and its CPU shims: deepspeed_peer.py).
+(DeepSpeed's MoE layer and its CPU shims: deepspeed_peer.py; megatron-core's MoELayer with its
+alltoall dispatcher and its CPU shims: megatron_peer.py).
 """
 from __future__ import annotations
 
 import importlib.util
 import sys
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
 from c2r_comm.bench.measure import BenchRecord
 from c2r_comm.config import Config
+from c2r_comm.dispatch.exchange_plan import CommStats
 
-PEERS = ("deepspeed",)
+PEERS = ("deepspeed", "megatron")
 DEEPSPEED_VERSION = "0.19.8"  # the release deepspeed_peer.py is written against
 DEEPSPEED_INSTALL = ('DS_BUILD_OPS=0 python -m pip install "c2r-comm[peers]" '
                      f'(or "deepspeed=={DEEPSPEED_VERSION}"; DS_BUILD_OPS=0 at build time)')
+MEGATRON_VERSION = "0.16.1"  # the megatron-core release megatron_peer.py is written against
+MEGATRON_INSTALL = f'python -m pip install "c2r-comm[megatron]" (or "megatron-core=={MEGATRON_VERSION}")'
 
 
-def deepspeed_importable() -> bool:
-    """Whether deepspeed is installed (found without importing it: the import costs seconds)."""
+@dataclass(frozen=True)
+class PeerTraffic:
+    """What a peer's forward sent, over all ranks, classified by our topology, and notes on what differs."""
+
+    dispatch: CommStats
+    combine: CommStats
+    tokens: int  # over all ranks
+    notes: dict
+
+
+def importable(module: str) -> bool:
+    """Whether `module` is installed (found without importing it: peer imports cost seconds)."""
     try:
-        return importlib.util.find_spec("deepspeed") is not None
+        return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
         return False
 
 
+def deepspeed_importable() -> bool:
+    return importable("deepspeed")
+
+
+def megatron_importable() -> bool:
+    return importable("megatron.core")
+
+
 def peer_names(spec: Optional[str]) -> list[str]:
     """Peers of a `--peers` comma list, checked before any rank starts: unknown names and peers that
-    are not installed raise ValueError (the CLI prints it and exits 2)."""
+    are not installed raise ValueError (the CLI prints it and exits 2). Expert counts the peers cannot
+    place (E not divisible by the world size) are refused earlier, by the config's own check."""
     if not spec:
         return []
     names = list(dict.fromkeys(n.strip() for n in spec.split(",") if n.strip()))
@@ -40,6 +64,9 @@ def peer_names(spec: Optional[str]) -> list[str]:
     if "deepspeed" in names and not deepspeed_importable():
         raise ValueError(f"--peers deepspeed: deepspeed is not importable in {sys.executable}; install it with "
                          f"{DEEPSPEED_INSTALL}")
+    if "megatron" in names and not megatron_importable():
+        raise ValueError(f"--peers megatron: megatron-core is not importable in {sys.executable}; install it with "
+                         f"{MEGATRON_INSTALL}")
     return names
 
 
@@ -50,9 +77,12 @@ def bench_peers(names: Sequence[str], config: Config, routing: Optional[tuple[to
     Collective: every rank calls it with the same names."""
     records = []
     for name in names:
-        if name != "deepspeed":
+        if name == "deepspeed":
+            from c2r_comm.bench.deepspeed_peer import bench_deepspeed as bench_peer
+        elif name == "megatron":
+            from c2r_comm.bench.megatron_peer import bench_megatron as bench_peer
+        else:
             raise ValueError(f"peer {name!r} unknown: allowed {list(PEERS)}")
-        from c2r_comm.bench.deepspeed_peer import bench_deepspeed
-        records.append(bench_deepspeed(config, routing, routing_desc, trace_layer, groups, device, x_TD, grad_TD,
-                                       show, network_interface))
+        records.append(bench_peer(config, routing, routing_desc, trace_layer, groups, device, x_TD, grad_TD, show,
+                                  network_interface))
     return records
