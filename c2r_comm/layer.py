@@ -57,7 +57,8 @@ class MoELayer(nn.Module):
         self.capacity = capacity
         # With replicas: sums each replicated expert's gradients over its copies (call after backward)
         self.replica_grad_sync = ReplicaGradSync(dispatcher.plan, dispatcher.rank, dispatcher.groups.ep,
-                                                 dispatcher.topology) if dispatcher.plan.replicas else None
+                                                 dispatcher.topology, dispatcher.groups.ep_reverse
+                                                 ) if dispatcher.plan.replicas else None
         if experts.num_local_experts != dispatcher.num_local_experts:
             raise ValueError(f"experts hold {experts.num_local_experts} local experts, the dispatcher's plan "
                              f"puts {dispatcher.num_local_experts} on each rank")
@@ -121,11 +122,12 @@ class MoELayer(nn.Module):
         new = build_dispatcher(d.name, plan, d.groups, d.hidden_size, d.debug_checks, d.label, d.equal_tokens)
         migrate_experts(self.experts, d.plan, plan, d.rank, d.groups.ep, optimizer)
         self.dispatcher = new
-        self.replica_grad_sync = ReplicaGradSync(plan, new.rank, new.groups.ep, new.topology) if plan.replicas else None
+        self.replica_grad_sync = (ReplicaGradSync(plan, new.rank, new.groups.ep, new.topology, new.groups.ep_reverse)
+                                  if plan.replicas else None)
 
     def sync_replica_grads(self) -> None:
         """With a replica plan: give every copy of a replicated expert the sum of all copies'
-        gradients (one packed all_reduce; replica_grads.py), so an optimizer step keeps the copies
+        gradients (among each expert's holders: replica_grads.py), so an optimizer step keeps the copies
         identical. Collective: every rank calls it after backward, before the optimizer step. No-op
         without replicas."""
         if self.replica_grad_sync is not None:

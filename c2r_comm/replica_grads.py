@@ -2,35 +2,68 @@
 
 With replicas (plan.replicas) the tokens of one expert are split over its copies, so each copy's
 weight gradient holds only its share; the model's gradient is their sum. After backward (and
-before the optimizer step) `ReplicaGradSync` adds them up: one packed all_reduce (SUM) per step
-over the expert-parallel group, of a buffer with one row per replicated expert (its three weight
-gradients flattened). A rank fills the rows of the experts it holds a copy of and leaves the rest
-zero; afterwards every copy reads its row back, so copies see identical gradients and, stepped by
-the same optimizer, stay bit-identical. A rank whose experts had no tokens this step (grad None)
-gets a zero gradient tensor too, without looking at the values (no host sync): were it left None,
-its optimizer would skip the step while another copy's (with momentum) moved, and they would drift.
+before the optimizer step) `ReplicaGradSync` adds them up among each expert's holders only, in two
+sparse point-to-point exchanges over the expert-parallel group (dispatch/transport.Exchange, the
+dispatchers' own; on gloo each direction of a pair on its own connection):
+1. gather: every non-primary copy sends its gradient (one row: the three weight gradients
+   flattened) to the expert's primary rank (plan.hosts_of_expert[e][0]), which sums them with its own;
+2. return: the primary sends the sum back to every copy.
+Rows to one peer travel as one message, ordered by expert id on both sides. Every copy then holds
+the same sum and, stepped by the same optimizer, stays bit-identical. A rank whose experts had no
+tokens this step (grad None) gets a zero gradient tensor too, without looking at the values (no
+host sync): were it left None, its optimizer would skip the step while another copy moved.
 
-Why one all_reduce over the whole EP group rather than one per expert over its holders: the
-replicated experts' host sets differ (up to W*R of them), so per-expert groups would mean up to
-W*R process groups and collectives per step in a fixed order on every rank; a reduce-scatter
-would need the rows grouped by an owner and a second all-gather to return them. The packed
-all_reduce is one collective of W*R rows at most, the same on every rank. Its cost (ring model,
-NCCL's): each rank sends 2 (W-1)/W of the buffer; `bytes_per_step` reports the world total so a
-user can weigh it against the token bytes the replicas save.
+Bytes: 2 x (copies - 1) x expert gradient per replicated expert, on the links between its holders
+only. The previous design, one packed all_reduce over the whole EP group of a buffer with a row per
+replicated expert, moved 2 (W-1)/W of the buffer per rank (ring): 2 (W-1) x replicated experts x
+expert gradient in all, (W-1) / (copies-1) times more (7x at W = 8, R = 1), over every link.
+`stats` reports the sync's bytes and messages per link class so a user can weigh them against the
+token bytes the replicas save.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from c2r_comm.comm_failures import group_site, guard
+from c2r_comm.comm_failures import CommSite
+from c2r_comm.dispatch.exchange_plan import CommStats, stats_of_messages
+from c2r_comm.dispatch.transport import Exchange
 from c2r_comm.experts import GroupedExperts
-from c2r_comm.dispatch.exchange_plan import CommStats
 from c2r_comm.plan import PlacementPlan
 from c2r_comm.topology import Topology
+
+
+@dataclass(frozen=True)
+class SyncRoute:
+    """This rank's side of the sync, fixed by the plan (host ints, computed once)."""
+
+    peers: tuple[int, ...]  # EP ranks this rank exchanges gradients with, ascending
+    send_experts: tuple[int, ...]  # gather: the experts whose copy this rank sends, grouped by peer (peers order)
+    send_counts: tuple[int, ...]  # per peer
+    recv_experts: tuple[int, ...]  # gather: the copies this rank (their primary) receives, grouped by peer
+    recv_counts: tuple[int, ...]
+    primary_experts: tuple[int, ...]  # replicated experts whose primary is this rank (sums kept here)
+
+    @classmethod
+    def of(cls, plan: PlacementPlan, rank: int) -> "SyncRoute":
+        sends, recvs = [], []  # (peer, expert)
+        for e, hosts in enumerate(plan.hosts_of_expert):
+            if len(hosts) < 2:
+                continue
+            if rank in hosts[1:]:
+                sends.append((hosts[0], e))
+            if hosts[0] == rank:
+                recvs.extend((h, e) for h in hosts[1:])
+        sends.sort()
+        recvs.sort()
+        peers = tuple(sorted({p for p, _ in sends} | {p for p, _ in recvs}))
+        count = lambda pairs: tuple(sum(1 for q, _ in pairs if q == p) for p in peers)  # noqa: E731
+        primaries = tuple(e for e, hosts in enumerate(plan.hosts_of_expert) if len(hosts) > 1 and hosts[0] == rank)
+        return cls(peers, tuple(e for _, e in sends), count(sends), tuple(e for _, e in recvs), count(recvs),
+                   primaries)
 
 
 @dataclass(frozen=True)
@@ -39,54 +72,68 @@ class ReplicaGradSync:
     rank: int
     group: Any  # the expert-parallel process group
     topology: Topology  # classifies the sync's links (stats)
+    reverse_group: Any = None  # groups.ep_reverse (gloo: the second direction of each pair)
+
+    @functools.cached_property
+    def route(self) -> SyncRoute:
+        return SyncRoute.of(self.plan, self.rank)
 
     @property
     def replicated_experts(self) -> tuple[int, ...]:
         return tuple(e for e, hosts in enumerate(self.plan.hosts_of_expert) if len(hosts) > 1)
 
     def bytes_per_step(self, hidden_size: int, ffn_size: int, element_size: int) -> int:
-        """World total of the sync's bytes on the links per step (ring all_reduce model)."""
+        """World total of the sync's bytes on the links per optimizer step."""
         return self.stats(hidden_size, ffn_size, element_size).bytes_off_rank
 
     def stats(self, hidden_size: int, ffn_size: int, element_size: int) -> CommStats:
-        """The sync's traffic per optimizer step, by link class, under the ring all_reduce model (NCCL's):
-        every rank sends 2 (W-1) chunks of buffer/W to the next rank of the ring 0 -> 1 -> ... -> W-1 -> 0.
-        Rows are not counted (the buffer rows are expert gradients, not tokens)."""
-        W, topo = self.plan.world_size, self.topology
-        buffer = len(self.replicated_experts) * 3 * hidden_size * ffn_size * element_size
-        if W == 1 or buffer == 0:
-            return CommStats()
-        per_link = 2 * (W - 1) * buffer // W
-        cross = sum(not topo.same_node(r, (r + 1) % W) for r in range(W))
-        return CommStats(bytes_same_node=per_link * (W - cross), bytes_cross_node=per_link * cross,
-                         messages_same_node=2 * (W - 1) * (W - cross), messages_cross_node=2 * (W - 1) * cross)
+        """The sync's traffic per optimizer step over the whole world, by link class: for every
+        replicated expert, each non-primary copy's gradient to the primary and the sum back (one
+        message per (sender, receiver) pair and direction). Rows are not counted (they are expert
+        gradients, not tokens)."""
+        row = 3 * hidden_size * ffn_size * element_size
+        pairs: dict[tuple[int, int], int] = {}  # (sender, receiver) -> rows, both trips
+        for hosts in self.plan.hosts_of_expert:
+            for h in hosts[1:]:
+                pairs[(h, hosts[0])] = pairs.get((h, hosts[0]), 0) + 1
+                pairs[(hosts[0], h)] = pairs.get((hosts[0], h), 0) + 1
+        stats = stats_of_messages(((s, r, n) for (s, r), n in pairs.items()), row, self.topology)
+        return replace(stats, rows_local=0, rows_same_node=0, rows_cross_node=0)
 
     def __call__(self, experts: GroupedExperts) -> None:
         """Sum the replicated experts' gradients over their copies, in place (collective: every rank)."""
-        replicated = self.replicated_experts
-        if not replicated:
+        route = self.route
+        if not (route.send_experts or route.primary_experts):  # no copy here: nothing to send or receive
             return
         params = (experts.w_gate_LDF, experts.w_up_LDF, experts.w_down_LFD)
-        row_of = {e: i for i, e in enumerate(replicated)}
-        width = sum(p[0].numel() for p in params)
+        slot_of = {e: slot for slot, e in enumerate(experts.global_ids)}
         ref = params[0]
-        buf = torch.zeros(len(replicated), width, dtype=ref.dtype, device=ref.device)
-        mine = [(slot, row_of[e]) for slot, e in enumerate(experts.global_ids) if e in row_of]
-        for slot, row in mine:  # host loop over this rank's replicated slots (at most E/W + R)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+
+        def rows(expert_ids: tuple[int, ...]) -> torch.Tensor:  # [n, 3 D F]: each expert's flat gradients
+            slots = torch.tensor([slot_of[e] for e in expert_ids], dtype=torch.long, device=ref.device)
+            return torch.cat([g.index_select(0, slots).flatten(1) for g in grads], dim=1)
+
+        site = CommSite(phase="replica gradient sync", group=self.group)
+        gather = Exchange(self.group, route.peers, route.send_counts, route.recv_counts, True, self.reverse_group,
+                          site, "gather")
+        received = ref.new_empty(len(route.recv_experts), sum(p[0].numel() for p in params))
+        gather.run(rows(route.send_experts), received)
+        # Sums at the primaries: own gradient + every copy's row.
+        primary_row = {e: i for i, e in enumerate(route.primary_experts)}
+        sum_row = torch.tensor([primary_row[e] for e in route.recv_experts], dtype=torch.long, device=ref.device)
+        sums = rows(route.primary_experts).index_add_(0, sum_row, received)
+        back = Exchange(self.group, route.peers, route.recv_counts, route.send_counts, True, self.reverse_group,
+                        site, "return")
+        totals = back.run(sums.index_select(0, sum_row))  # rows in send_experts order
+        for expert_ids, values in ((route.primary_experts, sums), (route.send_experts, totals)):
+            if not expert_ids:
+                continue
+            slots = torch.tensor([slot_of[e] for e in expert_ids], dtype=torch.long, device=ref.device)
             offset = 0
-            for p in params:
+            for p, g in zip(params, grads):
                 n = p[0].numel()
-                if p.grad is not None:
-                    buf[row, offset:offset + n] = p.grad[slot].reshape(-1)
+                g.index_copy_(0, slots, values[:, offset:offset + n].reshape((len(expert_ids),) + tuple(p.shape[1:])))
                 offset += n
-        with guard(group_site("replica gradient sync", self.group)):
-            dist.all_reduce(buf, group=self.group)
-        for slot, row in mine:
-            offset = 0
-            for p in params:
-                n = p[0].numel()
-                part = buf[row, offset:offset + n].view_as(p[0])
-                if p.grad is None:  # no local tokens this step: every copy still gets the (maybe zero) sum
-                    p.grad = torch.zeros_like(p)
-                p.grad[slot].copy_(part)
-                offset += n
+        for p, g in zip(params, grads):
+            p.grad = g

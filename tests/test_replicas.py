@@ -61,6 +61,27 @@ def test_replica_plan_maps_and_validation():
         PlacementPlan((0, 0, 1, 1, 2, 2, 3, 3), 4, ((2,), (0,), (0,), (0,)))
 
 
+def test_replica_grad_sync_moves_gradients_among_holders_only():
+    """Each non-primary copy's gradient to the primary and the sum back: 2 (copies - 1) expert
+    gradients per replicated expert, on the links between its holders, one message per pair and trip."""
+    from c2r_comm.replica_grads import ReplicaGradSync, SyncRoute
+    # 2x2, 8 experts, R = 1: expert 2 (primary rank 1) copied to rank 0 and expert 6 (primary 3) to
+    # rank 2 (same node); expert 4 (primary 2) to rank 1 and expert 0 (primary 0) to rank 3 (cross-node).
+    plan = PlacementPlan((0, 0, 1, 1, 2, 2, 3, 3), 4, ((2,), (4,), (6,), (0,)))
+    sync = ReplicaGradSync(plan, 0, None, Topology(2, 2))
+    row = 3 * 6 * 5 * 4  # hidden 6, ffn 5, fp32
+    stats = sync.stats(6, 5, 4)
+    assert stats.bytes_same_node == 4 * row and stats.bytes_cross_node == 4 * row  # each expert: there and back
+    assert (stats.messages_same_node, stats.messages_cross_node) == (4, 4)
+    assert stats.rows_off_rank == 0 and sync.bytes_per_step(6, 5, 4) == 8 * row
+    # W = 8, one replica each: 16 rows against the all_reduce's 2 (W-1) x 8 = 112
+    eight = PlacementPlan(tuple(r for r in range(8) for _ in range(2)), 8, tuple(((2 * r + 2) % 16,) for r in range(8)))
+    assert ReplicaGradSync(eight, 0, None, Topology(1, 8)).bytes_per_step(6, 5, 4) == 16 * row
+    route = SyncRoute.of(plan, 0)  # rank 0: primary of expert 0 (copy on 3), holds a copy of expert 2 (primary 1)
+    assert route.peers == (1, 3) and route.send_experts == (2,) and route.send_counts == (1, 0)
+    assert route.recv_experts == (0,) and route.recv_counts == (0, 1) and route.primary_experts == (0,)
+
+
 def test_empty_replica_lists_are_no_replicas():
     plan = PlacementPlan((0, 0, 1, 1), 2, ((), ()))
     assert plan.replicas == () and plan == PlacementPlan((0, 0, 1, 1), 2)

@@ -57,8 +57,8 @@ class Measurement:
     routed_choices: Optional[int] = None
     dropped_choices: Optional[int] = None
     dropped_tokens: Optional[int] = None
-    # Replica plans: the replica gradient sync of one training step (ReplicaGradSync.stats: ring
-    # all_reduce model, all ranks), which the benchmark's forward + backward does not run. None: no replicas.
+    # Replica plans: the replica gradient sync of one training step (ReplicaGradSync.stats: among each
+    # expert's holders, all ranks), which the benchmark's forward + backward does not run. None: no replicas.
     replica_sync: Optional[CommStats] = None
 
 
