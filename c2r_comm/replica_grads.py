@@ -89,16 +89,37 @@ class ReplicaGradSync:
     def stats(self, hidden_size: int, ffn_size: int, element_size: int) -> CommStats:
         """The sync's traffic per optimizer step over the whole world, by link class: for every
         replicated expert, each non-primary copy's gradient to the primary and the sum back (one
-        message per (sender, receiver) pair and direction). Rows are not counted (they are expert
+        message per (sender, receiver) pair and trip). Rows are not counted (they are expert
         gradients, not tokens)."""
         row = 3 * hidden_size * ffn_size * element_size
-        pairs: dict[tuple[int, int], int] = {}  # (sender, receiver) -> rows, both trips
+        gather: dict[tuple[int, int], int] = {}  # (copy's rank, primary) -> rows; the return trip mirrors it
         for hosts in self.plan.hosts_of_expert:
             for h in hosts[1:]:
-                pairs[(h, hosts[0])] = pairs.get((h, hosts[0]), 0) + 1
-                pairs[(hosts[0], h)] = pairs.get((hosts[0], h), 0) + 1
-        stats = stats_of_messages(((s, r, n) for (s, r), n in pairs.items()), row, self.topology)
+                gather[(h, hosts[0])] = gather.get((h, hosts[0]), 0) + 1
+        stats = (stats_of_messages(((s, r, n) for (s, r), n in gather.items()), row, self.topology)
+                 + stats_of_messages(((r, s, n) for (s, r), n in gather.items()), row, self.topology))
         return replace(stats, rows_local=0, rows_same_node=0, rows_cross_node=0)
+
+    def _indices(self, global_ids: tuple[int, ...], device: torch.device) -> dict[str, torch.Tensor]:
+        """The sync's index tensors on `device`, built once (a host->device copy per call would stall a
+        GPU stream): local slots of the rows sent and of the primaries' sums, and per gather peer the
+        sums' rows its received rows add to."""
+        key = (global_ids, device)
+        if key not in self._index_cache:
+            route, slot_of = self.route, {e: slot for slot, e in enumerate(global_ids)}
+            primary_row = {e: i for i, e in enumerate(route.primary_experts)}
+            tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+            sum_row = [primary_row[e] for e in route.recv_experts]
+            self._index_cache[key] = {
+                "send_slots": tensor([slot_of[e] for e in route.send_experts]),
+                "primary_slots": tensor([slot_of[e] for e in route.primary_experts]),
+                "sum_row": tensor(sum_row),
+            }
+        return self._index_cache[key]
+
+    @functools.cached_property
+    def _index_cache(self) -> dict:
+        return {}
 
     def __call__(self, experts: GroupedExperts) -> None:
         """Sum the replicated experts' gradients over their copies, in place (collective: every rank)."""
@@ -106,34 +127,34 @@ class ReplicaGradSync:
         if not (route.send_experts or route.primary_experts):  # no copy here: nothing to send or receive
             return
         params = (experts.w_gate_LDF, experts.w_up_LDF, experts.w_down_LFD)
-        slot_of = {e: slot for slot, e in enumerate(experts.global_ids)}
         ref = params[0]
+        idx = self._indices(experts.global_ids, ref.device)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
 
-        def rows(expert_ids: tuple[int, ...]) -> torch.Tensor:  # [n, 3 D F]: each expert's flat gradients
-            slots = torch.tensor([slot_of[e] for e in expert_ids], dtype=torch.long, device=ref.device)
+        def rows(slots: torch.Tensor) -> torch.Tensor:  # [n, 3 D F]: each expert's flat gradients
             return torch.cat([g.index_select(0, slots).flatten(1) for g in grads], dim=1)
 
         site = CommSite(phase="replica gradient sync", group=self.group)
         gather = Exchange(self.group, route.peers, route.send_counts, route.recv_counts, True, self.reverse_group,
                           site, "gather")
         received = ref.new_empty(len(route.recv_experts), sum(p[0].numel() for p in params))
-        gather.run(rows(route.send_experts), received)
-        # Sums at the primaries: own gradient + every copy's row.
-        primary_row = {e: i for i, e in enumerate(route.primary_experts)}
-        sum_row = torch.tensor([primary_row[e] for e in route.recv_experts], dtype=torch.long, device=ref.device)
-        sums = rows(route.primary_experts).index_add_(0, sum_row, received)
+        gather.run(rows(idx["send_slots"]), received)
+        # Sums at the primaries: own gradient, then each peer's rows in peer order (within one peer's
+        # block every expert occurs once, so each index_add_ has distinct indices: a fixed order of
+        # additions on every device, no atomics).
+        sums = rows(idx["primary_slots"])
+        start = 0
+        for n in route.recv_counts:  # host loop over peers (at most W)
+            sums.index_add_(0, idx["sum_row"][start:start + n], received[start:start + n])
+            start += n
         back = Exchange(self.group, route.peers, route.recv_counts, route.send_counts, True, self.reverse_group,
                         site, "return")
-        totals = back.run(sums.index_select(0, sum_row))  # rows in send_experts order
-        for expert_ids, values in ((route.primary_experts, sums), (route.send_experts, totals)):
-            if not expert_ids:
-                continue
-            slots = torch.tensor([slot_of[e] for e in expert_ids], dtype=torch.long, device=ref.device)
+        totals = back.run(sums.index_select(0, idx["sum_row"]))  # rows in send_experts order
+        for slots, values in ((idx["primary_slots"], sums), (idx["send_slots"], totals)):
             offset = 0
             for p, g in zip(params, grads):
                 n = p[0].numel()
-                g.index_copy_(0, slots, values[:, offset:offset + n].reshape((len(expert_ids),) + tuple(p.shape[1:])))
+                g.index_copy_(0, slots, values[:, offset:offset + n].reshape((len(slots),) + tuple(p.shape[1:])))
                 offset += n
         for p, g in zip(params, grads):
             p.grad = g

@@ -1,24 +1,35 @@
 """Why a replica plan's held-out GPU load stays where it is (docs/benchmarks.md, "Replicas").
 
-Per layer of a plan file, on the given prompts of a trace:
-- realised: GPU load max/mean of the dispatch's own copy choice, tokens dealt to ranks in order
-  (what `c2r-comm plan` reports);
-- round-robin: the same with token t on rank t mod W (batches that look like the whole set);
+Per layer of a plan file, on the given prompts of a trace (tokens dealt to the W source ranks in
+order, each rank's block one dispatch batch, as `c2r-comm plan` reports):
+- realised: GPUs per token and GPU load max/mean of the dispatch's own copy choice
+  (`placement_metrics`: each source rank balances its own batch);
+- round-robin (`--round-robin`): the same with token t on rank t mod W (batches that look like the
+  whole set);
 - bound: the least max/mean any split of each expert's tokens over its copies could reach, even
   fractional, knowing every token and ignoring GPUs per token. By Hall's theorem for fractional
   assignments it is max over GPU sets S of (load of the experts whose copies all lie in S) / |S|,
-  computed exactly over the 2^W sets.
+  computed exactly over the 2^W sets; also its mean over the source batches, each on its own;
+- global choice (`--global-rounds N`): the same pricing rule as dispatch (replica_choice), but over
+  every source rank's tokens at once (as if each rank knew the others' choices), ties only and with
+  a load cap (`--cap`): GPUs per token and load;
+- lower bound (`--cap`): a lower bound on E[GPUs per token] of any copy choice (even fractional,
+  knowing every token) whose GPU loads stay within cap x the mean: for any prices lambda_r >= 0,
+  mean_t min_c (GPUs(t, c) + sum_r lambda_r rows_r(t, c)) - cap x k / W x sum_r lambda_r is one
+  (Lagrangian relaxation); the best of `--bound-iters` subgradient steps is printed.
 
     .venv/bin/python examples/replica_load_analysis.py --trace ../shared/traces/deepseek_v2_lite_prefill_dev.npz \
-        --plan out/replicas/plan_1x8_R2.json --prompts 800:999
+        --plan out/replicas/plan_1x8_R2.json --prompts 800:999 [--round-robin] [--global-rounds 64 --cap 1.10]
 """
 from __future__ import annotations
 
 import argparse
 
 import numpy as np
+import torch
 
-from c2r_comm.placement.metrics import placement_metrics
+from c2r_comm.placement import replica_choice
+from c2r_comm.placement.metrics import dealt_source_ranks, placement_metrics
 from c2r_comm.plan import PlacementPlan, PlanFile
 from c2r_comm.routing.trace import RoutingTrace, parse_range
 
@@ -34,27 +45,98 @@ def split_bound(plan: PlacementPlan, ids_TK: np.ndarray) -> float:
     return float(((inside * load_E).sum(1) / size).max() / (load_E.sum() / W))
 
 
+def world_keys(plan: PlacementPlan, gpus_per_node: int, ids_TK: np.ndarray, source_rank_T: np.ndarray):
+    """(cover keys [T, C], copies' ranks [T, K, H], combinations [C, K]) of every token, each keyed
+    from its own source rank (dispatch's key: fewest remote ranks, then fewest ranks)."""
+    host_rank_EH, _ = plan.host_tensors()
+    K, H = ids_TK.shape[1], host_rank_EH.shape[1]
+    combo_CK = replica_choice.combinations(H, K, torch.device("cpu"))
+    keys, ranks = [], []
+    for s in range(plan.world_size):
+        rank_TKH = host_rank_EH[torch.as_tensor(ids_TK[source_rank_T == s])]
+        keys.append(replica_choice.cover_keys(rank_TKH, combo_CK, plan.world_size, gpus_per_node, s, False))
+        ranks.append(rank_TKH)
+    return torch.cat(keys), torch.cat(ranks), combo_CK
+
+
+def chosen_stats(rank_TKH: torch.Tensor, combo_CK: torch.Tensor, combo_T: torch.Tensor, W: int) -> tuple[float, float]:
+    """(GPUs per token, GPU load max/mean) of a choice of combinations."""
+    rank_TK = torch.gather(rank_TKH, 2, combo_CK[combo_T].unsqueeze(2)).squeeze(2)
+    gpus = (torch.nn.functional.one_hot(rank_TK, W).sum(1) > 0).sum(1).double().mean()
+    load = torch.bincount(rank_TK.reshape(-1), minlength=W).double()
+    return float(gpus), float(load.max() / load.mean())
+
+
+def global_choice(key_TC, rank_TKH, combo_CK, W: int, cap, rounds: int) -> tuple[float, float]:
+    """The dispatch's pricing over every source rank's tokens at once (`rounds` rounds)."""
+    saved = replica_choice.BALANCE_ROUNDS
+    replica_choice.BALANCE_ROUNDS = rounds
+    try:
+        combo_T = replica_choice._priced(key_TC, rank_TKH, combo_CK, W, cap, rank_TKH.shape[1] + 2)
+    finally:
+        replica_choice.BALANCE_ROUNDS = saved
+    return chosen_stats(rank_TKH, combo_CK, combo_T, W)
+
+
+def gpus_lower_bound(key_TC, rank_TKH, combo_CK, W: int, cap: float, iters: int) -> float:
+    """Lagrangian lower bound on E[GPUs per token] with every rank's rows <= cap x mean (module doc)."""
+    T, K, H = rank_TKH.shape
+    gpus_TC = torch.remainder(key_TC, K + 2).double()  # the key's last digit: distinct ranks
+    onehot_JC = replica_choice._combination_onehot(H, K, "cpu").double()
+    flat_TJ = rank_TKH.reshape(T, K * H)
+    lam = torch.zeros(W + 1, dtype=torch.float64)  # rank W never occurs (no dropped choices here)
+    best, step = -np.inf, 0.5
+    for _ in range(iters):
+        cost_TC = torch.addmm(gpus_TC, lam[flat_TJ], onehot_JC)
+        combo_T = cost_TC.argmin(1)
+        best = max(best, float(cost_TC[torch.arange(T), combo_T].mean() - cap * K / W * lam[:W].sum()))
+        rank_TK = torch.gather(rank_TKH, 2, combo_CK[combo_T].unsqueeze(2)).squeeze(2)
+        g = torch.bincount(rank_TK.reshape(-1), minlength=W).double() / T - cap * K / W  # subgradient
+        lam[:W] = (lam[:W] + step * g / (g.norm() + 1e-12)).clamp(min=0)
+        step *= 0.97
+    return best
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trace", required=True)
     p.add_argument("--plan", required=True)
     p.add_argument("--prompts", default="800:999")
+    p.add_argument("--round-robin", action="store_true", help="also the realised choice with tokens dealt round-robin")
+    p.add_argument("--global-rounds", type=int, default=0, help="also the global choice with N pricing rounds")
+    p.add_argument("--cap", type=float, default=1.10, help="load cap of the global choice and the lower bound")
+    p.add_argument("--bound-iters", type=int, default=120)
     args = p.parse_args()
     plan_file = PlanFile.load(args.plan)
     tokens = RoutingTrace.load(args.trace).select_prompts(*parse_range(args.prompts))
+    head = ["GPUs/token", "load", "bound", "batch bound"]
+    if args.round_robin:
+        head += ["rr load"]
+    if args.global_rounds:
+        head += ["global load", f"global@{args.cap} GPUs", f"global@{args.cap} load", f"LB GPUs@{args.cap}"]
+    print("layer | " + " | ".join(head))
     rows = []
-    print("layer | realised | round-robin | bound")
     for layer, plan in sorted(plan_file.layers.items()):
         ids = tokens.layer(layer)
-        W = plan.world_size
-        dealt = placement_metrics(plan, plan_file.topology, ids).gpu_load_max_over_mean
-        robin = placement_metrics(plan, plan_file.topology, ids, np.arange(len(ids)) % W).gpu_load_max_over_mean
-        rows.append((dealt, robin, split_bound(plan, ids)))
-        print(f"{layer:5d} | {rows[-1][0]:8.3f} | {rows[-1][1]:11.3f} | {rows[-1][2]:5.3f}")
+        W, topo = plan.world_size, plan_file.topology
+        source_T = dealt_source_ranks(len(ids), W)
+        m = placement_metrics(plan, topo, ids)
+        row = [m.gpus_per_token, m.gpu_load_max_over_mean, split_bound(plan, ids),
+               float(np.mean([split_bound(plan, ids[source_T == s]) for s in range(W)]))]
+        if args.round_robin:
+            row.append(placement_metrics(plan, topo, ids, np.arange(len(ids)) % W).gpu_load_max_over_mean)
+        if args.global_rounds:
+            if topo.nodes != 1:
+                raise SystemExit("--global-rounds: single-node plans only (the key here is by ranks)")
+            key_TC, rank_TKH, combo_CK = world_keys(plan, topo.gpus_per_node, ids, source_T)
+            row.append(global_choice(key_TC, rank_TKH, combo_CK, W, None, args.global_rounds)[1])
+            row += list(global_choice(key_TC, rank_TKH, combo_CK, W, args.cap, args.global_rounds))
+            row.append(gpus_lower_bound(key_TC, rank_TKH, combo_CK, W, args.cap, args.bound_iters))
+        rows.append(row)
+        print(f"{layer:5d} | " + " | ".join(f"{v:.3f}" for v in row), flush=True)
     a = np.array(rows)
-    print(f" mean | {a[:, 0].mean():8.3f} | {a[:, 1].mean():11.3f} | {a[:, 2].mean():5.3f}")
-    print(f"layers above 1.10: realised {(a[:, 0] > 1.10).sum()}, round-robin {(a[:, 1] > 1.10).sum()}, "
-          f"bound {(a[:, 2] > 1.10).sum()} of {len(a)}")
+    print(" mean | " + " | ".join(f"{v:.3f}" for v in a.mean(0)))
+    print(f"layers above 1.10: realised {(a[:, 1] > 1.10).sum()}, bound {(a[:, 2] > 1.10).sum()} of {len(a)}")
 
 
 if __name__ == "__main__":

@@ -133,23 +133,46 @@ def test_megatron_layer_equals_ours_with_same_experts_and_routing():
             assert r["combine"] == (local, same, 0, same * D * 4, 0, pairs, 0)
 
 
-@needs_megatron
-def test_bench_shows_megatron_as_a_row_with_the_trace_routing(tmp_path):
+TRACE = REPO.parent / "shared" / "traces" / "deepseek_v2_lite_prefill_dev.npz"
+
+
+def _bench(tmp_path, *extra):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "c2r_comm", "bench", "--topology", "1x2", "--num-experts", "4",
-                           "--top-k", "2", "--tokens-per-rank", "32", "--hidden-size", "16", "--ffn-hidden-size", "24",
-                           "--iters", "2", "--warmup-iters", "1", "--dispatcher", "alltoall", "--peers", "megatron",
-                           "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run([sys.executable, "-m", "c2r_comm", "bench", "--topology", "1x2", "--tokens-per-rank", "32",
+                           "--hidden-size", "16", "--ffn-hidden-size", "24", "--iters", "2", "--warmup-iters", "1",
+                           "--dispatcher", "alltoall", "--peers", "megatron", "--json", str(out), *extra],
+                          cwd=REPO, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "| megatron | contiguous |" in proc.stdout and "| alltoall |" in proc.stdout, proc.stdout
-    records = {r["dispatcher"]: r for r in json.loads(out.read_text())}
+    return {r["dispatcher"]: r for r in json.loads(out.read_text())}
+
+
+@needs_megatron
+@pytest.mark.parametrize("routing", [
+    pytest.param("trace", marks=pytest.mark.skipif(not TRACE.is_file(), reason="needs ../shared/traces (beside the repo)")),
+    "router"])
+def test_bench_shows_megatron_as_a_row_with_our_routing(tmp_path, routing):
+    """Through the CLI: with --trace its router is the trace's routing (GivenRouting), without it its own
+    TopKRouter with our gate weights; either way it sends one row per (token, expert), exactly the rows
+    our baseline alltoall sends (a different routing would move rows between ranks)."""
+    k = 6 if routing == "trace" else 2
+    extra = (["--trace", str(TRACE), "--layer", "12", "--prompts", "800:999"] if routing == "trace"
+             else ["--num-experts", "4", "--top-k", "2"])
+    records = _bench(tmp_path, *extra)
     mg, a2a = records["megatron"], records["alltoall"]
-    assert mg["measurement"]["tokens"] == 2 * 32 and mg["config"]["peer"]["routes"] == 2 * 32 * 2
-    assert mg["routing"] == a2a["routing"]  # same gate weights, plain top-k: same routing
-    # Both send one row per (token, expert): the same rows, its rows carry no slot ids
+    assert mg["measurement"]["tokens"] == 2 * 32 and mg["config"]["peer"]["routes"] == 2 * 32 * k
+    assert "differs" not in mg["routing"], mg["routing"]
     for field in ("rows_local", "rows_same_node"):
-        assert mg["measurement"]["dispatch"][field] == a2a["measurement"]["dispatch"][field]
+        assert mg["measurement"]["dispatch"][field] == a2a["measurement"]["dispatch"][field], field
     assert mg["measurement"]["forward"]["median_ms"] > 0 and mg["measurement"]["backward"]["median_ms"] > 0
+
+
+def test_megatron_peer_in_capacity_mode_is_refused_before_launch(monkeypatch, capsys):
+    """The peer runs dropless: beside rows that drop choices it would not compare like with like."""
+    monkeypatch.setattr(peers, "megatron_importable", lambda: True)
+    assert main(["bench", "--topology", "1x2", "--num-experts", "4", "--top-k", "2", "--capacity-factor", "1.0",
+                 "--peers", "megatron"]) == 2
+    assert "allowed no peers with routing.capacity_factor" in capsys.readouterr().err
 
 
 def test_missing_megatron_fails_before_launch_with_the_install_command(monkeypatch, capsys):

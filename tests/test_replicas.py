@@ -77,6 +77,10 @@ def test_replica_grad_sync_moves_gradients_among_holders_only():
     # W = 8, one replica each: 16 rows against the all_reduce's 2 (W-1) x 8 = 112
     eight = PlacementPlan(tuple(r for r in range(8) for _ in range(2)), 8, tuple(((2 * r + 2) % 16,) for r in range(8)))
     assert ReplicaGradSync(eight, 0, None, Topology(1, 8)).bytes_per_step(6, 5, 4) == 16 * row
+    # W = 2: each rank a primary and a copy of the other's expert, so each pair carries a gather and a
+    # return message in each direction: 4 messages, not 2
+    pair = ReplicaGradSync(PlacementPlan((0, 0, 1, 1), 2, ((2,), (0,))), 0, None, Topology(1, 2)).stats(6, 5, 4)
+    assert (pair.messages_same_node, pair.bytes_same_node) == (4, 4 * row)
     route = SyncRoute.of(plan, 0)  # rank 0: primary of expert 0 (copy on 3), holds a copy of expert 2 (primary 1)
     assert route.peers == (1, 3) and route.send_experts == (2,) and route.send_counts == (1, 0)
     assert route.recv_experts == (0,) and route.recv_counts == (0, 1) and route.primary_experts == (0,)

@@ -54,6 +54,7 @@ import torch.nn as nn
 
 from c2r_comm.bench.measure import BenchRecord, measure_module
 from c2r_comm.bench.peers import MEGATRON_VERSION, PeerTraffic
+from c2r_comm.comm_failures import group_site, guard
 from c2r_comm.config import Config
 from c2r_comm.dispatch.exchange_plan import stats_of_messages
 from c2r_comm.experts import GroupedExperts, SharedExpert
@@ -298,7 +299,8 @@ def megatron_traffic(calls: list[A2ACall], gathered_bytes: int, tokens: int, gro
     for i, call in enumerate(calls):
         t[i, me] = torch.tensor(call.rows_to)
     flat = torch.cat([t.reshape(-1), torch.tensor([tokens, gathered_bytes])]).to(device)
-    dist.all_reduce(flat, group=groups.ep)
+    with guard(group_site("benchmark peer traffic", groups.ep)):
+        dist.all_reduce(flat, group=groups.ep)
     flat = flat.cpu()
     t, (tokens_all, gathered_all) = flat[:-2].reshape(3, W, W), flat[-2:].tolist()
     if not torch.equal(t[0], t[1]):
@@ -315,7 +317,9 @@ def megatron_traffic(calls: list[A2ACall], gathered_bytes: int, tokens: int, gro
         "peer": "megatron", "layer": "megatron.core.transformer.moe.moe_layer.MoELayer",
         "dispatcher": "MoEAlltoAllTokenDispatcher", "experts": "SequentialMLP", "version": _megatron_version(),
         "routes": routes,  # (token, expert) pairs, all ranks: its dispatch rows (no padding)
-        "all_to_all_forward": len(calls), "count_all_gather_bytes_all_ranks": gathered_all,
+        "all_to_all_forward": len(calls),
+        # its per-expert counts (E int64 per rank) all_gathered per forward: each rank's to W - 1 others
+        "count_all_gather_bytes_sent_all_ranks": gathered_all * (W - 1),
         "placement": "contiguous (rank r holds experts r*E/W .. (r+1)*E/W - 1)",
         "differs": ["k copies per token (one per chosen expert), no dedup per rank or node",
                     "token rows and their probabilities in two all_to_all_single calls; counts by all_gather",
@@ -358,7 +362,7 @@ def bench_megatron(config: Config, routing: Optional[tuple[torch.Tensor, torch.T
     routing_diffs = _routing_differences(config, routing is not None)
     resolved["peer"] = dict(traffic.notes, differs=traffic.notes["differs"] + routing_diffs)
     same = not any(d.startswith("routing") for d in routing_diffs)
-    desc = routing_desc if same else f"megatron top-{config.model.top_k} router"
+    desc = routing_desc if same else f"{routing_desc}; megatron: differs (config.peer.differs)"
     if show:
         n = traffic.notes
         print(f"megatron-core {n['version']} MoELayer (alltoall dispatcher, SequentialMLP)"
@@ -371,11 +375,14 @@ def bench_megatron(config: Config, routing: Optional[tuple[torch.Tensor, torch.T
 def _routing_differences(config: Config, given_routing: bool) -> list[str]:
     """What differs between its router and ours for this config; entries that change which experts or
     weights a token gets start with 'routing'."""
-    if given_routing:
+    if given_routing:  # (capacity mode with peers is refused before launch: the peers run dropless)
         return []
     r, out = config.routing, []
     if r.kind != "topk":
         out.append(f"routing: plain top-k, ours is the {r.kind} router")
+    if config.run.dtype != "float32":
+        out.append(f"routing weights: its router rounds its softmax scores to {config.run.dtype} (ours keeps them in "
+                   "fp32; ties may also pick other experts)")
     if config.model.top_k == 1 and r.renormalize:
         out.append("routing weights: its top-1 weight is the softmax probability (megatron-core needs pre-softmax "
                    "at k = 1), ours is renormalised to 1")

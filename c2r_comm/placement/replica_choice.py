@@ -103,14 +103,26 @@ def choose_copies(idx_TK: torch.Tensor, valid_TK: torch.Tensor, host_rank_EH: to
         column_TK = torch.where(own_TKH.any(-1), own_TKH.to(torch.int8).argmax(-1), 0)
         return (torch.gather(rank_TKH, 2, column_TK.unsqueeze(2)).squeeze(2),
                 torch.gather(slot_TKH, 2, column_TK.unsqueeze(2)).squeeze(2))
-    W, G = world_size, gpus_per_node
+    W = world_size
     copy_rank_TKH = rank_TKH
     rank_TKH = torch.where(valid_TK.unsqueeze(-1), rank_TKH, W)  # dropped choices: rank W, counted nowhere
     combo_CK = combinations(H, K, device)
-    C = combo_CK.shape[0]
-    base = K + 2  # every count below is at most K + 1
+    key_TC = cover_keys(rank_TKH, combo_CK, W, gpus_per_node, source_rank, by_node)
+    combo_T = _priced(key_TC, rank_TKH, combo_CK, W, load_cap, K + 2)
+    column_TK = combo_CK[combo_T]
+    return (torch.gather(copy_rank_TKH, 2, column_TK.unsqueeze(2)).squeeze(2),
+            torch.gather(slot_TKH, 2, column_TK.unsqueeze(2)).squeeze(2))
+
+
+def cover_keys(rank_TKH: torch.Tensor, combo_CK: torch.Tensor, world_size: int, gpus_per_node: int, source_rank: int,
+               by_node: bool) -> torch.Tensor:
+    """float32 [T, C]: the cover key of every token's every combination (module docstring; key unit
+    K + 2, as every count is at most K + 1). rank_TKH: the copies' ranks, world_size for dropped choices."""
+    T, K, H = rank_TKH.shape
+    W, G, C = world_size, gpus_per_node, combo_CK.shape[0]
+    base = K + 2
     chunk = max(1, MAX_CHUNK_ELEMENTS // (C * K))
-    key_TC = torch.empty(T, C, dtype=torch.float32, device=device)
+    key_TC = torch.empty(T, C, dtype=torch.float32, device=rank_TKH.device)
     for start in range(0, T, chunk):  # host loop over token chunks (shapes only: no sync)
         r_tKH = rank_TKH[start:start + chunk]
         t = r_tKH.shape[0]
@@ -123,10 +135,7 @@ def choose_copies(idx_TK: torch.Tensor, valid_TK: torch.Tensor, host_rank_EH: to
             remote_nodes = _distinct(node_tCK, W) - (node_tCK == source_rank // G).any(2).long()
             key = remote_nodes * base * base + key
         key_TC[start:start + t] = key
-    combo_T = _priced(key_TC, rank_TKH, combo_CK, W, load_cap, base)
-    column_TK = combo_CK[combo_T]
-    return (torch.gather(copy_rank_TKH, 2, column_TK.unsqueeze(2)).squeeze(2),
-            torch.gather(slot_TKH, 2, column_TK.unsqueeze(2)).squeeze(2))
+    return key_TC
 
 
 def _priced(key_TC: torch.Tensor, rank_TKH: torch.Tensor, combo_CK: torch.Tensor, world_size: int,
