@@ -64,7 +64,7 @@ import math
 import os
 import sys
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
@@ -72,7 +72,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from c2r_comm.bench.measure import BenchRecord, measure_module
-from c2r_comm.bench.peers import DEEPSPEED_INSTALL, DEEPSPEED_VERSION, PeerTraffic
+from c2r_comm.bench.peers import DEEPSPEED_INSTALL, DEEPSPEED_VERSION, PeerTraffic, peer_record
 from c2r_comm.config import Config
 from c2r_comm.dispatch.exchange_plan import stats_of_messages
 from c2r_comm.experts import GroupedExperts, SharedExpert, swiglu
@@ -391,21 +391,16 @@ def bench_deepspeed(config: Config, routing: Optional[tuple[torch.Tensor, torch.
     finally:
         recorder.calls = None
     traffic = deepspeed_traffic(peer, fwd_calls, all_calls[len(fwd_calls):], x_TD.shape[0], groups, device)
-    meas = replace(meas, tokens=traffic.tokens, dispatch=traffic.dispatch, combine=traffic.combine)
-    resolved = config.to_dict()
-    resolved["dispatcher"] = "deepspeed"
-    routing_diffs = _routing_differences(config, routing is not None)
-    resolved["peer"] = dict(traffic.notes, differs=traffic.notes["differs"] + routing_diffs)
-    same = not any(d.startswith("routing") for d in routing_diffs)
-    desc = routing_desc if same else f"deepspeed top-{config.model.top_k} gate"
+    record = peer_record("deepspeed", config, routing_desc, trace_layer, str(groups.topology), meas, traffic,
+                         _routing_differences(config, routing is not None))
     if show:
         n = traffic.notes
         print(f"deepspeed {n['version']} MoE layer{'' if trace_layer is None else f' (layer {trace_layer})'}: "
               f"capacity {n['capacity_per_expert']} rows/expert, {n['all2all_rows_per_iteration']} all2all rows for "
               f"{n['routes']} routes (x{n['padding_factor'] or 0:.2f} padding), k copies per token, "
               f"{n['all_reduce_forward_per_rank']} all-reduce/forward; routing: {n['routing']}"
-              + ("" if desc == routing_desc else f" (differs from ours: {routing_desc})"), file=sys.stderr)
-    return BenchRecord("deepspeed", "contiguous", desc, str(groups.topology), resolved, meas, trace_layer, None)
+              + ("" if record.routing == routing_desc else " (differs from ours: config.peer.differs)"), file=sys.stderr)
+    return record
 
 
 def _routing_differences(config: Config, given_routing: bool) -> list[str]:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Optional
@@ -53,7 +54,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from c2r_comm.bench.measure import BenchRecord, measure_module
-from c2r_comm.bench.peers import MEGATRON_VERSION, PeerTraffic
+from c2r_comm.bench.peers import MEGATRON_VERSION, PeerTraffic, peer_record
 from c2r_comm.comm_failures import group_site, guard
 from c2r_comm.config import Config
 from c2r_comm.dispatch.exchange_plan import stats_of_messages
@@ -339,8 +340,6 @@ def bench_megatron(config: Config, routing: Optional[tuple[torch.Tensor, torch.T
                    show: bool, network_interface: Optional[str] = None) -> BenchRecord:
     """megatron-core's MoE layer timed exactly like measure_layer (measure_module), bytes from the
     all2all calls its dispatcher made in the last timed forward."""
-    import sys
-
     peer = build_megatron_peer(config, groups, device, routing)
     recorder = _recorder()
 
@@ -356,20 +355,16 @@ def bench_megatron(config: Config, routing: Optional[tuple[torch.Tensor, torch.T
         meas, (calls, gathered) = measure_module(peer, step, x_TD, grad_TD, config.run.warmup_iters, config.run.iters,
                                                  groups.ep, groups.topology, label, show, network_interface)
     traffic = megatron_traffic(calls, gathered, x_TD.shape[0], groups, device)
-    meas = replace(meas, tokens=traffic.tokens, dispatch=traffic.dispatch, combine=traffic.combine)
-    resolved = config.to_dict()
-    resolved["dispatcher"] = "megatron"
-    routing_diffs = _routing_differences(config, routing is not None)
-    resolved["peer"] = dict(traffic.notes, differs=traffic.notes["differs"] + routing_diffs)
-    same = not any(d.startswith("routing") for d in routing_diffs)
-    desc = routing_desc if same else f"{routing_desc}; megatron: differs (config.peer.differs)"
+    record = peer_record("megatron", config, routing_desc, trace_layer, str(groups.topology), meas, traffic,
+                         _routing_differences(config, routing is not None))
     if show:
         n = traffic.notes
         print(f"megatron-core {n['version']} MoELayer (alltoall dispatcher, SequentialMLP)"
               f"{'' if trace_layer is None else f' (layer {trace_layer})'}: {n['routes']} routes, k copies per "
               f"token, 3 all2alls + 1 count all_gather per forward"
-              + ("" if desc == routing_desc else f"; routing differs from ours: {routing_desc}"), file=sys.stderr)
-    return BenchRecord("megatron", "contiguous", desc, str(groups.topology), resolved, meas, trace_layer, None)
+              + ("" if record.routing == routing_desc else "; routing differs from ours (config.peer.differs)"),
+              file=sys.stderr)
+    return record
 
 
 def _routing_differences(config: Config, given_routing: bool) -> list[str]:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import torch
 
-from c2r_comm.bench.measure import BenchRecord
+from c2r_comm.bench.measure import BenchRecord, Measurement
 from c2r_comm.config import Config
 from c2r_comm.dispatch.exchange_plan import CommStats
 
@@ -33,6 +33,20 @@ class PeerTraffic:
     combine: CommStats
     tokens: int  # over all ranks
     notes: dict
+
+
+def peer_record(name: str, config: Config, routing_desc: str, trace_layer: Optional[int], topology: str,
+                meas: Measurement, traffic: PeerTraffic, routing_diffs: Sequence[str]) -> BenchRecord:
+    """A peer's row: its measurement with its traffic, the resolved config with config.peer (its notes
+    and what differs from ours); its routing reads like ours unless an entry of routing_diffs that starts
+    with 'routing' says the experts or weights differ."""
+    meas = replace(meas, tokens=traffic.tokens, dispatch=traffic.dispatch, combine=traffic.combine)
+    resolved = config.to_dict()
+    resolved["dispatcher"] = name
+    resolved["peer"] = dict(traffic.notes, differs=list(traffic.notes["differs"]) + list(routing_diffs))
+    same = not any(d.startswith("routing") for d in routing_diffs)
+    desc = routing_desc if same else f"{routing_desc}; {name}: differs (config.peer.differs)"
+    return BenchRecord(name, "contiguous", desc, topology, resolved, meas, trace_layer, None)
 
 
 def importable(module: str) -> bool:
