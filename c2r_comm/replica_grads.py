@@ -78,10 +78,6 @@ class ReplicaGradSync:
     def route(self) -> SyncRoute:
         return SyncRoute.of(self.plan, self.rank)
 
-    @property
-    def replicated_experts(self) -> tuple[int, ...]:
-        return tuple(e for e, hosts in enumerate(self.plan.hosts_of_expert) if len(hosts) > 1)
-
     def bytes_per_step(self, hidden_size: int, ffn_size: int, element_size: int) -> int:
         """World total of the sync's bytes on the links per optimizer step."""
         return self.stats(hidden_size, ffn_size, element_size).bytes_off_rank
