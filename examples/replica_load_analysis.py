@@ -16,7 +16,19 @@ order, each rank's block one dispatch batch, as `c2r-comm plan` reports):
 - lower bound (`--cap`): a lower bound on E[GPUs per token] of any copy choice (even fractional,
   knowing every token) whose GPU loads stay within cap x the mean: for any prices lambda_r >= 0,
   mean_t min_c (GPUs(t, c) + sum_r lambda_r rows_r(t, c)) - cap x k / W x sum_r lambda_r is one
-  (Lagrangian relaxation); the best of `--bound-iters` subgradient steps is printed.
+  (Lagrangian relaxation); the best of `--bound-iters` subgradient steps is printed;
+- a lagged global signal (`--stream B`): the prompts as a stream of steps of W x B tokens (two
+  passes), each source rank's batch priced with the rows the other ranks sent each rank two steps
+  before (what every rank could learn for free by adding its last received load to the count
+  exchange; replica_choice's background_W), against no signal: GPU load max/mean of the whole
+  stream and the mean of the steps' own max/mean;
+- lower bound over the layers' mean (`--mean-caps 1.00,1.05,...`): the table reports the mean of
+  the layers' load max/mean, so a plan may keep some layers above the cap and others below. With
+  each layer's bound B_l(c) above at the caps c_0 < c_1 < ... (c_0 = the layer's split bound, the
+  least load any choice reaches), a layer whose load lies in (c_(j-1), c_j] has GPUs >= B_l(c_j);
+  for any mu >= 0, mean_l min_j (B_l(c_j) + mu c_(j-1)) - mu x cap bounds the mean GPUs per token
+  of every choice whose layers' mean load is <= cap (loads above the last cap: the exact minimum
+  cover with mu x that cap); the best mu of a fine grid is printed.
 
     .venv/bin/python examples/replica_load_analysis.py --trace ../shared/traces/deepseek_v2_lite_prefill_dev.npz \
         --plan out/replicas/plan_1x8_R2.json --prompts 800:999 [--round-robin] [--global-rounds 64 --cap 1.10]
@@ -24,6 +36,8 @@ order, each rank's block one dispatch batch, as `c2r-comm plan` reports):
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from typing import Optional
 
 import numpy as np
 import torch
@@ -97,26 +111,77 @@ def gpus_lower_bound(key_TC, rank_TKH, combo_CK, W: int, cap: float, iters: int)
     return best
 
 
+def stream_loads(plan: PlacementPlan, gpus_per_node: int, ids_TK: np.ndarray, batch: int, lag: Optional[int]):
+    """(load max/mean of the whole stream, mean of the steps' max/mean): steps of W x batch tokens over
+    two passes of ids_TK; lag None: no signal, else the other ranks' rows of the step `lag` steps before."""
+    W = plan.world_size
+    host_rank_EH, host_slot_EH = plan.host_tensors()
+    total_W, per_step, history = np.zeros(W), [], []
+    for step in range(max(1, 2 * len(ids_TK) // (W * batch))):
+        picked = torch.as_tensor(ids_TK[(np.arange(W * batch) + step * W * batch) % len(ids_TK)]).view(W, batch, -1)
+        rows_SW = np.zeros((W, W))
+        for s in range(W):
+            background = None
+            if lag is not None and step >= lag:
+                before = history[step - lag]
+                background = torch.as_tensor(before.sum(0) - before[s], dtype=torch.float32)
+            rank_TK, _ = replica_choice.choose_copies(picked[s], torch.ones_like(picked[s], dtype=torch.bool), host_rank_EH,
+                                                      host_slot_EH, W, gpus_per_node, s, load_cap=plan.copy_load_cap,
+                                                      background_W=background)
+            rows_SW[s] = np.bincount(rank_TK.reshape(-1).numpy(), minlength=W)
+        history.append(rows_SW)
+        load_W = rows_SW.sum(0)
+        total_W += load_W
+        per_step.append(load_W.max() / load_W.mean())
+    return float(total_W.max() / total_W.mean()), float(np.mean(per_step))
+
+
+def mean_load_bound(curves: list[list[tuple[float, float]]], mu: float, cap: float) -> float:
+    """mean_l min_j (B_l(c_j) + mu c_(j-1)) - mu cap (module doc): curves[l] = [(c_0, B(c_0)), ...,
+    (inf, minimum cover)], c_0 the layer's split bound (the least load: the first interval is that point)."""
+    total = 0.0
+    for curve in curves:
+        lows = [curve[0][0]] + [c for c, _ in curve[:-1]]  # each interval's least load
+        total += min(b + mu * low for (_, b), low in zip(curve, lows))
+    return total / len(curves) - mu * cap
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trace", required=True)
     p.add_argument("--plan", required=True)
     p.add_argument("--prompts", default="800:999")
+    p.add_argument("--layers", default="all", help="'all' or comma-separated trace layer indices of the plan")
     p.add_argument("--round-robin", action="store_true", help="also the realised choice with tokens dealt round-robin")
     p.add_argument("--global-rounds", type=int, default=0, help="also the global choice with N pricing rounds")
     p.add_argument("--cap", type=float, default=1.10, help="load cap of the global choice and the lower bound")
     p.add_argument("--bound-iters", type=int, default=120)
+    p.add_argument("--copy-load-cap", type=float, default=None,
+                   help="replace the plans' copy_load_cap (the dispatch's per-batch cap) by this one")
+    p.add_argument("--stream", type=int, default=0, metavar="B",
+                   help="also a stream of steps of W x B tokens: loads without and with the lagged global signal")
+    p.add_argument("--mean-caps", default="", help="comma-separated caps of the bound on the layers' mean load "
+                   "(e.g. 1.02,1.05,1.10,1.15,1.20,1.30); the split bound is added as each layer's first")
     args = p.parse_args()
     plan_file = PlanFile.load(args.plan)
     tokens = RoutingTrace.load(args.trace).select_prompts(*parse_range(args.prompts))
     head = ["GPUs/token", "load", "bound", "batch bound"]
     if args.round_robin:
         head += ["rr load"]
+    if args.stream:
+        head += ["stream load", "stream step load", "lag-2 stream load", "lag-2 step load"]
     if args.global_rounds:
         head += ["global load", f"global@{args.cap} GPUs", f"global@{args.cap} load", f"LB GPUs@{args.cap}"]
     print("layer | " + " | ".join(head))
+    mean_caps = sorted(float(c) for c in args.mean_caps.split(",")) if args.mean_caps else []
+    curves = []  # per layer: [(cap, bound on GPUs per token)], the split bound first, then the minimum cover
     rows = []
+    chosen = None if args.layers == "all" else {int(v) for v in args.layers.split(",")}
     for layer, plan in sorted(plan_file.layers.items()):
+        if chosen is not None and layer not in chosen:
+            continue
+        if args.copy_load_cap is not None:
+            plan = dataclasses.replace(plan, copy_load_cap=args.copy_load_cap)
         ids = tokens.layer(layer)
         W, topo = plan.world_size, plan_file.topology
         source_T = dealt_source_ranks(len(ids), W)
@@ -125,6 +190,11 @@ def main() -> None:
                float(np.mean([split_bound(plan, ids[source_T == s]) for s in range(W)]))]
         if args.round_robin:
             row.append(placement_metrics(plan, topo, ids, np.arange(len(ids)) % W).gpu_load_max_over_mean)
+        if args.stream:
+            if topo.nodes != 1:
+                raise SystemExit("--stream: single-node plans only (the key here is by ranks)")
+            row += list(stream_loads(plan, topo.gpus_per_node, ids, args.stream, None))
+            row += list(stream_loads(plan, topo.gpus_per_node, ids, args.stream, 2))
         if args.global_rounds:
             if topo.nodes != 1:
                 raise SystemExit("--global-rounds: single-node plans only (the key here is by ranks)")
@@ -132,10 +202,26 @@ def main() -> None:
             row.append(global_choice(key_TC, rank_TKH, combo_CK, W, None, args.global_rounds)[1])
             row += list(global_choice(key_TC, rank_TKH, combo_CK, W, args.cap, args.global_rounds))
             row.append(gpus_lower_bound(key_TC, rank_TKH, combo_CK, W, args.cap, args.bound_iters))
+        if mean_caps:
+            if topo.nodes != 1:
+                raise SystemExit("--mean-caps: single-node plans only (the key here is by ranks)")
+            key_TC, rank_TKH, combo_CK = world_keys(plan, topo.gpus_per_node, ids, source_T)
+            K = rank_TKH.shape[1]
+            floor = row[2]  # the split bound: no choice's load is below it
+            caps = [floor] + [c for c in mean_caps if c > floor]
+            curve = [(c, gpus_lower_bound(key_TC, rank_TKH, combo_CK, W, c, args.bound_iters)) for c in caps]
+            min_cover = float(torch.remainder(key_TC, K + 2).min(1).values.double().mean())
+            curves.append(curve + [(np.inf, min_cover)])
+            print(f"      layer {layer} bound curve: " + ", ".join(f"{c:.3f}: {b:.3f}" for c, b in curve)
+                  + f", any: {min_cover:.3f}", flush=True)
         rows.append(row)
         print(f"{layer:5d} | " + " | ".join(f"{v:.3f}" for v in row), flush=True)
     a = np.array(rows)
     print(" mean | " + " | ".join(f"{v:.3f}" for v in a.mean(0)))
+    if curves:
+        for cap in mean_caps:
+            best = max(mean_load_bound(curves, mu, cap) for mu in np.linspace(0.0, 20.0, 2001))
+            print(f"lower bound on mean GPUs per token with the layers' mean load <= {cap}: {best:.3f}")
     print(f"layers above 1.10: realised {(a[:, 1] > 1.10).sum()}, bound {(a[:, 2] > 1.10).sum()} of {len(a)}")
 
 

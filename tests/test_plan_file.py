@@ -110,10 +110,15 @@ def test_plan_cli_replica_flags_reach_the_plan_file(tmp_path, trace, capsys):
     out = tmp_path / "r.json"
     assert run_cli(["--trace", str(tmp_path / "t.npz"), "--topology", "1x4", "--method", "hypergraph", "--layers", "0",
                     "--fit-prompts", "0:40", "--eval-prompts", "40:60", "--replica-slots", "1",
-                    "--replica-pinned-load-cap", "none", "--copy-load-cap", "1.1", "--out", str(out), "--no-png"]) == 0
+                    "--replica-pinned-load-cap", "none", "--copy-load-cap", "1.1", "--replica-pinned-blocks", "3",
+                    "--out", str(out), "--no-png"]) == 0
     pf = PlanFile.load(out)
     assert pf.layers[0].replica_slots == 1 and pf.layers[0].copy_load_cap == 1.1
     assert pf.fit["replica_pinned_load_cap"] is None and pf.fit["copy_load_cap"] == 1.1
+    assert pf.fit["replica_pinned_blocks"] == 3
+    with pytest.raises(ValueError, match="replica_pinned_blocks = 0 is invalid"):
+        run_cli(["--trace", str(tmp_path / "t.npz"), "--topology", "1x4", "--method", "hypergraph",
+                 "--replica-slots", "1", "--replica-pinned-blocks", "0", "--out", str(out), "--no-png"])
     with pytest.raises(SystemExit):
         run_cli(["--trace", str(tmp_path / "t.npz"), "--topology", "1x4", "--method", "hypergraph",
                  "--copy-load-cap", "high", "--out", str(out)])

@@ -248,6 +248,21 @@ def test_equal_tokens_split_over_copies_of_equal_cover(cap):
     assert set(chosen.unique().tolist()) == {0, 1} and 150 <= on_1 <= 250, on_1
 
 
+def test_background_rows_move_ties_towards_the_rank_others_load_less():
+    """The same tied tokens as above; with the other ranks' rows given (background_W: rank 0 already
+    gets 400 more than rank 1) the pricing balances the sum, so most tokens go to rank 1's copy; the
+    cover stays minimal (one remote rank each)."""
+    plan = PlacementPlan((0, 0, 1, 1, 2, 2, 3, 3), 4, ((2,), (0,), (1,), (4,)))
+    ranks, slots = plan.host_tensors()
+    idx = torch.zeros(400, 1, dtype=torch.int64)
+    ones = torch.ones_like(idx, dtype=torch.bool)
+    alone, _ = choose_copies(idx, ones, ranks, slots, 4, 4, source_rank=3)
+    given, _ = choose_copies(idx, ones, ranks, slots, 4, 4, source_rank=3,
+                             background_W=torch.tensor([600.0, 200.0, 400.0, 400.0]))
+    assert set(given.unique().tolist()) <= {0, 1}
+    assert int((given == 1).sum()) >= 350 > int((alone == 1).sum())
+
+
 def test_too_many_combinations_take_the_own_copy_else_the_primary():
     """k = 15 of 16 experts with 2 copies each: 2^15 combinations per token would not fit in memory,
     so no enumeration: each choice goes to the copy on the token's own rank if it has one, else to
@@ -332,6 +347,28 @@ def test_replica_selection_repairs_pinned_load_first():
                                copy_load_cap=1.1).plan
     assert pinned(repaired).max() <= 0.95 and {0, 1} <= copied(repaired)
     assert repaired.copy_load_cap == 1.1  # the selection writes the dispatch's cap into the plan
+
+
+def test_pinned_blocks_copy_experts_whose_load_drifts():
+    """Rank 0 hosts [0, 1]: cold (~0.8 x the mean) in the first three blocks of the fit tokens, hot
+    in the last (40 % of its tokens are [0, 1]: 1.6 x), so ~1.0 x over the whole set, below the cap
+    1.25. One block: no copy of either (a copy saves no GPU); four (the default): the hot block gets one."""
+    rng = np.random.default_rng(7)
+    E, W = 8, 4
+    base = PlacementPlan.contiguous(E, W)  # rank r hosts experts 2r, 2r+1
+    cold = np.array([0.1, 0.1] + [0.8 / 6] * 6)
+    other = lambda: rng.choice(np.arange(2, E), 2, replace=False)  # noqa: E731
+    ids = np.array([rng.choice(E, 2, replace=False, p=cold) for _ in range(600)]
+                   + [[0, 1] if i % 5 < 2 else other() for i in range(200)])
+    copied = lambda plan: {e for rep in plan.replicas for e in rep}  # noqa: E731
+    whole = select_replicas(base, ids, Topology(1, W), 1, load_tolerance=10.0, pinned_load_cap=1.25,
+                            pinned_blocks=1).plan
+    assert not {0, 1} & copied(whole)
+    blocks = select_replicas(base, ids, Topology(1, W), 1, load_tolerance=10.0, pinned_load_cap=1.25,
+                             pinned_blocks=4).plan
+    assert {0, 1} & copied(blocks)
+    with pytest.raises(ValueError, match="pinned_blocks = 0 is invalid"):
+        select_replicas(base, ids, Topology(1, W), 1, pinned_blocks=0)
 
 
 def test_local_search_never_worsens_the_greedy_and_sometimes_improves_it():

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from c2r_comm.config import parse_topology
 from c2r_comm.placement.hypergraph import PARTITIONERS, PartitionSettings
 from c2r_comm.placement.planners import METHODS, PlannerOptions
-from c2r_comm.placement.replicas import COPY_LOAD_CAP, PINNED_LOAD_CAP, REPLICA_LOAD_TOLERANCE
+from c2r_comm.placement.replicas import COPY_LOAD_CAP, PINNED_BLOCKS, PINNED_LOAD_CAP, REPLICA_LOAD_TOLERANCE
 from c2r_comm.placement.trace_plan import TracePlanResult, plan_trace
 from c2r_comm.routing.trace import RoutingTrace, parse_layers, parse_range
 from c2r_comm.topology import Topology
@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replica-pinned-load-cap", type=_cap_or_none, default=PINNED_LOAD_CAP, metavar="X|none",
                    help="replicas first go to GPUs whose fit load of single-copy experts exceeds X x the mean "
                         "(load no copy choice can move; default %(default)s; none: off)")
+    p.add_argument("--replica-pinned-blocks", type=int, default=PINNED_BLOCKS, metavar="N",
+                   help="cut the fit tokens (prompt order) into N blocks; a GPU's pinned load is its worst block's, "
+                        "so experts whose popularity drifts between prompt sets get copies (default %(default)s)")
     p.add_argument("--copy-load-cap", type=_cap_or_none, default=COPY_LOAD_CAP, metavar="X|none",
                    help="written into replica plans: the dispatch's copy choice trades cover for balance when a "
                         "batch's rows per GPU exceed X x the mean (default %(default)s; none: load breaks ties only)")
@@ -127,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
                              hierarchical=hierarchical, inter_node_cost=args.inter_node_cost, seed=args.seed,
                              polish_kicks=args.polish_kicks, replica_slots=args.replica_slots,
                              replica_load_tolerance=args.replica_load_tolerance,
-                             replica_pinned_load_cap=args.replica_pinned_load_cap, copy_load_cap=args.copy_load_cap,
+                             replica_pinned_load_cap=args.replica_pinned_load_cap,
+                             replica_pinned_blocks=args.replica_pinned_blocks, copy_load_cap=args.copy_load_cap,
                              partition=PartitionSettings(args.partitioner, args.seed, args.threads, args.ip_runs))
     fmt = lambda r: f"{'' if r[0] is None else r[0]}:{'' if r[1] is None else r[1]}"
     info = {"trace": str(args.trace), "fit_prompts": fmt(fit_range), "eval_prompts": fmt(eval_range)}

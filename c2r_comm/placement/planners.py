@@ -17,7 +17,7 @@ from c2r_comm.placement.metrics import expert_loads
 from c2r_comm.placement.occult import normalised_coactivation, occult_greedy_ranks
 from c2r_comm.routing.collaboration import coactivation_counts
 from c2r_comm.placement.refine import BalanceResult, balance_load, polish_by_kicks
-from c2r_comm.placement.replicas import COPY_LOAD_CAP, PINNED_LOAD_CAP, REPLICA_LOAD_TOLERANCE
+from c2r_comm.placement.replicas import COPY_LOAD_CAP, PINNED_BLOCKS, PINNED_LOAD_CAP, REPLICA_LOAD_TOLERANCE
 from c2r_comm.placement.swap_cost import SwapCost, topology_levels
 from c2r_comm.placement.token_hypergraph import TokenHypergraph
 from c2r_comm.plan import PlacementPlan
@@ -39,6 +39,7 @@ class PlannerOptions:
     replica_load_tolerance: float = REPLICA_LOAD_TOLERANCE  # the replica selection's modelled load bound
     # replicas first go to GPUs whose single-copy fit load / mean exceeds this (None: no repair)
     replica_pinned_load_cap: Optional[float] = PINNED_LOAD_CAP
+    replica_pinned_blocks: int = PINNED_BLOCKS  # the pinned load is the worst of this many fit blocks'
     copy_load_cap: Optional[float] = COPY_LOAD_CAP  # written into replica plans (replica_choice.py); None: ties only
     seed: int = 0
     partition: PartitionSettings = field(default_factory=PartitionSettings)
@@ -57,6 +58,9 @@ class PlannerOptions:
                                                              and self.replica_pinned_load_cap > 0):
             raise ValueError(f"replica_pinned_load_cap = {self.replica_pinned_load_cap} is invalid: allowed a "
                              "finite load / mean > 0, or none")
+        if (isinstance(self.replica_pinned_blocks, bool) or not isinstance(self.replica_pinned_blocks, int)
+                or self.replica_pinned_blocks < 1):
+            raise ValueError(f"replica_pinned_blocks = {self.replica_pinned_blocks!r} is invalid: allowed an integer >= 1")
         if self.copy_load_cap is not None and not (math.isfinite(self.copy_load_cap) and self.copy_load_cap >= 1.0):
             raise ValueError(f"copy_load_cap = {self.copy_load_cap} is invalid: allowed a max/mean ratio >= 1.0, "
                              "or none")

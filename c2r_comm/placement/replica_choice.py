@@ -21,6 +21,11 @@ price moves by (rows / mean rows - 1) x TIE_STEP key units, but falls to no less
 PRICE_DECAY x itself (a rank whose price dropped to 0 at once would draw the whole batch back the
 next round). Tie prices stay below 1 / (k (1 + JITTER)) key units, so their sum over a token's k
 choices never outweighs one unit of the key: the cover is exactly minimal whatever the load.
+Given background_W (rows the other source ranks send each rank) the prices balance that sum
+instead of this batch's rows alone. The dispatchers pass none: a lagged signal (the other ranks'
+rows of two steps before, which the count exchange could carry for free) was simulated on the
+trace and bought 0.2 % of aggregate load for 2.5 % more per-step imbalance (docs/benchmarks.md,
+`examples/replica_load_analysis.py --stream`).
 
 Load cap (plan.copy_load_cap, e.g. 1.10): a batch whose popular experts drifted from the plan's
 fit can still load one rank far above the mean when only ties may move. With a cap, a second,
@@ -85,12 +90,16 @@ def _distinct(values_tCK: torch.Tensor, sentinel: int) -> torch.Tensor:
 
 def choose_copies(idx_TK: torch.Tensor, valid_TK: torch.Tensor, host_rank_EH: torch.Tensor,
                   host_slot_EH: torch.Tensor, world_size: int, gpus_per_node: int, source_rank: int,
-                  by_node: bool = False, load_cap: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  by_node: bool = False, load_cap: Optional[float] = None,
+                  background_W: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(rank_TK, slot_TK): the chosen copy of every choice of `source_rank`'s tokens (entries of
     invalid choices: any copy; masked out by the caller).
 
     idx_TK: expert ids with dropped choices already replaced by a valid id (valid_TK says which).
-    load_cap: the plan's copy_load_cap (None: load moves ties only)."""
+    load_cap: the plan's copy_load_cap (None: load moves ties only).
+    background_W: float [W] on the device, or None: rows the other source ranks are expected to send
+    each rank (the dispatchers pass the last known step's, dispatch/load_signal.py); the prices then
+    balance this batch's rows plus these instead of this batch's alone."""
     T, K = idx_TK.shape
     H = host_rank_EH.shape[1]
     device = idx_TK.device
@@ -108,7 +117,7 @@ def choose_copies(idx_TK: torch.Tensor, valid_TK: torch.Tensor, host_rank_EH: to
     rank_TKH = torch.where(valid_TK.unsqueeze(-1), rank_TKH, W)  # dropped choices: rank W, counted nowhere
     combo_CK = combinations(H, K, device)
     key_TC = cover_keys(rank_TKH, combo_CK, W, gpus_per_node, source_rank, by_node)
-    combo_T = _priced(key_TC, rank_TKH, combo_CK, W, load_cap, K + 2)
+    combo_T = _priced(key_TC, rank_TKH, combo_CK, W, load_cap, K + 2, background_W)
     column_TK = combo_CK[combo_T]
     return (torch.gather(copy_rank_TKH, 2, column_TK.unsqueeze(2)).squeeze(2),
             torch.gather(slot_TKH, 2, column_TK.unsqueeze(2)).squeeze(2))
@@ -139,15 +148,15 @@ def cover_keys(rank_TKH: torch.Tensor, combo_CK: torch.Tensor, world_size: int, 
 
 
 def _priced(key_TC: torch.Tensor, rank_TKH: torch.Tensor, combo_CK: torch.Tensor, world_size: int,
-            load_cap: Optional[float], key_unit: int) -> torch.Tensor:
+            load_cap: Optional[float], key_unit: int, background_W: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[T] the chosen combination of every token: the pricing rounds of the module docstring.
-    rank_TKH: the copies' ranks, world_size for dropped choices."""
+    rank_TKH: the copies' ranks, world_size for dropped choices; background_W: see choose_copies."""
     with torch.autocast(key_TC.device.type, enabled=False):  # fp32 prices and matmul under any autocast
-        return _priced_fp32(key_TC, rank_TKH, combo_CK, world_size, load_cap, key_unit)
+        return _priced_fp32(key_TC, rank_TKH, combo_CK, world_size, load_cap, key_unit, background_W)
 
 
 def _priced_fp32(key_TC: torch.Tensor, rank_TKH: torch.Tensor, combo_CK: torch.Tensor, world_size: int,
-                 load_cap: Optional[float], key_unit: int) -> torch.Tensor:
+                 load_cap: Optional[float], key_unit: int, background_W: Optional[torch.Tensor]) -> torch.Tensor:
     T, K, H = rank_TKH.shape
     W = world_size
     device = key_TC.device
@@ -165,6 +174,8 @@ def _priced_fp32(key_TC: torch.Tensor, rank_TKH: torch.Tensor, combo_CK: torch.T
         unit), so the score is the max load/mean alone."""
         ranks_TK = torch.gather(rank_TKH, 2, combo_CK[c_T].unsqueeze(2)).squeeze(2)
         load_W = torch.zeros(W + 1, dtype=torch.float32, device=device).index_add_(0, ranks_TK.reshape(-1), ones_TK)[:W]
+        if background_W is not None:
+            load_W = load_W + background_W
         ratio_W = load_W / load_W.mean().clamp(min=1.0 / W)
         top = ratio_W.max()
         if load_cap is None:

@@ -20,7 +20,11 @@ no worse than before when the base plan already exceeds it). When no copy is wit
 (every slot is filled) takes the copy with the least modelled imbalance. Repair first: while a
 GPU's fit load of single-copy experts ("pinned": no copy choice can move it) exceeds
 pinned_load_cap x the mean, copies of its (loaded) single-copy experts rank before all others --
-held-out drift of a hot expert pinned to one GPU is what no dispatch-time balancing can undo.
+held-out drift of a hot expert pinned to one GPU is what no dispatch-time balancing can undo. The
+fit tokens (in prompt order) are cut into pinned_blocks consecutive blocks (4 by default) and a
+GPU's pinned load is the largest of its blocks' (each / that block's mean): a stand-in for the
+drift between prompt sets, which the whole fit set averages away (R = 2 on the trace: held-out
+load 1.168 -> 1.137 for 0.3 % more GPUs per token than one block; docs/benchmarks.md).
 Local search: up to local_search_passes passes empty each replica slot in turn and refill it with
 the greedy's pick for that slot when that gains strictly more than the copy it replaces (the
 objective strictly falls, so it ends; in practice 2-3 passes). Why not the partitioner on an
@@ -45,6 +49,7 @@ MAX_COVER_GROUPS = 12  # 2^12 subsets per token at most
 # lower the held-out load (docs/benchmarks.md), 1.5 never bound there.
 REPLICA_LOAD_TOLERANCE = 1.5
 PINNED_LOAD_CAP = 0.95  # a GPU's fit load of single-copy experts, / mean, above which repair comes first
+PINNED_BLOCKS = 4  # the fit tokens in this many consecutive blocks: a GPU's pinned load is its worst block's
 LOCAL_SEARCH_PASSES = 3  # after the greedy: passes that empty and refill every replica slot
 COPY_LOAD_CAP: Optional[float] = None  # the plans' default copy_load_cap (replica_choice.py): ties only
 
@@ -173,13 +178,16 @@ def _fillable(hosts: list[list[int]], free: np.ndarray, R: int) -> bool:
 def select_replicas(base: PlacementPlan, fit_ids_TK: np.ndarray, topology: Topology, replica_slots: int,
                     load_tolerance: float = REPLICA_LOAD_TOLERANCE, pinned_load_cap: Optional[float] = PINNED_LOAD_CAP,
                     copy_load_cap: Optional[float] = COPY_LOAD_CAP,
-                    local_search_passes: int = LOCAL_SEARCH_PASSES) -> ReplicaSelection:
+                    local_search_passes: int = LOCAL_SEARCH_PASSES, pinned_blocks: int = PINNED_BLOCKS) -> ReplicaSelection:
     """`base` (no replicas) plus R replica slots per GPU, chosen greedily (see the module docstring).
     pinned_load_cap: None or a max/mean; copy_load_cap: written into the plan (the dispatch's copy
     choice balances each batch's rows per rank up to it; None: ties only)."""
     if base.replicas:
         raise ValueError("select_replicas starts from a plan without replicas")
     W, E, R = base.world_size, base.num_experts, replica_slots
+    if isinstance(pinned_blocks, bool) or not isinstance(pinned_blocks, int) or not 1 <= pinned_blocks <= len(fit_ids_TK):
+        raise ValueError(f"pinned_blocks = {pinned_blocks!r} is invalid: allowed an integer from 1 to the fit tokens "
+                         f"({len(fit_ids_TK)})")
     if R < 0 or R > E - base.primaries_per_rank:
         raise ValueError(f"--replica-slots {R} is invalid: allowed 0..{E - base.primaries_per_rank} (a GPU holds "
                          "copies of other GPUs' experts only)")
@@ -218,12 +226,16 @@ def select_replicas(base: PlacementPlan, fit_ids_TK: np.ndarray, topology: Topol
     if R and not _fillable(hosts, free, R):
         raise ValueError(f"--replica-slots {R}: no way to fill every GPU's {R} replica slots with at most {R} copies "
                          f"per expert on {W} GPUs and {E} experts")
-    mean_load = max(float(load_E.sum()) / W, 1e-12)
+    blocks = np.array_split(ids, pinned_blocks)
+    block_load_BE = np.stack([np.bincount(b.reshape(-1), minlength=E) for b in blocks]).astype(np.float64)
+    block_load_BE /= np.maximum(block_load_BE.sum(1, keepdims=True) / W, 1e-12)  # each block / its mean per GPU
 
     def pinned() -> np.ndarray:
-        """[W] fit load of the experts with one copy, / mean: what no copy choice can move."""
+        """[W] fit load of the experts with one copy, / mean (the worst block's): what no copy choice can move."""
         single = np.array([len(h) == 1 for h in hosts])
-        return np.bincount(rank_E[single], weights=load_E[single], minlength=W) / mean_load
+        per_block_BW = np.zeros((len(blocks), W))
+        np.add.at(per_block_BW, (slice(None), rank_E[single]), block_load_BE[:, single])
+        return per_block_BW.max(0)
 
     def candidates(slots_on: Optional[int] = None) -> list[tuple[tuple, int, int, float]]:
         """(sort key, expert, GPU, gain) of every allowed copy (on GPU `slots_on` only, when given)."""

@@ -54,7 +54,7 @@ def plan_trace(fit: RoutingTrace, evaluation: RoutingTrace, topology: Topology, 
                 started = time.perf_counter()
                 selection = select_replicas(lp.plan, fit_ids, topology, options.replica_slots,
                                             options.replica_load_tolerance, options.replica_pinned_load_cap,
-                                            options.copy_load_cap)
+                                            options.copy_load_cap, pinned_blocks=options.replica_pinned_blocks)
                 lp = dataclasses.replace(lp, plan=selection.plan, seconds=lp.seconds + time.perf_counter() - started)
             layer_plans[m] = lp
             layer_metrics[m] = placement_metrics(lp.plan, topology, eval_ids)
@@ -90,6 +90,8 @@ def plan_trace(fit: RoutingTrace, evaluation: RoutingTrace, topology: Topology, 
         fit_doc["replica_slots"] = options.replica_slots
         fit_doc["replica_load_tolerance"] = options.replica_load_tolerance
         fit_doc["replica_pinned_load_cap"] = options.replica_pinned_load_cap
+        if options.replica_pinned_blocks != 1:  # absent at 1: plan files made before the option stay as they were
+            fit_doc["replica_pinned_blocks"] = options.replica_pinned_blocks
         fit_doc["copy_load_cap"] = options.copy_load_cap
     plan_file = PlanFile(topology, fit.num_experts, plans, method, metrics_by_layer, fit_doc)
     return TracePlanResult(plan_file, tuple(reports), method, plan_seconds)

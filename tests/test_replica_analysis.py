@@ -1,0 +1,73 @@
+"""examples/replica_load_analysis.py: its bound over the layers' mean is a lower bound, and the
+script runs end to end (stream, global choice, bounds) on a small replica plan."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import itertools
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from c2r_comm.cli import plan_cmd
+from c2r_comm.routing.trace import RoutingTrace
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "replica_load_analysis.py"
+
+
+@pytest.fixture(scope="module")
+def analysis():
+    spec = importlib.util.spec_from_file_location("replica_load_analysis", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mean_load_bound_never_exceeds_the_best_choice(analysis):
+    """Toy layers whose choices are (load, GPUs) points; each layer's curve B(c) = the least GPUs at
+    load <= c is exact here, so the bound must not exceed the best mix of choices whose mean load is
+    within the cap (enumerated), and it must bind somewhere (above the unconstrained minimum)."""
+    rng = np.random.default_rng(3)
+    caps = [1.02, 1.05, 1.1, 1.2]
+    binds = 0
+    for _ in range(40):
+        layers = [[(1.0 + rng.uniform(0, 0.3), rng.uniform(2.5, 3.5)) for _ in range(4)] for _ in range(3)]
+        curves = []
+        for points in layers:
+            floor = min(load for load, _ in points)
+            at = lambda c: min((g for load, g in points if load <= c + 1e-12), default=np.inf)  # noqa: E731
+            curves.append([(c, at(c)) for c in [floor] + [c for c in caps if c > floor]]
+                          + [(np.inf, min(g for _, g in points))])
+        for cap in caps:
+            best = min((np.mean([g for _, g in mix]) for mix in itertools.product(*layers)
+                        if np.mean([load for load, _ in mix]) <= cap), default=np.inf)
+            bound = max(analysis.mean_load_bound(curves, mu, cap) for mu in np.linspace(0.0, 20.0, 401))
+            assert bound <= best + 1e-9
+            unconstrained = np.mean([min(g for _, g in points) for points in layers])
+            binds += bound > unconstrained + 1e-6
+    assert binds > 0
+
+
+def test_analysis_runs_on_a_small_replica_plan(tmp_path, analysis, capsys, monkeypatch):
+    trace = RoutingTrace.synthetic(1200, 16, 3, num_layers=1, num_clusters=4, in_cluster=0.85, zipf_a=0.5,
+                                   tokens_per_prompt=40, seed=5)
+    trace.save(tmp_path / "t.npz")
+    parser = argparse.ArgumentParser()
+    plan_cmd.add_arguments(parser)
+    assert plan_cmd.run(parser.parse_args(["--trace", str(tmp_path / "t.npz"), "--topology", "1x4", "--method",
+                                           "hypergraph", "--fit-prompts", "0:20", "--eval-prompts", "20:30",
+                                           "--replica-slots", "1", "--out", str(tmp_path / "p.json"),
+                                           "--no-png"])) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["x", "--trace", str(tmp_path / "t.npz"), "--plan", str(tmp_path / "p.json"),
+                                      "--prompts", "20:30", "--stream", "25", "--global-rounds", "4",
+                                      "--bound-iters", "10", "--mean-caps", "1.05,1.2", "--copy-load-cap", "1.1"])
+    analysis.main()
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.strip().startswith("0 |"))
+    values = [float(v) for v in row.split("|")[1:]]
+    assert len(values) == 12 and 1.0 <= values[0] <= 3.0  # GPUs per token of k = 3 choices
+    assert all(1.0 <= v <= 4.0 for v in values[1:9] + values[10:11])  # loads (max/mean over 4 GPUs), bounds
+    assert "lower bound on mean GPUs per token with the layers' mean load <= 1.05" in out
