@@ -17,18 +17,20 @@ order, each rank's block one dispatch batch, as `c2r-comm plan` reports):
   knowing every token) whose GPU loads stay within cap x the mean: for any prices lambda_r >= 0,
   mean_t min_c (GPUs(t, c) + sum_r lambda_r rows_r(t, c)) - cap x k / W x sum_r lambda_r is one
   (Lagrangian relaxation); the best of `--bound-iters` subgradient steps is printed;
-- a lagged global signal (`--stream B`): the prompts as a stream of steps of W x B tokens (two
-  passes), each source rank's batch priced with the rows the other ranks sent each rank two steps
+- a lagged global signal (`--stream B`): the prompts as a stream of floor(2 T / (W x B)) steps of
+  W x B tokens (about two passes), each source rank's batch priced with the rows the other ranks sent each rank two steps
   before (what every rank could learn for free by adding its last received load to the count
   exchange; replica_choice's background_W), against no signal: GPU load max/mean of the whole
-  stream and the mean of the steps' own max/mean;
+  stream and the mean of the steps' own max/mean. The signal is undamped: every source rank sees
+  nearly the same background and moves its ties away from the same ranks at once;
 - lower bound over the layers' mean (`--mean-caps 1.00,1.05,...`): the table reports the mean of
   the layers' load max/mean, so a plan may keep some layers above the cap and others below. With
   each layer's bound B_l(c) above at the caps c_0 < c_1 < ... (c_0 = the layer's split bound, the
   least load any choice reaches), a layer whose load lies in (c_(j-1), c_j] has GPUs >= B_l(c_j);
   for any mu >= 0, mean_l min_j (B_l(c_j) + mu c_(j-1)) - mu x cap bounds the mean GPUs per token
   of every choice whose layers' mean load is <= cap (loads above the last cap: the exact minimum
-  cover with mu x that cap); the best mu of a fine grid is printed.
+  cover with mu x that cap); the best mu of a fine grid is printed ("infeasible" when the cap is
+  below the mean of the layers' split bounds: no choice reaches it).
 
     .venv/bin/python examples/replica_load_analysis.py --trace ../shared/traces/deepseek_v2_lite_prefill_dev.npz \
         --plan out/replicas/plan_1x8_R2.json --prompts 800:999 [--round-robin] [--global-rounds 64 --cap 1.10]
@@ -112,8 +114,11 @@ def gpus_lower_bound(key_TC, rank_TKH, combo_CK, W: int, cap: float, iters: int)
 
 
 def stream_loads(plan: PlacementPlan, gpus_per_node: int, ids_TK: np.ndarray, batch: int, lag: Optional[int]):
-    """(load max/mean of the whole stream, mean of the steps' max/mean): steps of W x batch tokens over
-    two passes of ids_TK; lag None: no signal, else the other ranks' rows of the step `lag` steps before."""
+    """(load max/mean of the whole stream, mean of the steps' max/mean): floor(2 T / (W x batch)) steps
+    of W x batch tokens (about two passes of ids_TK); lag None: no signal, else (lag >= 1) the other
+    ranks' rows of the step `lag` steps before (the first `lag` steps have none)."""
+    if lag is not None and lag < 1:
+        raise ValueError(f"lag = {lag} is invalid: allowed >= 1 (a step's own rows are not known before its choice)")
     W = plan.world_size
     host_rank_EH, host_slot_EH = plan.host_tensors()
     total_W, per_step, history = np.zeros(W), [], []
@@ -177,6 +182,11 @@ def main() -> None:
     curves = []  # per layer: [(cap, bound on GPUs per token)], the split bound first, then the minimum cover
     rows = []
     chosen = None if args.layers == "all" else {int(v) for v in args.layers.split(",")}
+    if chosen is not None and not chosen <= set(plan_file.layers):
+        raise SystemExit(f"--layers {args.layers}: layers {sorted(chosen - set(plan_file.layers))} are not in the plan "
+                         f"(it has {sorted(plan_file.layers)})")
+    if args.copy_load_cap is not None and not args.copy_load_cap >= 1.0:
+        raise SystemExit(f"--copy-load-cap {args.copy_load_cap} is invalid: allowed a max/mean >= 1.0")
     for layer, plan in sorted(plan_file.layers.items()):
         if chosen is not None and layer not in chosen:
             continue
@@ -195,17 +205,15 @@ def main() -> None:
                 raise SystemExit("--stream: single-node plans only (the key here is by ranks)")
             row += list(stream_loads(plan, topo.gpus_per_node, ids, args.stream, None))
             row += list(stream_loads(plan, topo.gpus_per_node, ids, args.stream, 2))
-        if args.global_rounds:
-            if topo.nodes != 1:
-                raise SystemExit("--global-rounds: single-node plans only (the key here is by ranks)")
+        if (args.global_rounds or mean_caps) and topo.nodes != 1:
+            raise SystemExit("--global-rounds / --mean-caps: single-node plans only (the key here is by ranks)")
+        if args.global_rounds or mean_caps:
             key_TC, rank_TKH, combo_CK = world_keys(plan, topo.gpus_per_node, ids, source_T)
+        if args.global_rounds:
             row.append(global_choice(key_TC, rank_TKH, combo_CK, W, None, args.global_rounds)[1])
             row += list(global_choice(key_TC, rank_TKH, combo_CK, W, args.cap, args.global_rounds))
             row.append(gpus_lower_bound(key_TC, rank_TKH, combo_CK, W, args.cap, args.bound_iters))
         if mean_caps:
-            if topo.nodes != 1:
-                raise SystemExit("--mean-caps: single-node plans only (the key here is by ranks)")
-            key_TC, rank_TKH, combo_CK = world_keys(plan, topo.gpus_per_node, ids, source_T)
             K = rank_TKH.shape[1]
             floor = row[2]  # the split bound: no choice's load is below it
             caps = [floor] + [c for c in mean_caps if c > floor]
@@ -219,7 +227,11 @@ def main() -> None:
     a = np.array(rows)
     print(" mean | " + " | ".join(f"{v:.3f}" for v in a.mean(0)))
     if curves:
+        floor = float(np.mean([curve[0][0] for curve in curves]))  # the layers' split bounds
         for cap in mean_caps:
+            if cap < floor:
+                print(f"the layers' mean load <= {cap}: infeasible (the mean split bound is {floor:.3f})")
+                continue
             best = max(mean_load_bound(curves, mu, cap) for mu in np.linspace(0.0, 20.0, 2001))
             print(f"lower bound on mean GPUs per token with the layers' mean load <= {cap}: {best:.3f}")
     print(f"layers above 1.10: realised {(a[:, 1] > 1.10).sum()}, bound {(a[:, 2] > 1.10).sum()} of {len(a)}")

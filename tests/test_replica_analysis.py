@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from c2r_comm.cli import plan_cmd
+from c2r_comm.plan import PlacementPlan
 from c2r_comm.routing.trace import RoutingTrace
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "replica_load_analysis.py"
@@ -50,6 +51,22 @@ def test_mean_load_bound_never_exceeds_the_best_choice(analysis):
     assert binds > 0
 
 
+def test_stream_signal_moves_ties_off_the_rank_the_others_load(analysis):
+    """Rank 0's copies draw source 0's tokens (its own copy) and half of source 1's (a tie with rank
+    2); sources 2 and 3 tie between ranks 0 and 1. Without a signal each balances its own rows (rank
+    0: over 2 x the mean); with the lagged signal, from the third step on, they leave rank 0; lag < 1 is refused."""
+    plan = PlacementPlan((0, 0, 1, 1, 2, 2, 3, 3), 4, ((2,), (0,), (1,), (4,)))  # e0 on {0, 1}, e1 on {0, 2}
+    B = 200
+    step = np.concatenate([np.full(B, 0), np.full(B, 1), np.full(2 * B, 0)])[:, None]  # sources 0, 1, 2, 3
+    ids = np.concatenate([step, step])  # 4 steps of 4 x B tokens
+    plain_total, plain_step = analysis.stream_loads(plan, 4, ids, B, None)
+    signal_total, signal_step = analysis.stream_loads(plan, 4, ids, B, 2)
+    assert plain_step > 2.0
+    assert signal_total < plain_total - 0.15 and signal_step < plain_step - 0.1  # steps 0, 1: no signal yet
+    with pytest.raises(ValueError, match="lag = 0 is invalid"):
+        analysis.stream_loads(plan, 4, ids, B, 0)
+
+
 def test_analysis_runs_on_a_small_replica_plan(tmp_path, analysis, capsys, monkeypatch):
     trace = RoutingTrace.synthetic(1200, 16, 3, num_layers=1, num_clusters=4, in_cluster=0.85, zipf_a=0.5,
                                    tokens_per_prompt=40, seed=5)
@@ -68,6 +85,9 @@ def test_analysis_runs_on_a_small_replica_plan(tmp_path, analysis, capsys, monke
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.strip().startswith("0 |"))
     values = [float(v) for v in row.split("|")[1:]]
-    assert len(values) == 12 and 1.0 <= values[0] <= 3.0  # GPUs per token of k = 3 choices
-    assert all(1.0 <= v <= 4.0 for v in values[1:9] + values[10:11])  # loads (max/mean over 4 GPUs), bounds
+    assert len(values) == 12  # 4 base, 4 stream, 4 global columns
     assert "lower bound on mean GPUs per token with the layers' mean load <= 1.05" in out
+    monkeypatch.setattr(sys, "argv", ["x", "--trace", str(tmp_path / "t.npz"), "--plan", str(tmp_path / "p.json"),
+                                      "--prompts", "20:30", "--layers", "3"])
+    with pytest.raises(SystemExit, match=r"layers \[3\] are not in the plan"):
+        analysis.main()

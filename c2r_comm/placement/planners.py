@@ -6,6 +6,7 @@ give them (no refinement); hypergraph is followed by the load refinement.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -58,7 +59,7 @@ class PlannerOptions:
                                                              and self.replica_pinned_load_cap > 0):
             raise ValueError(f"replica_pinned_load_cap = {self.replica_pinned_load_cap} is invalid: allowed a "
                              "finite load / mean > 0, or none")
-        if (isinstance(self.replica_pinned_blocks, bool) or not isinstance(self.replica_pinned_blocks, int)
+        if (isinstance(self.replica_pinned_blocks, bool) or not isinstance(self.replica_pinned_blocks, numbers.Integral)
                 or self.replica_pinned_blocks < 1):
             raise ValueError(f"replica_pinned_blocks = {self.replica_pinned_blocks!r} is invalid: allowed an integer >= 1")
         if self.copy_load_cap is not None and not (math.isfinite(self.copy_load_cap) and self.copy_load_cap >= 1.0):

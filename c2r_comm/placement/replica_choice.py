@@ -97,10 +97,12 @@ def choose_copies(idx_TK: torch.Tensor, valid_TK: torch.Tensor, host_rank_EH: to
 
     idx_TK: expert ids with dropped choices already replaced by a valid id (valid_TK says which).
     load_cap: the plan's copy_load_cap (None: load moves ties only).
-    background_W: float [W] on the device, or None: rows the other source ranks are expected to send
-    each rank (the dispatchers pass the last known step's, dispatch/load_signal.py); the prices then
-    balance this batch's rows plus these instead of this batch's alone."""
+    background_W: float [W] on the device, or None: rows the other source ranks send each rank; the
+    prices then balance this batch's rows plus these instead of this batch's alone. An analysis hook:
+    no dispatcher passes it (examples/replica_load_analysis.py --stream simulates a lagged signal)."""
     T, K = idx_TK.shape
+    if background_W is not None and tuple(background_W.shape) != (world_size,):
+        raise ValueError(f"background_W has shape {tuple(background_W.shape)}: allowed ({world_size},), one value per rank")
     H = host_rank_EH.shape[1]
     device = idx_TK.device
     rank_TKH = host_rank_EH[idx_TK]

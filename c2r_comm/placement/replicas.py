@@ -35,6 +35,7 @@ and GPUs per token on held-out tokens come from the dispatch's own replica choic
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -185,9 +186,9 @@ def select_replicas(base: PlacementPlan, fit_ids_TK: np.ndarray, topology: Topol
     if base.replicas:
         raise ValueError("select_replicas starts from a plan without replicas")
     W, E, R = base.world_size, base.num_experts, replica_slots
-    if isinstance(pinned_blocks, bool) or not isinstance(pinned_blocks, int) or not 1 <= pinned_blocks <= len(fit_ids_TK):
-        raise ValueError(f"pinned_blocks = {pinned_blocks!r} is invalid: allowed an integer from 1 to the fit tokens "
-                         f"({len(fit_ids_TK)})")
+    if isinstance(pinned_blocks, bool) or not isinstance(pinned_blocks, numbers.Integral) or pinned_blocks < 1:
+        raise ValueError(f"pinned_blocks (--replica-pinned-blocks) = {pinned_blocks!r} is invalid: allowed an integer "
+                         ">= 1 (more blocks than fit tokens leave some empty, which count as unloaded)")
     if R < 0 or R > E - base.primaries_per_rank:
         raise ValueError(f"--replica-slots {R} is invalid: allowed 0..{E - base.primaries_per_rank} (a GPU holds "
                          "copies of other GPUs' experts only)")
@@ -226,7 +227,7 @@ def select_replicas(base: PlacementPlan, fit_ids_TK: np.ndarray, topology: Topol
     if R and not _fillable(hosts, free, R):
         raise ValueError(f"--replica-slots {R}: no way to fill every GPU's {R} replica slots with at most {R} copies "
                          f"per expert on {W} GPUs and {E} experts")
-    blocks = np.array_split(ids, pinned_blocks)
+    blocks = np.array_split(ids, int(pinned_blocks))
     block_load_BE = np.stack([np.bincount(b.reshape(-1), minlength=E) for b in blocks]).astype(np.float64)
     block_load_BE /= np.maximum(block_load_BE.sum(1, keepdims=True) / W, 1e-12)  # each block / its mean per GPU
 

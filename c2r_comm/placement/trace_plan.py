@@ -90,8 +90,7 @@ def plan_trace(fit: RoutingTrace, evaluation: RoutingTrace, topology: Topology, 
         fit_doc["replica_slots"] = options.replica_slots
         fit_doc["replica_load_tolerance"] = options.replica_load_tolerance
         fit_doc["replica_pinned_load_cap"] = options.replica_pinned_load_cap
-        if options.replica_pinned_blocks != 1:  # absent at 1: plan files made before the option stay as they were
-            fit_doc["replica_pinned_blocks"] = options.replica_pinned_blocks
+        fit_doc["replica_pinned_blocks"] = options.replica_pinned_blocks
         fit_doc["copy_load_cap"] = options.copy_load_cap
     plan_file = PlanFile(topology, fit.num_experts, plans, method, metrics_by_layer, fit_doc)
     return TracePlanResult(plan_file, tuple(reports), method, plan_seconds)
