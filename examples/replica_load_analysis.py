@@ -22,7 +22,8 @@ order, each rank's block one dispatch batch, as `c2r-comm plan` reports):
   before (what every rank could learn for free by adding its last received load to the count
   exchange; replica_choice's background_W), against no signal: GPU load max/mean of the whole
   stream and the mean of the steps' own max/mean. The signal is undamped: every source rank sees
-  nearly the same background and moves its ties away from the same ranks at once;
+  nearly the same background and moves its ties away from the same ranks at once
+  (`--stream-damping D` scales the background's deviation from its mean by D);
 - lower bound over the layers' mean (`--mean-caps 1.00,1.05,...`): the table reports the mean of
   the layers' load max/mean, so a plan may keep some layers above the cap and others below. With
   each layer's bound B_l(c) above at the caps c_0 < c_1 < ... (c_0 = the layer's split bound, the
@@ -113,10 +114,12 @@ def gpus_lower_bound(key_TC, rank_TKH, combo_CK, W: int, cap: float, iters: int)
     return best
 
 
-def stream_loads(plan: PlacementPlan, gpus_per_node: int, ids_TK: np.ndarray, batch: int, lag: Optional[int]):
+def stream_loads(plan: PlacementPlan, gpus_per_node: int, ids_TK: np.ndarray, batch: int, lag: Optional[int],
+                 damping: float = 1.0):
     """(load max/mean of the whole stream, mean of the steps' max/mean): floor(2 T / (W x batch)) steps
     of W x batch tokens (about two passes of ids_TK); lag None: no signal, else (lag >= 1) the other
-    ranks' rows of the step `lag` steps before (the first `lag` steps have none)."""
+    ranks' rows of the step `lag` steps before (the first `lag` steps have none), their deviation from
+    their mean scaled by `damping` (1: as they were)."""
     if lag is not None and lag < 1:
         raise ValueError(f"lag = {lag} is invalid: allowed >= 1 (a step's own rows are not known before its choice)")
     W = plan.world_size
@@ -129,7 +132,8 @@ def stream_loads(plan: PlacementPlan, gpus_per_node: int, ids_TK: np.ndarray, ba
             background = None
             if lag is not None and step >= lag:
                 before = history[step - lag]
-                background = torch.as_tensor(before.sum(0) - before[s], dtype=torch.float32)
+                others_W = before.sum(0) - before[s]
+                background = torch.as_tensor(damping * (others_W - others_W.mean()) + others_W.mean(), dtype=torch.float32)
             rank_TK, _ = replica_choice.choose_copies(picked[s], torch.ones_like(picked[s], dtype=torch.bool), host_rank_EH,
                                                       host_slot_EH, W, gpus_per_node, s, load_cap=plan.copy_load_cap,
                                                       background_W=background)
@@ -161,6 +165,8 @@ def main() -> None:
     p.add_argument("--global-rounds", type=int, default=0, help="also the global choice with N pricing rounds")
     p.add_argument("--cap", type=float, default=1.10, help="load cap of the global choice and the lower bound")
     p.add_argument("--bound-iters", type=int, default=120)
+    p.add_argument("--stream-damping", type=float, default=1.0,
+                   help="--stream: scale the signal's deviation from its mean by this (1: undamped)")
     p.add_argument("--copy-load-cap", type=float, default=None,
                    help="replace the plans' copy_load_cap (the dispatch's per-batch cap) by this one")
     p.add_argument("--stream", type=int, default=0, metavar="B",
@@ -204,7 +210,7 @@ def main() -> None:
             if topo.nodes != 1:
                 raise SystemExit("--stream: single-node plans only (the key here is by ranks)")
             row += list(stream_loads(plan, topo.gpus_per_node, ids, args.stream, None))
-            row += list(stream_loads(plan, topo.gpus_per_node, ids, args.stream, 2))
+            row += list(stream_loads(plan, topo.gpus_per_node, ids, args.stream, 2, args.stream_damping))
         if (args.global_rounds or mean_caps) and topo.nodes != 1:
             raise SystemExit("--global-rounds / --mean-caps: single-node plans only (the key here is by ranks)")
         if args.global_rounds or mean_caps:
