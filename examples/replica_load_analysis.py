@@ -86,12 +86,7 @@ def chosen_stats(rank_TKH: torch.Tensor, combo_CK: torch.Tensor, combo_T: torch.
 
 def global_choice(key_TC, rank_TKH, combo_CK, W: int, cap, rounds: int) -> tuple[float, float]:
     """The dispatch's pricing over every source rank's tokens at once (`rounds` rounds)."""
-    saved = replica_choice.BALANCE_ROUNDS
-    replica_choice.BALANCE_ROUNDS = rounds
-    try:
-        combo_T = replica_choice._priced(key_TC, rank_TKH, combo_CK, W, cap, rank_TKH.shape[1] + 2)
-    finally:
-        replica_choice.BALANCE_ROUNDS = saved
+    combo_T = replica_choice._priced(key_TC, rank_TKH, combo_CK, W, cap, rank_TKH.shape[1] + 2, rounds=rounds)
     return chosen_stats(rank_TKH, combo_CK, combo_T, W)
 
 

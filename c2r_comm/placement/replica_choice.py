@@ -150,15 +150,18 @@ def cover_keys(rank_TKH: torch.Tensor, combo_CK: torch.Tensor, world_size: int, 
 
 
 def _priced(key_TC: torch.Tensor, rank_TKH: torch.Tensor, combo_CK: torch.Tensor, world_size: int,
-            load_cap: Optional[float], key_unit: int, background_W: Optional[torch.Tensor] = None) -> torch.Tensor:
+            load_cap: Optional[float], key_unit: int, background_W: Optional[torch.Tensor] = None,
+            rounds: int = BALANCE_ROUNDS) -> torch.Tensor:
     """[T] the chosen combination of every token: the pricing rounds of the module docstring.
-    rank_TKH: the copies' ranks, world_size for dropped choices; background_W: see choose_copies."""
+    rank_TKH: the copies' ranks, world_size for dropped choices; background_W: see choose_copies;
+    rounds: the dispatchers' BALANCE_ROUNDS (analyses may ask for more)."""
     with torch.autocast(key_TC.device.type, enabled=False):  # fp32 prices and matmul under any autocast
-        return _priced_fp32(key_TC, rank_TKH, combo_CK, world_size, load_cap, key_unit, background_W)
+        return _priced_fp32(key_TC, rank_TKH, combo_CK, world_size, load_cap, key_unit, background_W, rounds)
 
 
 def _priced_fp32(key_TC: torch.Tensor, rank_TKH: torch.Tensor, combo_CK: torch.Tensor, world_size: int,
-                 load_cap: Optional[float], key_unit: int, background_W: Optional[torch.Tensor]) -> torch.Tensor:
+                 load_cap: Optional[float], key_unit: int, background_W: Optional[torch.Tensor],
+                 rounds: int) -> torch.Tensor:
     T, K, H = rank_TKH.shape
     W = world_size
     device = key_TC.device
@@ -189,7 +192,7 @@ def _priced_fp32(key_TC: torch.Tensor, rank_TKH: torch.Tensor, combo_CK: torch.T
     ratio_W, best = score(combo_T)
     tie_W = torch.zeros(W + 1, dtype=torch.float32, device=device)  # rank W: dropped choices, free
     cap_W = torch.zeros(W + 1, dtype=torch.float32, device=device)
-    for _ in range(BALANCE_ROUNDS):  # fixed count: no host sync
+    for _ in range(rounds):  # fixed count: no host sync
         tie_W[:W] = torch.maximum(tie_W[:W] + TIE_STEP * (ratio_W - 1.0), PRICE_DECAY * tie_W[:W]).clamp(max=tie_max)
         if load_cap is not None:
             cap_W[:W] = torch.maximum(cap_W[:W] + CAP_STEP * key_unit * (ratio_W - load_cap), PRICE_DECAY * cap_W[:W])
