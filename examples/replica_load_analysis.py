@@ -24,6 +24,11 @@ order, each rank's block one dispatch batch, as `c2r-comm plan` reports):
   stream and the mean of the steps' own max/mean. The signal is undamped: every source rank sees
   nearly the same background and moves its ties away from the same ranks at once
   (`--stream-damping D` scales the background's deviation from its mean by D);
+- one exchange pass (`--exchange-pass D`): each source rank first chooses as dispatch does, then
+  chooses again with the rows the other ranks chose for this same step as background (what one
+  all_reduce of W numbers after the first choice would tell every rank: an extra collective and a
+  second pricing pass per dispatch, which the dispatchers do not pay), the background's deviation
+  from its mean scaled by D: GPUs per token and GPU load max/mean;
 - lower bound over the layers' mean (`--mean-caps 1.00,1.05,...`): the table reports the mean of
   the layers' load max/mean, so a plan may keep some layers above the cap and others below. With
   each layer's bound B_l(c) above at the caps c_0 < c_1 < ... (c_0 = the layer's split bound, the
@@ -140,6 +145,30 @@ def stream_loads(plan: PlacementPlan, gpus_per_node: int, ids_TK: np.ndarray, ba
     return float(total_W.max() / total_W.mean()), float(np.mean(per_step))
 
 
+def exchange_pass(plan: PlacementPlan, gpus_per_node: int, ids_TK: np.ndarray, source_rank_T: np.ndarray,
+                  damping: float) -> tuple[float, float]:
+    """(GPUs per token, GPU load max/mean) when every source rank chooses twice: as dispatch, then with
+    the other ranks' first-choice rows of the same tokens as background (deviation x damping)."""
+    W = plan.world_size
+    host_rank_EH, host_slot_EH = plan.host_tensors()
+    blocks = [torch.as_tensor(ids_TK[source_rank_T == s]) for s in range(W)]
+
+    def choose(s: int, background: Optional[torch.Tensor]) -> torch.Tensor:
+        return replica_choice.choose_copies(blocks[s], torch.ones_like(blocks[s], dtype=torch.bool), host_rank_EH,
+                                            host_slot_EH, W, gpus_per_node, s, load_cap=plan.copy_load_cap,
+                                            background_W=background)[0]
+
+    first_SW = np.stack([np.bincount(choose(s, None).reshape(-1).numpy(), minlength=W) for s in range(W)]).astype(float)
+    load_W, gpus = np.zeros(W), 0.0
+    for s in range(W):
+        others_W = first_SW.sum(0) - first_SW[s]
+        rank_TK = choose(s, torch.as_tensor(damping * (others_W - others_W.mean()) + others_W.mean(),
+                                            dtype=torch.float32))
+        load_W += np.bincount(rank_TK.reshape(-1).numpy(), minlength=W)
+        gpus += float((torch.nn.functional.one_hot(rank_TK, W).sum(1) > 0).sum())
+    return gpus / len(ids_TK), float(load_W.max() / load_W.mean())
+
+
 def mean_load_bound(curves: list[list[tuple[float, float]]], mu: float, cap: float) -> float:
     """mean_l min_j (B_l(c_j) + mu c_(j-1)) - mu cap (module doc): curves[l] = [(c_0, B(c_0)), ...,
     (inf, minimum cover)], c_0 the layer's split bound (the least load: the first interval is that point)."""
@@ -166,6 +195,8 @@ def main() -> None:
                    help="replace the plans' copy_load_cap (the dispatch's per-batch cap) by this one")
     p.add_argument("--stream", type=int, default=0, metavar="B",
                    help="also a stream of steps of W x B tokens: loads without and with the lagged global signal")
+    p.add_argument("--exchange-pass", type=float, default=None, metavar="D",
+                   help="also a second choice with the other ranks' rows of the same step, deviation x D (0..1]")
     p.add_argument("--mean-caps", default="", help="comma-separated caps of the bound on the layers' mean load "
                    "(e.g. 1.02,1.05,1.10,1.15,1.20,1.30); the split bound is added as each layer's first")
     args = p.parse_args()
@@ -176,6 +207,8 @@ def main() -> None:
         head += ["rr load"]
     if args.stream:
         head += ["stream load", "stream step load", "lag-2 stream load", "lag-2 step load"]
+    if args.exchange_pass is not None:
+        head += ["pass GPUs", "pass load"]
     if args.global_rounds:
         head += ["global load", f"global@{args.cap} GPUs", f"global@{args.cap} load", f"LB GPUs@{args.cap}"]
     print("layer | " + " | ".join(head))
@@ -186,6 +219,8 @@ def main() -> None:
     if chosen is not None and not chosen <= set(plan_file.layers):
         raise SystemExit(f"--layers {args.layers}: layers {sorted(chosen - set(plan_file.layers))} are not in the plan "
                          f"(it has {sorted(plan_file.layers)})")
+    if args.exchange_pass is not None and not 0.0 < args.exchange_pass <= 1.0:
+        raise SystemExit(f"--exchange-pass {args.exchange_pass} is invalid: allowed a damping in (0, 1]")
     if args.copy_load_cap is not None and not args.copy_load_cap >= 1.0:
         raise SystemExit(f"--copy-load-cap {args.copy_load_cap} is invalid: allowed a max/mean >= 1.0")
     for layer, plan in sorted(plan_file.layers.items()):
@@ -206,6 +241,10 @@ def main() -> None:
                 raise SystemExit("--stream: single-node plans only (the key here is by ranks)")
             row += list(stream_loads(plan, topo.gpus_per_node, ids, args.stream, None))
             row += list(stream_loads(plan, topo.gpus_per_node, ids, args.stream, 2, args.stream_damping))
+        if args.exchange_pass is not None:
+            if topo.nodes != 1:
+                raise SystemExit("--exchange-pass: single-node plans only (the key here is by ranks)")
+            row += list(exchange_pass(plan, topo.gpus_per_node, ids, source_T, args.exchange_pass))
         if (args.global_rounds or mean_caps) and topo.nodes != 1:
             raise SystemExit("--global-rounds / --mean-caps: single-node plans only (the key here is by ranks)")
         if args.global_rounds or mean_caps:

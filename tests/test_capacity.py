@@ -191,6 +191,11 @@ def _layer_rank(rank, world, dispatcher, routing, overlap):
                                                       layer.experts.w_down_LFD)]}
 
 
+def _layer_runs(rank, world, dispatcher, runs):
+    """_layer_rank for each (name, routing, overlap) of `runs`, in one launch (ranks cost seconds to spawn)."""
+    return {name: _layer_rank(rank, world, dispatcher, routing, overlap) for name, routing, overlap in runs}
+
+
 def _reference(world, kept_by_rank):
     experts = [[t.double().requires_grad_() for t in init_expert_weights(e, D, F, seed=9)] for e in range(E)]
     per_rank = []
@@ -208,12 +213,10 @@ def _reference(world, kept_by_rank):
 def test_layer_with_drops_and_padding_matches_reference(dispatcher):
     world = 4 if dispatcher == "hierarchical" else 2  # hierarchical on 2 nodes x 2
     L = E // world
-    runs = {}
-    for name, routing, overlap in [("dropless", {}, 1), ("large", {"capacity_factor": 100.0}, 1),
-                                   ("probs", {"capacity_factor": 0.75}, 2),
-                                   ("padded", {"capacity_factor": 0.75, "drop_policy": "position",
-                                               "pad_to_capacity": True}, 1)]:
-        runs[name] = run_ranks(world, _layer_rank, dispatcher, routing, overlap)
+    configs = [("dropless", {}, 1), ("large", {"capacity_factor": 100.0}, 1), ("probs", {"capacity_factor": 0.75}, 2),
+               ("padded", {"capacity_factor": 0.75, "drop_policy": "position", "pad_to_capacity": True}, 1)]
+    by_rank = run_ranks(world, _layer_runs, dispatcher, configs)
+    runs = {name: [by_rank[r][name] for r in range(world)] for name, _, _ in configs}
     for r in range(world):  # a factor whose capacity holds every token changes nothing
         for key in ("out", "grad_x", "grad_w"):
             assert torch.equal(runs["large"][r][key], runs["dropless"][r][key]), (r, key)

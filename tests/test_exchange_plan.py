@@ -119,9 +119,14 @@ def test_layout_counts_equal_what_is_sent_world2():
     assert run_ranks(2, fuzz_worker, 1, ("alltoall", "dedup", "hierarchical"), 30) == [30, 30]
 
 
+def fuzz_topologies(rank: int, world: int, runs) -> list[int]:
+    """fuzz_worker for each (nodes, names, examples) of `runs`, in one launch."""
+    return [fuzz_worker(rank, world, nodes, names, examples) for nodes, names, examples in runs]
+
+
 def test_layout_counts_equal_what_is_sent_world4_and_2x2():
-    assert run_ranks(4, fuzz_worker, 1, ("alltoall", "dedup"), 20) == [20] * 4
-    assert run_ranks(4, fuzz_worker, 2, ("alltoall", "dedup", "hierarchical"), 30) == [30] * 4
+    runs = [(1, ("alltoall", "dedup"), 20), (2, ("alltoall", "dedup", "hierarchical"), 30)]
+    assert run_ranks(4, fuzz_topologies, runs) == [[20, 30]] * 4
 
 
 def test_placement_metrics_agree_with_the_exchange_plans():

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 from c2r_comm.cli import plan_cmd
+from c2r_comm.placement.metrics import dealt_source_ranks, placement_metrics
 from c2r_comm.plan import PlacementPlan
 from c2r_comm.routing.trace import RoutingTrace
+from c2r_comm.topology import Topology
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "replica_load_analysis.py"
 
@@ -67,6 +69,22 @@ def test_stream_signal_moves_ties_off_the_rank_the_others_load(analysis):
         analysis.stream_loads(plan, 4, ids, B, 0)
 
 
+def test_exchange_pass_moves_ties_off_the_rank_the_others_load(analysis):
+    """The stream test's step once: source 0 pins its tokens on rank 0 (its own copy), sources 1-3 tie
+    between rank 0 and another. Each batch balanced on its own loads rank 0 with over 2 x the mean; after
+    one pass with the others' rows of the same step the ties leave rank 0, no token touches more GPUs."""
+    plan = PlacementPlan((0, 0, 1, 1, 2, 2, 3, 3), 4, ((2,), (0,), (1,), (4,)))  # e0 on {0, 1}, e1 on {0, 2}
+    B = 200
+    ids = np.concatenate([np.full(B, 0), np.full(B, 1), np.full(2 * B, 0)])[:, None]
+    source_T = dealt_source_ranks(len(ids), 4)
+    plain = placement_metrics(plan, Topology(1, 4), ids)
+    assert plain.gpu_load_max_over_mean > 2.0
+    for damping in (1.0, 0.5):
+        gpus, load = analysis.exchange_pass(plan, 4, ids, source_T, damping)
+        assert gpus == plain.gpus_per_token == 1.0
+        assert load < plain.gpu_load_max_over_mean - 0.2  # 2.23 -> 2.0 (D = 1), 1.76 (D = 0.5)
+
+
 def test_analysis_runs_on_a_small_replica_plan(tmp_path, analysis, capsys, monkeypatch):
     trace = RoutingTrace.synthetic(1200, 16, 3, num_layers=1, num_clusters=4, in_cluster=0.85, zipf_a=0.5,
                                    tokens_per_prompt=40, seed=5)
@@ -80,14 +98,19 @@ def test_analysis_runs_on_a_small_replica_plan(tmp_path, analysis, capsys, monke
     capsys.readouterr()
     monkeypatch.setattr(sys, "argv", ["x", "--trace", str(tmp_path / "t.npz"), "--plan", str(tmp_path / "p.json"),
                                       "--prompts", "20:30", "--stream", "25", "--global-rounds", "4",
-                                      "--bound-iters", "10", "--mean-caps", "1.05,1.2", "--copy-load-cap", "1.1"])
+                                      "--bound-iters", "10", "--mean-caps", "1.05,1.2", "--copy-load-cap", "1.1",
+                                      "--exchange-pass", "0.5"])
     analysis.main()
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.strip().startswith("0 |"))
     values = [float(v) for v in row.split("|")[1:]]
-    assert len(values) == 12  # 4 base, 4 stream, 4 global columns
+    assert len(values) == 14  # 4 base, 4 stream, 2 exchange pass, 4 global columns
     assert "lower bound on mean GPUs per token with the layers' mean load <= 1.05" in out
     monkeypatch.setattr(sys, "argv", ["x", "--trace", str(tmp_path / "t.npz"), "--plan", str(tmp_path / "p.json"),
                                       "--prompts", "20:30", "--layers", "3"])
     with pytest.raises(SystemExit, match=r"layers \[3\] are not in the plan"):
+        analysis.main()
+    monkeypatch.setattr(sys, "argv", ["x", "--trace", str(tmp_path / "t.npz"), "--plan", str(tmp_path / "p.json"),
+                                      "--prompts", "20:30", "--exchange-pass", "0"])
+    with pytest.raises(SystemExit, match=r"--exchange-pass 0.0 is invalid"):
         analysis.main()

@@ -30,7 +30,7 @@ from c2r_comm.comm_failures import EXIT_COMM_ERROR, CommError
 from c2r_comm.config import Config, ConfigError, load_config, parse_topology, with_overrides
 from c2r_comm.dispatch import DISPATCHERS
 from c2r_comm.layer import DTYPES, build_moe_layer
-from c2r_comm.plan import PlanFile
+from c2r_comm.plan import PlacementPlan, PlanFile
 from c2r_comm.routing.trace import RoutingTrace, parse_layers, parse_range
 from c2r_comm.groups import build_process_groups
 from c2r_comm.topology import Topology
@@ -113,36 +113,37 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Optional[RoutingTr
             raise ConfigError("--tokens-per-rank", config.run.tokens_per_rank,
                               f"at most {most}: the selected trace has {trace.num_tokens} tokens for "
                               f"{config.parallel.world_size} ranks")
-    check_plan(config, layers, "--plan" if args.plan else "placement.plan")
+    plans = check_plan(config, layers, "--plan" if args.plan else "placement.plan")
     if config.routing.pad_to_capacity and getattr(args, "overlap_degree", None) not in (None, 1):
         raise ConfigError("--overlap-degree", args.overlap_degree, "1 with routing.pad_to_capacity (capacity is per "
                           "layer batch, not per chunk)")
     if config.routing.capacity_factor is not None and getattr(args, "peers", None):
         raise ConfigError("--peers", args.peers, "no peers with routing.capacity_factor (the peers run dropless)")
-    if getattr(args, "peers", None) and config.placement.plan and any(
-            PlanFile.load(config.placement.plan).plan_for_layer(layer, _topology(config), config.model.num_experts).replicas
-            for layer in layers):
+    if getattr(args, "peers", None) and any(plan.replicas for plan in plans.values()):
         raise ConfigError("--peers", args.peers, "no peers with a replica plan (the peers hold one copy per expert)")
     if not launched(os.environ):  # this process would start the ranks: refuse what they would fail on
         check_before_launch(config, args.json)
     return config, trace, layers
 
 
-def check_plan(config: Config, layers: Sequence[int], flag: str = "placement.plan") -> None:
+def check_plan(config: Config, layers: Sequence[int], flag: str = "placement.plan") -> dict[int, PlacementPlan]:
     """The plan file (if any) loads and holds a plan of every benchmarked layer for this topology and
-    expert count: refused once, here, instead of on every rank after the launch."""
+    expert count: refused once, here, instead of on every rank after the launch. Returns those plans
+    by layer ({} without a plan file)."""
     path = config.placement.plan
     if path is None:
-        return
+        return {}
     try:
         plans = PlanFile.load(path)
     except ValueError as exc:
         raise ValueError(f"{flag}: {exc}") from None
+    out = {}
     for layer in layers:
         try:
-            plans.plan_for_layer(layer, _topology(config), config.model.num_experts)
+            out[layer] = plans.plan_for_layer(layer, _topology(config), config.model.num_experts)
         except ValueError as exc:
             raise ValueError(f"{flag} {path}: {exc}") from None
+    return out
 
 
 def check_before_launch(config: Config, json_path: Optional[str]) -> None:

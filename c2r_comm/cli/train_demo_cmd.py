@@ -28,7 +28,6 @@ from c2r_comm.comm_failures import EXIT_COMM_ERROR, CommError
 from c2r_comm.config import Config, ConfigError, load_config, parse_topology, with_overrides
 from c2r_comm.groups import build_process_groups
 from c2r_comm.topology import Topology
-from c2r_comm.plan import PlanFile
 from c2r_comm.train import checkpoint
 from c2r_comm.train.data import ByteCorpus
 from c2r_comm.train.model import MoETransformerLM
@@ -104,9 +103,8 @@ def resolve(args: argparse.Namespace) -> Config:
                           "follows the placement, so re-planning would change the model)")
     if not args.lr > 0:
         raise ConfigError("--lr", args.lr, "a number > 0")
-    check_plan(config, range(args.layers), "--plan" if args.plan else "placement.plan")
-    if args.replan_every and config.placement.plan and any(PlanFile.load(config.placement.plan).layers[i].replicas
-                                                           for i in range(args.layers)):
+    plans = check_plan(config, range(args.layers), "--plan" if args.plan else "placement.plan")
+    if args.replan_every and any(plan.replicas for plan in plans.values()):
         raise ConfigError("--replan-every", args.replan_every, "0 with a replica plan (re-planning from co-activations "
                           "makes plans without replicas)")
     if args.resume and not Path(args.resume).is_dir():

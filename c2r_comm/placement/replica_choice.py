@@ -25,7 +25,8 @@ Given background_W (rows the other source ranks send each rank) the prices balan
 instead of this batch's rows alone. The dispatchers pass none: a lagged signal (the other ranks'
 rows of two steps before, which the count exchange could carry for free) was simulated on the
 trace and bought 0.2 % of aggregate load for 2 % more per-step imbalance, damped 0.6 % and 0.2 %
-less (docs/benchmarks.md, `examples/replica_load_analysis.py --stream`).
+less (docs/benchmarks.md, `examples/replica_load_analysis.py --stream`); the same step's rows,
+which need a collective and a second pricing pass per dispatch, 1.137 -> 1.118 (`--exchange-pass`).
 
 Load cap (plan.copy_load_cap, e.g. 1.10): a batch whose popular experts drifted from the plan's
 fit can still load one rank far above the mean when only ties may move. With a cap, a second,
