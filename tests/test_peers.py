@@ -68,7 +68,8 @@ def _errors(ours, peer, out_o, out_d, gx_o, gx_d):
 def _worker(rank, world):
     import torch.distributed as dist
 
-    from c2r_comm.bench.deepspeed_peer import _recorder, build_deepspeed_peer, deepspeed_traffic
+    from c2r_comm.bench.deepspeed_peer import build_deepspeed_peer
+    from c2r_comm.bench.deepspeed_traffic import deepspeed_traffic, sharded_moe_recorder
     from c2r_comm.groups import build_process_groups
     from c2r_comm.layer import build_moe_layer
     from c2r_comm.topology import Topology
@@ -84,7 +85,7 @@ def _worker(rank, world):
         ours = build_moe_layer(config, groups, cpu, dispatcher="dedup")
         out_o, _, gx_o = _run(lambda xr: (lambda o: (o.out_TD, o.aux_loss))(ours.forward_routed(xr, idx, w)), x, grad)
         peer = build_deepspeed_peer(config, groups, cpu, (idx, w))
-        rec = _recorder()
+        rec = sharded_moe_recorder()
         rec.calls = calls = []
         xr = x.clone().requires_grad_()
         out_d, aux_d = peer(xr)
