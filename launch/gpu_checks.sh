@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of the phased-engine issue, as one script for a lent GPU machine (see docs/benchmarks.md):
+# The GPU checks of the phased-engine and overlap issues, as one script for a lent GPU machine (see docs/benchmarks.md):
 # world size 1 on NCCL, DeepSeek-V2-Lite layer shapes (hidden 2048, expert FFN 1408, 64 experts, top-6),
 # 16,384 tokens routed by the trace's layer 12, bf16.
 #   bash launch/gpu_checks.sh [TRACE] [RESULTS_DIR]
@@ -39,4 +39,9 @@ for d in dedup alltoall hierarchical; do
     --phases --json "$RES/bench_$d.json" --profile "$RES/profile"
 done
 rm -f "$RES"/profile/*.json  # Chrome traces are large; the tables say where time goes
+# The overlap scheduler on NCCL (issue 11): C = 2 at world size 1 against the serial layer of the same run
+# (its CUDA test, tests/test_cuda_layer.py::test_pipelined_layer_on_cuda_equals_serial, ran in the first step).
+step bench_overlap_c2 240 $PY -m c2r_comm bench --topology 1x1 --device cuda --dtype bfloat16 "${SHAPES[@]}" \
+  --tokens-per-rank 16384 --trace "$TRACE" --layer 12 --dispatcher dedup --iters 20 --warmup-iters 3 \
+  --overlap-degree 2 --json "$RES/bench_overlap_c2.json"
 cat "$RES/steps.txt"
