@@ -28,7 +28,8 @@ order, each rank's block one dispatch batch, as `c2r-comm plan` reports):
   chooses again with the rows the other ranks chose for this same step as background (what one
   all_reduce of W numbers after the first choice would tell every rank: an extra collective and a
   second pricing pass per dispatch, which the dispatchers do not pay), the background's deviation
-  from its mean scaled by D: GPUs per token and GPU load max/mean;
+  from its mean scaled by D (D scales the price step too: a background near flat weakens the
+  batch's own balancing): GPUs per token and GPU load max/mean;
 - lower bound over the layers' mean (`--mean-caps 1.00,1.05,...`): the table reports the mean of
   the layers' load max/mean, so a plan may keep some layers above the cap and others below. With
   each layer's bound B_l(c) above at the caps c_0 < c_1 < ... (c_0 = the layer's split bound, the

@@ -215,7 +215,7 @@ def test_layer_with_drops_and_padding_matches_reference(dispatcher):
     L = E // world
     configs = [("dropless", {}, 1), ("large", {"capacity_factor": 100.0}, 1), ("probs", {"capacity_factor": 0.75}, 2),
                ("padded", {"capacity_factor": 0.75, "drop_policy": "position", "pad_to_capacity": True}, 1)]
-    by_rank = run_ranks(world, _layer_runs, dispatcher, configs)
+    by_rank = run_ranks(world, _layer_runs, dispatcher, configs, timeout_s=300)  # four layers per launch
     runs = {name: [by_rank[r][name] for r in range(world)] for name, _, _ in configs}
     for r in range(world):  # a factor whose capacity holds every token changes nothing
         for key in ("out", "grad_x", "grad_w"):

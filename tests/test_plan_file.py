@@ -130,7 +130,7 @@ def test_plan_cli_replica_flags_reach_the_plan_file(tmp_path, trace, capsys):
 
 def test_replica_plans_are_refused_by_peers_and_replanning_before_launch(tmp_path, monkeypatch, capsys):
     """bench --peers and train-demo --replan-every cannot run a replica plan: refused before any rank
-    starts, with the flag named (the plan file read once, by the plan check)."""
+    starts, with the flag named; the plan file is read once per command (by the plan check)."""
     from replica_cases import replica_plan
 
     from c2r_comm.bench import peers
@@ -140,11 +140,16 @@ def test_replica_plans_are_refused_by_peers_and_replanning_before_launch(tmp_pat
     plan = replica_plan(4, 2, 1, seed=0)
     PlanFile(Topology(1, 2), 4, {0: plan, 1: plan}, "test").save(path)
     monkeypatch.setattr(peers, "megatron_importable", lambda: True)
+    loads = []
+    real_load = PlanFile.load.__func__
+    monkeypatch.setattr(PlanFile, "load", classmethod(lambda cls, p: loads.append(p) or real_load(cls, p)))
     assert main(["bench", "--topology", "1x2", "--num-experts", "4", "--top-k", "2", "--plan", str(path),
                  "--peers", "megatron"]) == 2
     assert "--peers" in (err := capsys.readouterr().err) and "no peers with a replica plan" in err
+    assert len(loads) == 1
     (tmp_path / "text").mkdir()
     (tmp_path / "text" / "a.txt").write_text("some words to train on. " * 200)
     assert main(["train-demo", "--text", str(tmp_path / "text"), "--topology", "1x2", "--num-experts", "4",
                  "--top-k", "2", "--layers", "2", "--plan", str(path), "--replan-every", "2"]) == 2
     assert "--replan-every" in (err := capsys.readouterr().err) and "0 with a replica plan" in err
+    assert len(loads) == 2

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from replica_cases import brute_min_cover
 
 from c2r_comm.cli import plan_cmd
 from c2r_comm.placement.metrics import dealt_source_ranks, placement_metrics
@@ -70,9 +71,9 @@ def test_stream_signal_moves_ties_off_the_rank_the_others_load(analysis):
 
 
 def test_exchange_pass_moves_ties_off_the_rank_the_others_load(analysis):
-    """The stream test's step once: source 0 pins its tokens on rank 0 (its own copy), sources 1-3 tie
-    between rank 0 and another. Each batch balanced on its own loads rank 0 with over 2 x the mean; after
-    one pass with the others' rows of the same step the ties leave rank 0, no token touches more GPUs."""
+    """Top-1, the stream test's step once: source 0 pins its tokens on rank 0 (its own copy), sources
+    1-3 tie between rank 0 and another. Each batch balanced on its own loads rank 0 with over 2 x the
+    mean; after one pass with the others' rows of the same step the ties leave rank 0."""
     plan = PlacementPlan((0, 0, 1, 1, 2, 2, 3, 3), 4, ((2,), (0,), (1,), (4,)))  # e0 on {0, 1}, e1 on {0, 2}
     B = 200
     ids = np.concatenate([np.full(B, 0), np.full(B, 1), np.full(2 * B, 0)])[:, None]
@@ -80,9 +81,26 @@ def test_exchange_pass_moves_ties_off_the_rank_the_others_load(analysis):
     plain = placement_metrics(plan, Topology(1, 4), ids)
     assert plain.gpu_load_max_over_mean > 2.0
     for damping in (1.0, 0.5):
-        gpus, load = analysis.exchange_pass(plan, 4, ids, source_T, damping)
-        assert gpus == plain.gpus_per_token == 1.0
+        _, load = analysis.exchange_pass(plan, 4, ids, source_T, damping)
         assert load < plain.gpu_load_max_over_mean - 0.2  # 2.23 -> 2.0 (D = 1), 1.76 (D = 0.5)
+
+
+def test_exchange_pass_keeps_every_cover_minimal(analysis):
+    """Top-2: tokens of experts {0, 2} (both on ranks 0 and 1) cover with one GPU only when both
+    choices go to the same rank; source 0 holds both, source 1's tokens {1, 3} need two GPUs. The pass
+    moves whole tokens off rank 0 (D = 0.5: 2.26 -> 1.76) and never splits one: GPUs per token stays
+    the brute-force minimum."""
+    plan = PlacementPlan((0, 0, 1, 1, 2, 2, 3, 3), 4, ((2,), (0,), (1,), (4,)))  # e0, e2 on {0, 1}; e1 on {0, 2}
+    B = 200
+    ids = np.concatenate([np.tile([0, 2], (B, 1)), np.tile([1, 3], (B, 1)), np.tile([0, 2], (2 * B, 1))])
+    source_T = dealt_source_ranks(len(ids), 4)
+    plain = placement_metrics(plan, Topology(1, 4), ids)
+    minimum = np.mean([brute_min_cover(plan, t) for t in ids.tolist()])
+    assert minimum == plain.gpus_per_token == 1.25
+    for damping in (1.0, 0.5):
+        gpus, load = analysis.exchange_pass(plan, 4, ids, source_T, damping)
+        assert gpus == minimum
+    assert load < plain.gpu_load_max_over_mean - 0.2
 
 
 def test_analysis_runs_on_a_small_replica_plan(tmp_path, analysis, capsys, monkeypatch):

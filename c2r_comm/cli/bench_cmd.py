@@ -113,13 +113,13 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Optional[RoutingTr
             raise ConfigError("--tokens-per-rank", config.run.tokens_per_rank,
                               f"at most {most}: the selected trace has {trace.num_tokens} tokens for "
                               f"{config.parallel.world_size} ranks")
-    plans = check_plan(config, layers, "--plan" if args.plan else "placement.plan")
+    plans_by_layer = check_plan(config, layers, "--plan" if args.plan else "placement.plan")
     if config.routing.pad_to_capacity and getattr(args, "overlap_degree", None) not in (None, 1):
         raise ConfigError("--overlap-degree", args.overlap_degree, "1 with routing.pad_to_capacity (capacity is per "
                           "layer batch, not per chunk)")
     if config.routing.capacity_factor is not None and getattr(args, "peers", None):
         raise ConfigError("--peers", args.peers, "no peers with routing.capacity_factor (the peers run dropless)")
-    if getattr(args, "peers", None) and any(plan.replicas for plan in plans.values()):
+    if getattr(args, "peers", None) and any(plan.replicas for plan in plans_by_layer.values()):
         raise ConfigError("--peers", args.peers, "no peers with a replica plan (the peers hold one copy per expert)")
     if not launched(os.environ):  # this process would start the ranks: refuse what they would fail on
         check_before_launch(config, args.json)
@@ -134,16 +134,16 @@ def check_plan(config: Config, layers: Sequence[int], flag: str = "placement.pla
     if path is None:
         return {}
     try:
-        plans = PlanFile.load(path)
+        plan_file = PlanFile.load(path)
     except ValueError as exc:
         raise ValueError(f"{flag}: {exc}") from None
-    out = {}
+    plans_by_layer = {}
     for layer in layers:
         try:
-            out[layer] = plans.plan_for_layer(layer, _topology(config), config.model.num_experts)
+            plans_by_layer[layer] = plan_file.plan_for_layer(layer, _topology(config), config.model.num_experts)
         except ValueError as exc:
             raise ValueError(f"{flag} {path}: {exc}") from None
-    return out
+    return plans_by_layer
 
 
 def check_before_launch(config: Config, json_path: Optional[str]) -> None:

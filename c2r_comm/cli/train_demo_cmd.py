@@ -103,8 +103,8 @@ def resolve(args: argparse.Namespace) -> Config:
                           "follows the placement, so re-planning would change the model)")
     if not args.lr > 0:
         raise ConfigError("--lr", args.lr, "a number > 0")
-    plans = check_plan(config, range(args.layers), "--plan" if args.plan else "placement.plan")
-    if args.replan_every and any(plan.replicas for plan in plans.values()):
+    plans_by_layer = check_plan(config, range(args.layers), "--plan" if args.plan else "placement.plan")
+    if args.replan_every and any(plan.replicas for plan in plans_by_layer.values()):
         raise ConfigError("--replan-every", args.replan_every, "0 with a replica plan (re-planning from co-activations "
                           "makes plans without replicas)")
     if args.resume and not Path(args.resume).is_dir():

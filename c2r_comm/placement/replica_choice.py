@@ -26,7 +26,7 @@ instead of this batch's rows alone. The dispatchers pass none: a lagged signal (
 rows of two steps before, which the count exchange could carry for free) was simulated on the
 trace and bought 0.2 % of aggregate load for 2 % more per-step imbalance, damped 0.6 % and 0.2 %
 less (docs/benchmarks.md, `examples/replica_load_analysis.py --stream`); the same step's rows,
-which need a collective and a second pricing pass per dispatch, 1.137 -> 1.118 (`--exchange-pass`).
+which need a collective and a second pricing pass per dispatch, moved it 1.137 -> 1.118 (`--exchange-pass`).
 
 Load cap (plan.copy_load_cap, e.g. 1.10): a batch whose popular experts drifted from the plan's
 fit can still load one rank far above the mean when only ties may move. With a cap, a second,
@@ -100,7 +100,8 @@ def choose_copies(idx_TK: torch.Tensor, valid_TK: torch.Tensor, host_rank_EH: to
     load_cap: the plan's copy_load_cap (None: load moves ties only).
     background_W: float [W] on the device, or None: rows the other source ranks send each rank; the
     prices then balance this batch's rows plus these instead of this batch's alone. An analysis hook:
-    no dispatcher passes it (examples/replica_load_analysis.py --stream simulates a lagged signal)."""
+    no dispatcher passes it (examples/replica_load_analysis.py: --stream simulates a lagged signal,
+    --exchange-pass the same step's)."""
     T, K = idx_TK.shape
     if background_W is not None and tuple(background_W.shape) != (world_size,):
         raise ValueError(f"background_W has shape {tuple(background_W.shape)}: allowed ({world_size},), one value per rank")
