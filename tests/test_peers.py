@@ -110,12 +110,23 @@ def _worker(rank, world):
         out_d, aux_d, gx_d = _run(peer, x, grad)
         results[f"router k={k}"] = dict(err=_errors(ours, peer, out_o, out_d, gx_o, gx_d),
                                         aux_ours=float(aux_o), aux_ds=float(aux_d))
-    return results
+    bad_idx, bad_w = _fixed_routing(rank, 2)
+    if rank == 1:
+        bad_idx[3, 1] = bad_idx[3, 0]  # one token names one expert twice: its gate cannot express it
+    try:
+        build_deepspeed_peer(_config(2), groups, cpu, (bad_idx, bad_w))
+        refused = None
+    except Exception as exc:  # noqa: BLE001 (the test reads what was raised)
+        refused = f"{type(exc).__name__}: {exc}"
+    return results, refused
 
 
 @needs_deepspeed
 def test_deepspeed_layer_equals_ours_with_same_experts_and_routing():
-    by_rank = run_ranks(W, _worker, timeout_s=120)
+    by_rank, refused = zip(*run_ranks(W, _worker, timeout_s=120))
+    # Bad given routing on rank 1 only: every rank raises before any data collective, naming rank 1.
+    assert all(r is not None and r.startswith("InputError") and "ranks [1]" in r for r in refused), refused
+    assert "repeats an expert" in refused[1] and "repeats an expert" not in refused[0]
     for rank, results in enumerate(by_rank):
         for case, r in results.items():
             err = r["err"]

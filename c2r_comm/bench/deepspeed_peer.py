@@ -73,6 +73,7 @@ from c2r_comm.bench.measure import BenchRecord, measure_module
 from c2r_comm.bench.deepspeed_traffic import CommCall, CommRecorder, deepspeed_traffic, sharded_moe_recorder
 from c2r_comm.bench.peers import DEEPSPEED_INSTALL, DEEPSPEED_VERSION, peer_record
 from c2r_comm.config import Config
+from c2r_comm.dispatch.comm import check_same_on_all_ranks
 from c2r_comm.experts import GroupedExperts, SharedExpert, swiglu
 from c2r_comm.layer import DTYPES
 from c2r_comm.routing.router import TopKRouter
@@ -225,7 +226,12 @@ def build_deepspeed_peer(config: Config, groups, device: torch.device,
     with contextlib.redirect_stdout(io.StringIO()):  # it prints "No existing process group found, ..."
         moe.set_deepspeed_parallelism()
     if routing is not None:
-        moe.deepspeed_moe.gate.set_routing(*routing)
+        problem = None
+        try:  # each rank's own routing: agreed on before any collective, so a bad rank fails every rank
+            moe.deepspeed_moe.gate.set_routing(*routing)
+        except ValueError as exc:
+            problem = str(exc)
+        check_same_on_all_ranks((), "the deepspeed peer's given routing", groups.ep, problem)
     # Our expert weights, by global id: EP rank r holds experts r*L .. r*L+L-1 (its equal-split all2all).
     L = m.num_experts // W
     ep_rank = dist.get_rank(moe.deepspeed_moe.ep_group)

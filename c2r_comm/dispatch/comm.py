@@ -130,7 +130,8 @@ def check_same_on_all_ranks(values: Sequence[int], what: str, group: Any, local_
     if any(r[0] for r in rows):
         bad = [r for r, row in enumerate(rows) if row[0]]
         mine_text = f"; this rank ({me}): {local_problem}" if local_problem else ""
-        raise InputError(f"dispatcher set-up rejected on every rank: ranks {bad} found a problem{mine_text}")
+        raise InputError(f"{what}: rejected on every rank before any data was sent: ranks {bad} found a "
+                         f"problem{mine_text}")
     if any(r[1:] != rows[0][1:] for r in rows):
         detail = ", ".join(f"rank {r}: {v[1:]}" for r, v in enumerate(rows))
         raise InputError(f"{what} differs across ranks ({detail}); every rank must use the same one")
