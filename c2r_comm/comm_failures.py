@@ -62,12 +62,18 @@ class PeerDirectory:
 
     @staticmethod
     def from_store(store: Any, ranks: Sequence[int]) -> "PeerDirectory":
-        found = []
-        for r in ranks:
-            if store.check([_PROCESS_KEY.format(r)]):
-                host, pid = store.get(_PROCESS_KEY.format(r)).decode().rsplit(" ", 1)
-                found.append((r, host, int(pid)))
-        return PeerDirectory(*(tuple(c) for c in zip(*found))) if found else PeerDirectory((), (), ())
+        """The entries of `ranks` that published one. Usually two store requests whatever the world
+        size (a check of every key, then one multi_get: on the failure path every survivor reads
+        them at once); one check and get per rank when some rank never published (it died in set-up)
+        or the store has no multi_get."""
+        keys = [_PROCESS_KEY.format(r) for r in ranks]
+        if keys and hasattr(store, "multi_get") and store.check(keys):
+            values = [(r, v) for r, v in zip(ranks, store.multi_get(keys))]
+        else:
+            values = [(r, store.get(k)) for r, k in zip(ranks, keys) if store.check([k])]
+        found = [(r, *v.decode().rsplit(" ", 1)) for r, v in values]  # (rank, host, pid)
+        return PeerDirectory(tuple(r for r, _, _ in found), tuple(h for _, h, _ in found),
+                             tuple(int(pid) for _, _, pid in found))
 
     def state_of(self, rank: int) -> str:
         """What is known of global rank `rank`'s process from here (Linux /proc; same host only)."""

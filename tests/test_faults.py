@@ -215,3 +215,43 @@ def test_own_launcher_fault_long_only(tmp_path, case, faults_repeat):
     if faults_repeat == 1:
         pytest.skip("long mode only (--faults-long)")
     test_own_launcher_fault(tmp_path, case, faults_repeat)
+
+
+class _CountingStore:
+    """A rendezvous store that counts the requests made to it (the failure path's cost per survivor)."""
+
+    def __init__(self, store):
+        self.store, self.requests = store, 0
+
+    def __getattr__(self, name):
+        method = getattr(self.store, name)
+
+        def counted(*args, **kwargs):
+            self.requests += 1
+            return method(*args, **kwargs)
+        return counted
+
+
+def test_peer_directory_reads_every_peer_in_two_store_requests():
+    """On the failure path every survivor reads the peers' host and pid: two requests whatever the
+    world size (check + multi_get), not two per peer; a rank that never published is left out (one
+    request per key then) and the others are still found."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from c2r_comm.comm_failures import _PROCESS_KEY, PeerDirectory
+
+    store = _CountingStore(dist.HashStore())
+    store.store.set_timeout(timedelta(seconds=2))
+    for r in range(64):
+        if r != 9:
+            store.store.set(_PROCESS_KEY.format(r), f"host{r % 2} {1000 + r}")
+    found = PeerDirectory.from_store(store, [r for r in range(64) if r != 9])
+    assert store.requests == 2
+    assert found.ranks == tuple(r for r in range(64) if r != 9) and found.pids[:2] == (1000, 1001)
+    assert found.hosts[:2] == ("host0", "host1")
+    store.requests = 0
+    with_missing = PeerDirectory.from_store(store, [3, 9, 12])
+    assert with_missing.ranks == (3, 12) and with_missing.pids == (1003, 1012)
+    assert PeerDirectory.from_store(store, []).ranks == ()
