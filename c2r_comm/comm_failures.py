@@ -64,13 +64,17 @@ class PeerDirectory:
     def from_store(store: Any, ranks: Sequence[int]) -> "PeerDirectory":
         """The entries of `ranks` that published one. Usually two store requests whatever the world
         size (a check of every key, then one multi_get: on the failure path every survivor reads
-        them at once); one check and get per rank when some rank never published (it died in set-up)
-        or the store has no multi_get."""
+        them at once); when some rank never published (it died in set-up), a check per key and one
+        multi_get of the keys found (a get per key where the store has no multi_get)."""
         keys = [_PROCESS_KEY.format(r) for r in ranks]
-        if keys and hasattr(store, "multi_get") and store.check(keys):
-            values = [(r, v) for r, v in zip(ranks, store.multi_get(keys))]
+        present = list(zip(ranks, keys)) if keys and store.check(keys) else \
+            [(r, k) for r, k in zip(ranks, keys) if store.check([k])]
+        if not present:
+            values = []
+        elif hasattr(store, "multi_get"):
+            values = list(zip([r for r, _ in present], store.multi_get([k for _, k in present])))
         else:
-            values = [(r, store.get(k)) for r, k in zip(ranks, keys) if store.check([k])]
+            values = [(r, store.get(k)) for r, k in present]
         found = [(r, *v.decode().rsplit(" ", 1)) for r, v in values]  # (rank, host, pid)
         return PeerDirectory(tuple(r for r, _, _ in found), tuple(h for _, h, _ in found),
                              tuple(int(pid) for _, _, pid in found))

@@ -63,7 +63,8 @@ def migrate_experts(experts: GroupedExperts, old: PlacementPlan, new: PlacementP
                    "here")
     tensors = [p.data for p in params] + [optimizer.state[p][k] for k in keys for p in params]
     check_same_on_all_ranks([_fingerprint([keys, [str(t.dtype) for t in tensors]])],
-                            "expert migration (apply_plan): optimizer state keys and dtypes", group, problem)
+                            "expert migration (apply_plan): optimizer state keys and dtypes", group, problem,
+                            step="expert migration (apply_plan)")
     W = old.world_size
     widths = [t[0].numel() for t in tensors]
     ref = params[0]

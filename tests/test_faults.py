@@ -234,8 +234,9 @@ class _CountingStore:
 
 def test_peer_directory_reads_every_peer_in_two_store_requests():
     """On the failure path every survivor reads the peers' host and pid: two requests whatever the
-    world size (check + multi_get), not two per peer; a rank that never published is left out (one
-    request per key then) and the others are still found."""
+    world size (check + multi_get), not two per peer; a rank that never published is left out (a
+    check per key then, and one multi_get) and the others are still found, also from a store
+    without multi_get."""
     from datetime import timedelta
 
     import torch.distributed as dist
@@ -254,4 +255,15 @@ def test_peer_directory_reads_every_peer_in_two_store_requests():
     store.requests = 0
     with_missing = PeerDirectory.from_store(store, [3, 9, 12])
     assert with_missing.ranks == (3, 12) and with_missing.pids == (1003, 1012)
+    assert store.requests == 1 + 3 + 1  # all keys, each key, one multi_get
     assert PeerDirectory.from_store(store, []).ranks == ()
+
+    class NoMultiGet(_CountingStore):
+        def __getattr__(self, name):
+            if name == "multi_get":
+                raise AttributeError(name)
+            return super().__getattr__(name)
+
+    plain = NoMultiGet(store.store)
+    assert not hasattr(plain, "multi_get")
+    assert PeerDirectory.from_store(plain, [3, 9, 12]) == with_missing

@@ -229,9 +229,9 @@ def build_deepspeed_peer(config: Config, groups, device: torch.device,
         problem = None
         try:  # each rank's own routing: agreed on before any collective, so a bad rank fails every rank
             moe.deepspeed_moe.gate.set_routing(*routing)
-        except ValueError as exc:
-            problem = str(exc)
-        check_same_on_all_ranks((), "the deepspeed peer's given routing", groups.ep, problem)
+        except Exception as exc:  # noqa: BLE001 (any error here must reach every rank, not leave them waiting)
+            problem = f"{type(exc).__name__}: {exc}"
+        check_same_on_all_ranks((), "given routing", groups.ep, problem, step="the deepspeed peer's given routing")
     # Our expert weights, by global id: EP rank r holds experts r*L .. r*L+L-1 (its equal-split all2all).
     L = m.num_experts // W
     ep_rank = dist.get_rank(moe.deepspeed_moe.ep_group)

@@ -260,9 +260,9 @@ def build_megatron_peer(config: Config, groups, device: torch.device,
         problem = None
         try:  # each rank's own routing: agreed on before any collective, so a bad rank fails every rank
             moe.router.set_routing(*routing)
-        except ValueError as exc:
-            problem = str(exc)
-        check_same_on_all_ranks((), "the megatron peer's given routing", groups.ep, problem)
+        except Exception as exc:  # noqa: BLE001 (any error here must reach every rank, not leave them waiting)
+            problem = f"{type(exc).__name__}: {exc}"
+        check_same_on_all_ranks((), "given routing", groups.ep, problem, step="the megatron peer's given routing")
     else:  # our router's gate weights: build_moe_layer draws them from Generator(seed) first thing
         ours = TopKRouter(m.hidden_size, m.num_experts, m.top_k, generator=torch.Generator().manual_seed(run.seed))
         with torch.no_grad():

@@ -116,9 +116,10 @@ def agree_on_status(status: int, group: Any, what: str, detail: Optional[str] = 
         _raise_rejected(what, statuses, status, dist.get_rank(group), detail)
 
 
-def check_same_on_all_ranks(values: Sequence[int], what: str, group: Any, local_problem: Optional[str] = None) -> None:
+def check_same_on_all_ranks(values: Sequence[int], what: str, group: Any, local_problem: Optional[str] = None,
+                            step: str = "dispatcher set-up") -> None:
     """Gather a few int64 values (and a local-problem flag) from every rank; raise on all ranks if any
-    rank has a problem or the values differ."""
+    rank has a problem (named by `step`, the set-up step it stops) or the values (`what`) differ."""
     mine = torch.tensor([int(local_problem is not None), *values], dtype=torch.int64)
     world = dist.get_world_size(group)
     device = _collective_device(group)
@@ -130,7 +131,7 @@ def check_same_on_all_ranks(values: Sequence[int], what: str, group: Any, local_
     if any(r[0] for r in rows):
         bad = [r for r, row in enumerate(rows) if row[0]]
         mine_text = f"; this rank ({me}): {local_problem}" if local_problem else ""
-        raise InputError(f"{what}: rejected on every rank before any data was sent: ranks {bad} found a "
+        raise InputError(f"{step} rejected on every rank before any data was sent: ranks {bad} found a "
                          f"problem{mine_text}")
     if any(r[1:] != rows[0][1:] for r in rows):
         detail = ", ".join(f"rank {r}: {v[1:]}" for r, v in enumerate(rows))
