@@ -170,21 +170,46 @@ def test_background_rows_move_ties_towards_the_rank_others_load_less():
     assert int((given == 1).sum()) >= 350 > int((alone == 1).sum())
 
 
-def test_too_many_combinations_take_the_own_copy_else_the_primary():
-    """k = 15 of 16 experts with 2 copies each: 2^15 combinations per token would not fit in memory,
-    so no enumeration: each choice goes to the copy on the token's own rank if it has one, else to
-    the primary (valid copies)."""
-    plan = replica_plan(16, 4, 2, seed=1)
-    assert plan.max_hosts ** 15 > MAX_COMBINATIONS
+def _least_remote_groups(hosts_of_choices, group_of, own) -> int:
+    """Brute force: the fewest groups (ranks or nodes) other than `own` that hold a copy of every
+    choice without a copy in `own`."""
+    need = [{group_of(r) for r in hosts} for hosts in hosts_of_choices]
+    need = [n for n in need if own not in n]
+    candidates = sorted(set().union(*need)) if need else []
+    return next(size for size in range(len(candidates) + 1)
+                if any(all(n & set(chosen) for n in need) for chosen in itertools.combinations(candidates, size)))
+
+
+@pytest.mark.parametrize("E, W, G, R, K", [(16, 8, 8, 4, 9), (16, 8, 4, 4, 9)])
+def test_too_many_combinations_take_a_greedy_cover(E, W, G, R, K):
+    """H^k above MAX_COMBINATIONS (3^9 per token) is not enumerated: a greedy cover takes the
+    copies on the token's own node and rank first, then the node / rank holding the most open
+    choices. Valid copies and slots; remote ranks (1x8) or remote nodes (2x4, the hierarchical
+    exchange's key) at the brute-force minimum for most tokens and within 5 % of it in total, where
+    the earlier rule (own copy, else the primary) needed about twice as many ranks."""
+    plan = replica_plan(E, W, R, seed=3)
+    assert plan.max_hosts ** K > MAX_COMBINATIONS
     ranks, slots = plan.host_tensors()
-    g = torch.Generator().manual_seed(1)
-    idx = torch.stack([torch.randperm(16, generator=g)[:15] for _ in range(30)])
-    rank_TK, slot_TK = choose_copies(idx, torch.ones_like(idx, dtype=torch.bool), ranks, slots, 4, 4, 2,
-                                     load_cap=1.0)
-    for t in range(30):
-        for e, r, s in zip(idx[t].tolist(), rank_TK[t].tolist(), slot_TK[t].tolist()):
-            hosts = plan.hosts_of_expert[e]
-            assert r == (2 if 2 in hosts else hosts[0]) and plan.slot_on_rank[(e, r)] == s
+    g = torch.Generator().manual_seed(5)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(60)])
+    source, by_node = 2, G < W
+    rank_TK, slot_TK = choose_copies(idx, torch.ones_like(idx, dtype=torch.bool), ranks, slots, W, G, source,
+                                     by_node=by_node, load_cap=1.0)
+    group_of = (lambda r: r // G) if by_node else (lambda r: r)  # noqa: E731
+    own = group_of(source)
+    greedy = primary = least = at_least = 0
+    for t in range(len(idx)):
+        hosts = [plan.hosts_of_expert[e] for e in idx[t].tolist()]
+        chosen = rank_TK[t].tolist()
+        for e, r, s in zip(idx[t].tolist(), chosen, slot_TK[t].tolist()):
+            assert r in plan.hosts_of_expert[e] and plan.slot_on_rank[(e, r)] == s
+            assert r == source or source not in plan.hosts_of_expert[e]  # the own rank's copy first
+        got = len({group_of(r) for r in chosen} - {own})
+        best = _least_remote_groups(hosts, group_of, own)
+        assert got >= best
+        greedy, least, at_least = greedy + got, least + best, at_least + (got == best)
+        primary += len({group_of(source if source in h else h[0]) for h in hosts} - {own})
+    assert at_least >= 0.85 * len(idx) and greedy <= 1.05 * least and greedy < primary, (greedy, least, primary)
 
 
 def test_load_cap_in_plan_files_and_validation(tmp_path):

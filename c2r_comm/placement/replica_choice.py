@@ -9,8 +9,11 @@ device, in token chunks of bounded memory. A combination's cover key, compared f
 2. the fewest distinct ranks (own rank included: rows the experts compute).
 Every token gets a combination of least key, exactly (tests: a brute-force minimum cover). The
 enumeration is bounded: when H^k exceeds MAX_COMBINATIONS (16,384: k >= 9 at R = 2, k >= 7 at
-R = 4) every choice takes the copy on the token's own rank if there is one, else the primary (valid,
-not minimal; the memory of T x H^k keys would not be bounded otherwise).
+R = 4; the memory of T x H^k keys would not be bounded otherwise) a greedy cover takes over
+(`greedy_cover`): first every choice with a copy on the token's own node (by_node) and rank goes
+there, which never costs a remote node or rank; then, k times, the node (by_node) and then the rank
+holding copies of the most choices still open takes them (lowest id on ties). Valid, not always
+minimal (greedy set cover), no load balancing; tests compare it with the brute-force minimum.
 
 Load: among equally small covers the choice balances this batch's rows per rank by Lagrangian
 pricing. Each rank has a price per row; a token takes the combination of least key + summed
@@ -111,9 +114,8 @@ def choose_copies(idx_TK: torch.Tensor, valid_TK: torch.Tensor, host_rank_EH: to
     slot_TKH = host_slot_EH[idx_TK]
     if H == 1 or T == 0 or K == 0:
         return rank_TKH[..., 0], slot_TKH[..., 0]
-    if H ** K > MAX_COMBINATIONS:  # too many combinations to enumerate: the own rank's copy, else the primary
-        own_TKH = rank_TKH == source_rank
-        column_TK = torch.where(own_TKH.any(-1), own_TKH.to(torch.int8).argmax(-1), 0)
+    if H ** K > MAX_COMBINATIONS:  # too many combinations to enumerate: a greedy cover
+        column_TK = greedy_cover(rank_TKH, valid_TK, world_size, gpus_per_node, source_rank, by_node)
         return (torch.gather(rank_TKH, 2, column_TK.unsqueeze(2)).squeeze(2),
                 torch.gather(slot_TKH, 2, column_TK.unsqueeze(2)).squeeze(2))
     W = world_size
@@ -125,6 +127,47 @@ def choose_copies(idx_TK: torch.Tensor, valid_TK: torch.Tensor, host_rank_EH: to
     column_TK = combo_CK[combo_T]
     return (torch.gather(copy_rank_TKH, 2, column_TK.unsqueeze(2)).squeeze(2),
             torch.gather(slot_TKH, 2, column_TK.unsqueeze(2)).squeeze(2))
+
+
+def greedy_cover(rank_TKH: torch.Tensor, valid_TK: torch.Tensor, world_size: int, gpus_per_node: int,
+                 source_rank: int, by_node: bool) -> torch.Tensor:
+    """int64 [T, K]: the column (copy) each choice takes, by the greedy cover of the module doc.
+    rank_TKH: the copies' ranks (an expert with fewer copies repeats its primary); invalid choices
+    (valid_TK False) take column 0. Fixed step count, no host sync."""
+    T, K, H = rank_TKH.shape
+    device = rank_TKH.device
+    earlier_HH = torch.ones(H, H, dtype=torch.bool, device=device).tril(-1)  # [h, h']: h' < h
+
+    def first_copies(group_TKH: torch.Tensor) -> torch.Tensor:
+        """[T, K, H] the first column of each distinct group value per choice (counted once)."""
+        same_TKHH = group_TKH.unsqueeze(-1) == group_TKH.unsqueeze(-2)
+        return ~(same_TKHH & earlier_HH).any(-1)
+
+    def cover(group_TKH: torch.Tensor, groups: int, own: int, allowed_TKH: torch.Tensor,
+              open_TK: torch.Tensor) -> torch.Tensor:
+        """[T, K, H] the copies left allowed after each open choice was given one group: its own
+        group's first where it has a copy there, then K greedy steps over groups."""
+        counted_TKH = first_copies(torch.where(allowed_TKH, group_TKH, groups))
+        for step in range(K + 1):  # step 0: the own group; then the group covering most open choices
+            if step == 0:
+                best_T = torch.full((T,), own, dtype=torch.long, device=device)
+            else:
+                w_TKH = (open_TK.unsqueeze(-1) & allowed_TKH & counted_TKH).to(torch.float32)
+                count_TG = torch.zeros(T, groups + 1, device=device).scatter_add_(
+                    1, torch.where(allowed_TKH, group_TKH, groups).reshape(T, K * H), w_TKH.reshape(T, K * H))
+                best_T = count_TG[:, :groups].argmax(1)  # first (lowest id) on ties
+            hit_TKH = (group_TKH == best_T.view(T, 1, 1)) & allowed_TKH & open_TK.unsqueeze(-1)
+            hit_TK = hit_TKH.any(-1)
+            allowed_TKH = torch.where(hit_TK.unsqueeze(-1), hit_TKH, allowed_TKH)
+            open_TK = open_TK & ~hit_TK
+        return allowed_TKH
+
+    allowed_TKH = torch.ones_like(rank_TKH, dtype=torch.bool)
+    if by_node:
+        G = gpus_per_node
+        allowed_TKH = cover(rank_TKH // G, world_size // G, source_rank // G, allowed_TKH, valid_TK.clone())
+    allowed_TKH = cover(rank_TKH, world_size, source_rank, allowed_TKH, valid_TK.clone())
+    return torch.where(valid_TK, allowed_TKH.to(torch.int8).argmax(-1), 0)
 
 
 def cover_keys(rank_TKH: torch.Tensor, combo_CK: torch.Tensor, world_size: int, gpus_per_node: int, source_rank: int,
