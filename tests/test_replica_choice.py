@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -180,36 +181,75 @@ def _least_remote_groups(hosts_of_choices, group_of, own) -> int:
                 if any(all(n & set(chosen) for n in need) for chosen in itertools.combinations(candidates, size)))
 
 
-@pytest.mark.parametrize("E, W, G, R, K", [(16, 8, 8, 4, 9), (16, 8, 4, 4, 9)])
-def test_too_many_combinations_take_a_greedy_cover(E, W, G, R, K):
-    """H^k above MAX_COMBINATIONS (3^9 per token) is not enumerated: a greedy cover takes the
-    copies on the token's own node and rank first, then the node / rank holding the most open
-    choices. Valid copies and slots; remote ranks (1x8) or remote nodes (2x4, the hierarchical
-    exchange's key) at the brute-force minimum for most tokens and within 5 % of it in total, where
-    the earlier rule (own copy, else the primary) needed about twice as many ranks."""
-    plan = replica_plan(E, W, R, seed=3)
-    assert plan.max_hosts ** K > MAX_COMBINATIONS
+def _uneven_plan(seed: int) -> PlacementPlan:
+    """16 experts on 8 ranks (2 primaries each) and 4 replica slots per rank: experts 0-7 get 3 more
+    copies, 8-15 one (H = 4: the padding columns of 8-15 repeat their primary)."""
+    rng = np.random.default_rng(seed)
+    primary = tuple(e // 2 for e in range(16))
+    wanted = [3] * 8 + [1] * 8
+    for _ in range(1000):  # random fills until every rank's 4 slots take distinct, foreign experts
+        slots = [[] for _ in range(8)]
+        order = [e for e in range(16) for _ in range(wanted[e])]
+        rng.shuffle(order)
+        for e in order:
+            free = [r for r in rng.permutation(8).tolist() if len(slots[r]) < 4 and r != primary[e] and e not in slots[r]]
+            if not free:
+                break
+            slots[free[0]].append(e)
+        else:
+            return PlacementPlan(primary, 8, tuple(tuple(r) for r in slots))
+    raise AssertionError("no fill found")
+
+
+@pytest.mark.parametrize("nodes", [1, 2, 4])
+def test_too_many_combinations_take_a_greedy_cover(nodes):
+    """H^k = 4^8 per token is not enumerated: a greedy cover takes the copies on the token's own
+    node and rank first, then the node / rank holding the most open choices (ties rotating with the
+    token). Uneven copy counts (padding columns) and dropped choices (ignored). Valid copies and
+    slots; remote ranks (one node) or remote nodes (the hierarchical exchange's key) at the
+    brute-force minimum for most tokens and within 5 % in total, where the earlier rule (own copy,
+    else the primary) needed far more."""
+    plan = _uneven_plan(seed=3)
+    W, K, G = 8, 8, 8 // nodes
+    assert plan.max_hosts ** K > MAX_COMBINATIONS and min(len(h) for h in plan.hosts_of_expert) == 2
     ranks, slots = plan.host_tensors()
     g = torch.Generator().manual_seed(5)
-    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(60)])
-    source, by_node = 2, G < W
-    rank_TK, slot_TK = choose_copies(idx, torch.ones_like(idx, dtype=torch.bool), ranks, slots, W, G, source,
-                                     by_node=by_node, load_cap=1.0)
-    group_of = (lambda r: r // G) if by_node else (lambda r: r)  # noqa: E731
-    own = group_of(source)
-    greedy = primary = least = at_least = 0
-    for t in range(len(idx)):
-        hosts = [plan.hosts_of_expert[e] for e in idx[t].tolist()]
-        chosen = rank_TK[t].tolist()
-        for e, r, s in zip(idx[t].tolist(), chosen, slot_TK[t].tolist()):
-            assert r in plan.hosts_of_expert[e] and plan.slot_on_rank[(e, r)] == s
-            assert r == source or source not in plan.hosts_of_expert[e]  # the own rank's copy first
-        got = len({group_of(r) for r in chosen} - {own})
-        best = _least_remote_groups(hosts, group_of, own)
-        assert got >= best
-        greedy, least, at_least = greedy + got, least + best, at_least + (got == best)
-        primary += len({group_of(source if source in h else h[0]) for h in hosts} - {own})
-    assert at_least >= 0.85 * len(idx) and greedy <= 1.05 * least and greedy < primary, (greedy, least, primary)
+    group_of = (lambda r: r // G) if nodes > 1 else (lambda r: r)  # noqa: E731
+    greedy = primary = least = at_least = tokens = 0
+    for source in range(W):
+        idx = torch.stack([torch.randperm(16, generator=g)[:K] for _ in range(60)])
+        valid = torch.rand(idx.shape, generator=g) > 0.2
+        rank_TK, slot_TK = choose_copies(idx, valid, ranks, slots, W, G, source, by_node=nodes > 1, load_cap=1.0)
+        own = group_of(source)
+        for t in range(len(idx)):
+            kept = [(e, r, s) for e, r, s, v in zip(idx[t].tolist(), rank_TK[t].tolist(), slot_TK[t].tolist(),
+                                                     valid[t].tolist()) if v]
+            for e, r, s in kept:
+                assert r in plan.hosts_of_expert[e] and plan.slot_on_rank[(e, r)] == s
+                assert r == source or source not in plan.hosts_of_expert[e]  # the own rank's copy first
+            hosts = [plan.hosts_of_expert[e] for e, _, _ in kept]
+            got = len({group_of(r) for _, r, _ in kept} - {own})
+            best = _least_remote_groups(hosts, group_of, own)
+            assert got >= best
+            greedy, least, at_least, tokens = greedy + got, least + best, at_least + (got == best), tokens + 1
+            primary += len({group_of(source if source in h else h[0]) for h in hosts} - {own})
+    assert at_least >= 0.85 * tokens and greedy <= 1.05 * least and greedy < primary, (greedy, least, primary)
+
+
+def test_greedy_cover_spreads_tied_tokens_over_the_ranks():
+    """Every expert with 3 copies (16 experts, 8 ranks, 4 replica slots each), k = 9: ties among
+    ranks rotate with the token, so 8 source ranks' rows spread (max/mean < 1.2; lowest-id ties
+    loaded the low ranks, about 1.4)."""
+    plan = replica_plan(16, 8, 4, seed=3)
+    ranks, slots = plan.host_tensors()
+    assert plan.max_hosts ** 9 > MAX_COMBINATIONS
+    g = torch.Generator().manual_seed(6)
+    load = torch.zeros(8)
+    for source in range(8):
+        idx = torch.stack([torch.randperm(16, generator=g)[:9] for _ in range(200)])
+        rank_TK, _ = choose_copies(idx, torch.ones_like(idx, dtype=torch.bool), ranks, slots, 8, 8, source)
+        load += torch.bincount(rank_TK.reshape(-1), minlength=8)
+    assert float(load.max() / load.mean()) < 1.2, load
 
 
 def test_load_cap_in_plan_files_and_validation(tmp_path):

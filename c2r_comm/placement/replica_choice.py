@@ -12,8 +12,10 @@ enumeration is bounded: when H^k exceeds MAX_COMBINATIONS (16,384: k >= 9 at R =
 R = 4; the memory of T x H^k keys would not be bounded otherwise) a greedy cover takes over
 (`greedy_cover`): first every choice with a copy on the token's own node (by_node) and rank goes
 there, which never costs a remote node or rank; then, k times, the node (by_node) and then the rank
-holding copies of the most choices still open takes them (lowest id on ties). Valid, not always
-minimal (greedy set cover), no load balancing; tests compare it with the brute-force minimum.
+holding copies of the most choices still open takes them (ties rotate with the token's index, so
+a batch's tied tokens spread over the ranks instead of all going to the lowest id). Valid, not
+always minimal (greedy set cover), no pricing: plan.copy_load_cap is not applied there; tests
+compare it with the brute-force minimum.
 
 Load: among equally small covers the choice balances this batch's rows per rank by Lagrangian
 pricing. Each rank has a price per row; a token takes the combination of least key + summed
@@ -137,6 +139,7 @@ def greedy_cover(rank_TKH: torch.Tensor, valid_TK: torch.Tensor, world_size: int
     T, K, H = rank_TKH.shape
     device = rank_TKH.device
     earlier_HH = torch.ones(H, H, dtype=torch.bool, device=device).tril(-1)  # [h, h']: h' < h
+    token_T = torch.arange(T, device=device)
 
     def first_copies(group_TKH: torch.Tensor) -> torch.Tensor:
         """[T, K, H] the first column of each distinct group value per choice (counted once)."""
@@ -155,7 +158,9 @@ def greedy_cover(rank_TKH: torch.Tensor, valid_TK: torch.Tensor, world_size: int
                 w_TKH = (open_TK.unsqueeze(-1) & allowed_TKH & counted_TKH).to(torch.float32)
                 count_TG = torch.zeros(T, groups + 1, device=device).scatter_add_(
                     1, torch.where(allowed_TKH, group_TKH, groups).reshape(T, K * H), w_TKH.reshape(T, K * H))
-                best_T = count_TG[:, :groups].argmax(1)  # first (lowest id) on ties
+                # ties: the group at (g - t) mod groups smallest, i.e. rotating with the token's index
+                rotation_TG = (torch.arange(groups, device=device) - token_T.unsqueeze(1)).remainder(groups)
+                best_T = (count_TG[:, :groups] * groups - rotation_TG).argmax(1)
             hit_TKH = (group_TKH == best_T.view(T, 1, 1)) & allowed_TKH & open_TK.unsqueeze(-1)
             hit_TK = hit_TKH.any(-1)
             allowed_TKH = torch.where(hit_TK.unsqueeze(-1), hit_TKH, allowed_TKH)
