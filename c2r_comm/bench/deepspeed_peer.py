@@ -71,9 +71,8 @@ import torch.nn as nn
 
 from c2r_comm.bench.measure import BenchRecord, measure_module
 from c2r_comm.bench.deepspeed_traffic import CommCall, CommRecorder, deepspeed_traffic, sharded_moe_recorder
-from c2r_comm.bench.peers import DEEPSPEED_INSTALL, DEEPSPEED_VERSION, peer_record
+from c2r_comm.bench.peers import DEEPSPEED_INSTALL, DEEPSPEED_VERSION, peer_record, set_given_routing
 from c2r_comm.config import Config
-from c2r_comm.dispatch.comm import check_same_on_all_ranks
 from c2r_comm.experts import GroupedExperts, SharedExpert, swiglu
 from c2r_comm.layer import DTYPES
 from c2r_comm.routing.router import TopKRouter
@@ -226,12 +225,7 @@ def build_deepspeed_peer(config: Config, groups, device: torch.device,
     with contextlib.redirect_stdout(io.StringIO()):  # it prints "No existing process group found, ..."
         moe.set_deepspeed_parallelism()
     if routing is not None:
-        problem = None
-        try:  # each rank's own routing: agreed on before any collective, so a bad rank fails every rank
-            moe.deepspeed_moe.gate.set_routing(*routing)
-        except Exception as exc:  # noqa: BLE001 (any error here must reach every rank, not leave them waiting)
-            problem = f"{type(exc).__name__}: {exc}"
-        check_same_on_all_ranks((), "given routing", groups.ep, problem, step="the deepspeed peer's given routing")
+        set_given_routing(moe.deepspeed_moe.gate.set_routing, routing, groups.ep, "deepspeed")
     # Our expert weights, by global id: EP rank r holds experts r*L .. r*L+L-1 (its equal-split all2all).
     L = m.num_experts // W
     ep_rank = dist.get_rank(moe.deepspeed_moe.ep_group)

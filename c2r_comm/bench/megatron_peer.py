@@ -54,10 +54,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from c2r_comm.bench.measure import BenchRecord, measure_module
-from c2r_comm.bench.peers import MEGATRON_VERSION, PeerTraffic, peer_record
+from c2r_comm.bench.peers import MEGATRON_VERSION, PeerTraffic, peer_record, set_given_routing
 from c2r_comm.comm_failures import group_site, guard
 from c2r_comm.config import Config
-from c2r_comm.dispatch.comm import check_same_on_all_ranks
 from c2r_comm.dispatch.exchange_plan import stats_of_messages
 from c2r_comm.experts import GroupedExperts, SharedExpert
 from c2r_comm.layer import DTYPES
@@ -257,12 +256,7 @@ def build_megatron_peer(config: Config, groups, device: torch.device,
         moe = build_module(spec.submodules.mlp, config=mcfg)
     if routing is not None:
         moe.router = GivenRouting(m.num_experts, m.top_k)
-        problem = None
-        try:  # each rank's own routing: agreed on before any collective, so a bad rank fails every rank
-            moe.router.set_routing(*routing)
-        except Exception as exc:  # noqa: BLE001 (any error here must reach every rank, not leave them waiting)
-            problem = f"{type(exc).__name__}: {exc}"
-        check_same_on_all_ranks((), "given routing", groups.ep, problem, step="the megatron peer's given routing")
+        set_given_routing(moe.router.set_routing, routing, groups.ep, "megatron")
     else:  # our router's gate weights: build_moe_layer draws them from Generator(seed) first thing
         ours = TopKRouter(m.hidden_size, m.num_experts, m.top_k, generator=torch.Generator().manual_seed(run.seed))
         with torch.no_grad():

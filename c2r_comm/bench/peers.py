@@ -9,12 +9,13 @@ from __future__ import annotations
 import importlib.util
 import sys
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from c2r_comm.bench.measure import BenchRecord, Measurement
 from c2r_comm.config import Config
+from c2r_comm.dispatch.comm import check_same_on_all_ranks
 from c2r_comm.dispatch.exchange_plan import CommStats
 
 PEERS = ("deepspeed", "megatron")
@@ -47,6 +48,18 @@ def peer_record(name: str, config: Config, routing_desc: str, trace_layer: Optio
     same = not any(d.startswith("routing") for d in routing_diffs)
     desc = routing_desc if same else f"{routing_desc}; {name}: differs (config.peer.differs)"
     return BenchRecord(name, "contiguous", desc, topology, resolved, meas, trace_layer, None)
+
+
+def set_given_routing(set_routing: Callable[..., None], routing: tuple[torch.Tensor, torch.Tensor], group: Any,
+                      peer: str) -> None:
+    """Hand this rank's given routing to a peer's router (`set_routing`); whatever it refuses on any
+    rank raises on every rank (one small agreement) before the peer's first collective."""
+    problem = None
+    try:
+        set_routing(*routing)
+    except Exception as exc:  # noqa: BLE001 (any error here must reach every rank, not leave them waiting)
+        problem = f"{type(exc).__name__}: {exc}"
+    check_same_on_all_ranks((), "given routing", group, problem, step=f"the {peer} peer's given routing")
 
 
 def importable(module: str) -> bool:

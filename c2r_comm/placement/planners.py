@@ -6,7 +6,6 @@ give them (no refinement); hypergraph is followed by the load refinement.
 from __future__ import annotations
 
 import math
-import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -18,7 +17,8 @@ from c2r_comm.placement.metrics import expert_loads
 from c2r_comm.placement.occult import normalised_coactivation, occult_greedy_ranks
 from c2r_comm.routing.collaboration import coactivation_counts
 from c2r_comm.placement.refine import BalanceResult, balance_load, polish_by_kicks
-from c2r_comm.placement.replicas import COPY_LOAD_CAP, PINNED_BLOCKS, PINNED_LOAD_CAP, REPLICA_LOAD_TOLERANCE
+from c2r_comm.placement.replicas import (COPY_LOAD_CAP, PINNED_BLOCKS, PINNED_LOAD_CAP, REPLICA_LOAD_TOLERANCE,
+                                         check_pinned_blocks)
 from c2r_comm.placement.swap_cost import SwapCost, topology_levels
 from c2r_comm.placement.token_hypergraph import TokenHypergraph
 from c2r_comm.plan import PlacementPlan
@@ -59,9 +59,7 @@ class PlannerOptions:
                                                              and self.replica_pinned_load_cap > 0):
             raise ValueError(f"replica_pinned_load_cap = {self.replica_pinned_load_cap} is invalid: allowed a "
                              "finite load / mean > 0, or none")
-        if (isinstance(self.replica_pinned_blocks, bool) or not isinstance(self.replica_pinned_blocks, numbers.Integral)
-                or self.replica_pinned_blocks < 1):
-            raise ValueError(f"replica_pinned_blocks = {self.replica_pinned_blocks!r} is invalid: allowed an integer >= 1")
+        check_pinned_blocks(self.replica_pinned_blocks, "replica_pinned_blocks")
         if self.copy_load_cap is not None and not (math.isfinite(self.copy_load_cap) and self.copy_load_cap >= 1.0):
             raise ValueError(f"copy_load_cap = {self.copy_load_cap} is invalid: allowed a max/mean ratio >= 1.0, "
                              "or none")

@@ -151,6 +151,8 @@ def greedy_cover(rank_TKH: torch.Tensor, valid_TK: torch.Tensor, world_size: int
         """[T, K, H] the copies left allowed after each open choice was given one group: its own
         group's first where it has a copy there, then K greedy steps over groups."""
         counted_TKH = first_copies(torch.where(allowed_TKH, group_TKH, groups))
+        # ties: the group at (g - t) mod groups smallest, i.e. rotating with the token's index
+        rotation_TG = (torch.arange(groups, device=device) - token_T.unsqueeze(1)).remainder(groups)
         for step in range(K + 1):  # step 0: the own group; then the group covering most open choices
             if step == 0:
                 best_T = torch.full((T,), own, dtype=torch.long, device=device)
@@ -158,8 +160,6 @@ def greedy_cover(rank_TKH: torch.Tensor, valid_TK: torch.Tensor, world_size: int
                 w_TKH = (open_TK.unsqueeze(-1) & allowed_TKH & counted_TKH).to(torch.float32)
                 count_TG = torch.zeros(T, groups + 1, device=device).scatter_add_(
                     1, torch.where(allowed_TKH, group_TKH, groups).reshape(T, K * H), w_TKH.reshape(T, K * H))
-                # ties: the group at (g - t) mod groups smallest, i.e. rotating with the token's index
-                rotation_TG = (torch.arange(groups, device=device) - token_T.unsqueeze(1)).remainder(groups)
                 best_T = (count_TG[:, :groups] * groups - rotation_TG).argmax(1)
             hit_TKH = (group_TKH == best_T.view(T, 1, 1)) & allowed_TKH & open_TK.unsqueeze(-1)
             hit_TK = hit_TKH.any(-1)

@@ -55,6 +55,13 @@ LOCAL_SEARCH_PASSES = 3  # after the greedy: passes that empty and refill every 
 COPY_LOAD_CAP: Optional[float] = None  # the plans' default copy_load_cap (replica_choice.py): ties only
 
 
+def check_pinned_blocks(value: object, name: str) -> None:
+    """pinned_blocks must be an integer >= 1; `name` is the field or flag the error names."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} = {value!r} is invalid: allowed an integer >= 1 (more blocks than fit tokens "
+                         "leave some empty, which count as unloaded)")
+
+
 @dataclass(frozen=True)
 class CoverTables:
     """Bitset tables over the 2^n subsets of n groups (GPUs or nodes)."""
@@ -186,9 +193,7 @@ def select_replicas(base: PlacementPlan, fit_ids_TK: np.ndarray, topology: Topol
     if base.replicas:
         raise ValueError("select_replicas starts from a plan without replicas")
     W, E, R = base.world_size, base.num_experts, replica_slots
-    if isinstance(pinned_blocks, bool) or not isinstance(pinned_blocks, numbers.Integral) or pinned_blocks < 1:
-        raise ValueError(f"pinned_blocks (--replica-pinned-blocks) = {pinned_blocks!r} is invalid: allowed an integer "
-                         ">= 1 (more blocks than fit tokens leave some empty, which count as unloaded)")
+    check_pinned_blocks(pinned_blocks, "pinned_blocks (--replica-pinned-blocks)")
     if R < 0 or R > E - base.primaries_per_rank:
         raise ValueError(f"--replica-slots {R} is invalid: allowed 0..{E - base.primaries_per_rank} (a GPU holds "
                          "copies of other GPUs' experts only)")
