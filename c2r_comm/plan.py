@@ -23,6 +23,16 @@ import torch
 from c2r_comm.topology import Topology
 
 
+def check_copy_load_cap(cap: Any, field: str) -> Optional[float]:
+    """A replica plan's copy_load_cap (replica_choice.py) as a float, or None; ValueError naming
+    `field` unless it is a finite max/mean >= 1.0. Planner options and plans both check it here."""
+    if cap is None:
+        return None
+    if isinstance(cap, bool) or not isinstance(cap, numbers.Real) or not (math.isfinite(cap) and cap >= 1.0):
+        raise ValueError(f"{field} = {cap!r} is invalid: allowed a finite max/mean >= 1.0 (or None)")
+    return float(cap)
+
+
 @dataclass(frozen=True)
 class PlacementPlan:
     expert_to_rank: tuple[int, ...]  # primary rank of each expert
@@ -54,13 +64,10 @@ class PlacementPlan:
         if self.replicas:
             self._check_replicas()
         if self.copy_load_cap is not None:
-            cap = self.copy_load_cap
-            if isinstance(cap, bool) or not isinstance(cap, numbers.Real) or not (math.isfinite(cap) and cap >= 1.0):
-                raise ValueError(f"PlacementPlan: copy_load_cap = {cap!r} is invalid: allowed a finite max/mean >= 1.0 "
-                                 "(or None)")
+            cap = check_copy_load_cap(self.copy_load_cap, "PlacementPlan: copy_load_cap")
             if not self.replicas:
                 raise ValueError("PlacementPlan: copy_load_cap needs replicas (without them a choice has one copy)")
-            object.__setattr__(self, "copy_load_cap", float(cap))
+            object.__setattr__(self, "copy_load_cap", cap)
 
     def _check_replicas(self) -> None:
         E, W, rep = self.num_experts, self.world_size, self.replicas

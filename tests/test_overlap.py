@@ -141,21 +141,89 @@ def test_auto_agrees_on_the_slowest_ranks_exchange(exchange_s, busy_share, want)
         assert degree == want and e == pytest.approx(max(exchange_s))
 
 
-def _inline_worker(rank: int, world: int, case: Case) -> float:
-    """The GPU order (exchanges run inline, no exchange thread) gives the serial results too."""
+def _inline_worker(rank: int, world: int, cases: list[Case], x_grad: bool = True, w_grad: bool = True) -> list[float]:
+    """The split backward (no exchange thread: every exchange started, then waited on; the GPU
+    order) gives the serial results too; x_grad / w_grad: whether the tokens and the routing
+    weights require grad (neither: the dispatch is not cut, only the combine)."""
+    from c2r_comm.schedule import ChunkPipeline
+    errors = []
+    for case in cases:
+        groups = build_process_groups(Topology(case.nodes, case.gpus_per_node), timeout_s=60)
+        results = []
+        for degree in (1, 3):
+            layer = _layer(case, rank, groups, 1, shared=True)
+            x, idx, w, grad = rank_inputs(case, rank)
+            x.requires_grad_(x_grad), w.requires_grad_(w_grad)
+            pipeline = ChunkPipeline(layer.dispatcher, layer.experts, layer.shared_expert, degree,
+                                     exchange_thread=False if degree > 1 else None)
+            run = pipeline(x, idx, w)
+            if degree > 1:  # the split path ran: cut combines, and dispatches where their inputs need grads
+                assert all(ch.combine_tape.links and bool(ch.dispatch_tape.links) == (x_grad or w_grad)
+                           for ch in run.chunks)
+            (run.out_TD * grad).sum().backward()
+            results.append([run.out_TD.detach(), x.grad, w.grad] + [p.grad for p in layer.parameters()])
+        serial, got = results
+        assert [g is None for g in got] == [s is None for s in serial]
+        errors.append(max(float((a - b).abs().max()) if a is not None and a.numel() else 0.0
+                          for a, b in zip(got, serial)))
+    return errors
+
+
+def test_pipeline_without_exchange_thread_equals_serial():
+    cases = [Case("dedup", tokens=(8, 3), seed=7), Case("alltoall", tokens=(0, 7), seed=9),
+             Case("dedup", tokens=(11, 0), seed=10),
+             Case("hierarchical", nodes=2, gpus_per_node=1, tokens=(4, 9), seed=8)]
+    for errs in run_ranks(2, _inline_worker, cases):
+        assert max(errs) < 1e-10, errs
+
+
+def test_split_backward_without_token_or_weight_gradients():
+    cases = [Case("dedup", tokens=(6, 4), seed=14), Case("hierarchical", nodes=2, gpus_per_node=1, tokens=(3, 8), seed=15)]
+    for x_grad, w_grad in ((False, True), (False, False)):
+        for errs in run_ranks(2, _inline_worker, cases, x_grad, w_grad):
+            assert max(errs) < 1e-10, (x_grad, w_grad, errs)
+
+
+def test_pipeline_without_exchange_thread_equals_serial_on_2x2_hierarchical():
+    cases = [Case("hierarchical", nodes=2, gpus_per_node=2, tokens=(6, 0, 9, 4), seed=11),
+             Case("dedup", gpus_per_node=4, tokens=(5, 8, 1, 7), seed=12)]
+    for errs in run_ranks(4, _inline_worker, cases, timeout_s=240):
+        assert max(errs) < 1e-10, errs
+
+
+def _order_worker(rank: int, world: int, case: Case) -> list[tuple]:
+    """What the split backward does, in order: exchange starts (combine's / dispatch's backward, by
+    chunk) and the end of each chunk's expert backward."""
+    from c2r_comm.dispatch.transport import Exchange
     from c2r_comm.schedule import ChunkPipeline
     groups = build_process_groups(Topology(case.nodes, case.gpus_per_node), timeout_s=60)
-    serial, _ = _step(_layer(case, rank, groups, 1, shared=True), case, rank)
-    layer = _layer(case, rank, groups, 1, shared=True)
+    layer = _layer(case, rank, groups, 1, shared=False)
     x, idx, w, grad = rank_inputs(case, rank)
     x.requires_grad_(), w.requires_grad_()
-    run = ChunkPipeline(layer.dispatcher, layer.experts, layer.shared_expert, 3, exchange_thread=False)(x, idx, w)
-    (run.out_TD * grad).sum().backward()
-    got = [run.out_TD.detach(), x.grad, w.grad] + [p.grad for p in layer.parameters()]
-    return max(float((a - b).abs().max()) if a.numel() else 0.0 for a, b in zip(got, serial))
+    run = ChunkPipeline(layer.dispatcher, layer.experts, None, 3, exchange_thread=False)(x, idx, w)
+    events, start = [], Exchange.start
+
+    def logged_start(ex, send, recv):
+        if ex.backward:
+            events.append(("combine backward" if ex.returning else "dispatch backward", ex.site.chunk))
+        return start(ex, send, recv)
+
+    Exchange.start = logged_start
+    try:
+        for c, ch in enumerate(run.chunks):
+            ch.expert_x_leaf.register_hook(lambda g, c=c: events.append(("experts backward", c)))
+        (run.out_TD * grad).sum().backward()
+    finally:
+        Exchange.start = start
+    return events
 
 
-@pytest.mark.parametrize("case", [Case("dedup", tokens=(8, 3), seed=7),
-                                  Case("hierarchical", nodes=2, gpus_per_node=1, tokens=(4, 9), seed=8)])
-def test_pipeline_without_exchange_thread_equals_serial(case):
-    assert max(run_ranks(2, _inline_worker, case)) < 1e-10
+def test_split_backward_starts_each_exchange_before_the_experts_it_can_hide_behind():
+    """Every chunk's gradient dispatch (combine's backward) is in flight before chunk 0's experts
+    run backward, and chunk c's dispatch backward before chunk c+1's experts: the order that lets a
+    GPU overlap them (a start only queues the collective)."""
+    for events in run_ranks(2, _order_worker, Case("dedup", tokens=(9, 6), seed=13)):
+        assert events == [("combine backward", 0), ("combine backward", 1), ("combine backward", 2),
+                          ("experts backward", 0), ("dispatch backward", 0),
+                          ("experts backward", 1), ("dispatch backward", 1),
+                          ("experts backward", 2), ("dispatch backward", 2)], events

@@ -18,7 +18,7 @@ from c2r_comm.dispatch.comm import CountExchange
 from c2r_comm.dispatch.exchange_plan import ExchangePlan, StageTraffic
 from c2r_comm.dispatch.layout import RankGeometry, bucket_counts, expert_offsets, valid_choices
 from c2r_comm.dispatch.row_sum import RowSum, csr_sum_available, sources_by_destination
-from c2r_comm.dispatch.transport import Exchange, Pending, link
+from c2r_comm.dispatch.transport import Exchange, LinkTape, Pending, link
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class AllToAllDispatcher(Dispatcher):
         return Route(plan, (RouteStage(ex, ex.peers, st.dispatch_row_bytes, st.combine_row_bytes),),
                      tuple(counts.recv_WC.sum(0).tolist()), expert_offsets(counts.recv_device_WC.sum(0)), counts)
 
-    def _send(self, x_TD, topk_weight_TK, route: Route) -> Pending:
+    def _send(self, x_TD, topk_weight_TK, route: Route, tape: Optional[LinkTape]) -> Pending:
         plan: AllToAllPlan = route.plan
         ex = route.stages[0].exchange
         token_of_row = plan.token_of_row_R[:ex.rows_sent]
@@ -96,7 +96,7 @@ class AllToAllDispatcher(Dispatcher):
 
         def finish() -> tuple[ExpertBatch, AllToAllHandle]:
             token_sum = plan.token_sum(ex.rows_sent, x_TD.dtype)
-            (recv_x,) = link(ex, [recv_RD], [x_TD], lambda g: g[0], lambda back: (token_sum.sum(back),))
+            (recv_x,) = link(ex, [recv_RD], [x_TD], lambda g: g[0], lambda back: (token_sum.sum(back),), tape)
             expert_order = group_received_by_slot(route.counts.recv_device_WC, ex.rows_received)
             arrival_of = torch.empty_like(expert_order)
             arrival_of[expert_order] = torch.arange(expert_order.numel(), device=expert_order.device)
@@ -106,7 +106,8 @@ class AllToAllDispatcher(Dispatcher):
 
         return Pending(works, finish, (send_RD, recv_RD))
 
-    def _combine_start(self, expert_out_PD, handle: AllToAllHandle, weighted: bool) -> Pending:
+    def _combine_start(self, expert_out_PD, handle: AllToAllHandle, weighted: bool,
+                       tape: Optional[LinkTape]) -> Pending:
         ex = handle.route.stages[0].exchange.reversed()
         D = handle.hidden_size
         # Back to arrival order (one gather), then the return trip.
@@ -116,7 +117,7 @@ class AllToAllDispatcher(Dispatcher):
 
         def finish() -> torch.Tensor:
             (rows_RD,) = link(ex, [recv_RD], [expert_out_PD], lambda g: g[0],
-                              lambda back: (back.index_select(0, handle.expert_order_P),))
+                              lambda back: (back.index_select(0, handle.expert_order_P),), tape)
             weighted = rows_RD * handle.combine_weight.to(rows_RD.dtype).unsqueeze(1)
             return handle.token_sum(weighted)
 

@@ -24,7 +24,7 @@ from c2r_comm.dispatch.comm import (CountExchange, StatusCode, agree_on_status, 
                                     dtype_code, exchange_counts)
 from c2r_comm.dispatch.exchange_plan import CommStats, ExchangePlan, stats_of_messages
 from c2r_comm.dispatch.layout import DROPPED_CHOICE, RankGeometry
-from c2r_comm.dispatch.transport import Exchange, Pending
+from c2r_comm.dispatch.transport import Exchange, LinkTape, Pending
 from c2r_comm.groups import ProcessGroups
 from c2r_comm.plan import PlacementPlan
 
@@ -211,15 +211,14 @@ class Dispatcher(ABC):
             status_t = torch.tensor(int(status), dtype=torch.int64, device=device)
             return cls.layout_rank(geo, x_TD, topk_idx_TK, topk_weight_TK, status_t, detail, agree)
         idx = topk_idx_TK.long()
-        out_of_range = ((idx < DROPPED_CHOICE) | (idx >= E)).any()
-        status_t = out_of_range.to(torch.int64) * int(StatusCode.EXPERT_ID_OUT_OF_RANGE)
+        clamped = idx.clamp(DROPPED_CHOICE, E - 1)
+        status_t = (clamped != idx).any().to(torch.int64) * int(StatusCode.EXPERT_ID_OUT_OF_RANGE)
 
         def range_detail() -> str:  # only evaluated on the error path
             return (f"expert ids span {int(idx.min())}..{int(idx.max())}, allowed 0..{E - 1} "
                     f"({DROPPED_CHOICE}: a dropped choice)")
 
-        return cls.layout_rank(geo, x_TD, idx.clamp(DROPPED_CHOICE, E - 1), topk_weight_TK, status_t, range_detail,
-                               agree)
+        return cls.layout_rank(geo, x_TD, clamped, topk_weight_TK, status_t, range_detail, agree)
 
     @staticmethod
     @abstractmethod
@@ -240,12 +239,14 @@ class Dispatcher(ABC):
         """Each stage's Exchange, with `site` (phase dispatch) plus its stage name."""
 
     # ---- phase 3: send / wait -----------------------------------------------------------------
-    def send(self, x_TD: torch.Tensor, topk_weight_TK: torch.Tensor,
-             route: Route) -> Pending[tuple[ExpertBatch, DispatchHandle]]:
+    def send(self, x_TD: torch.Tensor, topk_weight_TK: torch.Tensor, route: Route,
+             tape: Optional[LinkTape] = None) -> Pending[tuple[ExpertBatch, DispatchHandle]]:
         """Issue the data exchange of the tensors `layout()` saw; `wait()` returns (batch, handle).
 
         The tensors are checked against the plan first (host metadata only): a mismatch raises here,
-        naming this rank, before this rank posts anything."""
+        naming this rank, before this rank posts anything. tape: cut the dispatch's autograd graph
+        at its exchanges (the batch's tensors become leaves) so that its backward can be run as
+        start and wait (transport.backward_through; the pipelined layer's backward does)."""
         plan = route.plan
         want = ((plan.num_tokens, plan.hidden_size), (plan.num_tokens, plan.top_k))
         got = (tuple(x_TD.shape), tuple(topk_weight_TK.shape))
@@ -255,31 +256,31 @@ class Dispatcher(ABC):
                              f"{topk_weight_TK.dtype} on {x_TD.device}/{topk_weight_TK.device}; its route was laid "
                              f"out for {want[0]} and {want[1]} with dtype codes {plan.agree[1:3]}: pass the tensors "
                              "given to layout()")
-        return self._send(x_TD, topk_weight_TK, route)
+        return self._send(x_TD, topk_weight_TK, route, tape)
 
     @abstractmethod
-    def _send(self, x_TD: torch.Tensor, topk_weight_TK: torch.Tensor,
-              route: Route) -> Pending[tuple[ExpertBatch, DispatchHandle]]:
+    def _send(self, x_TD: torch.Tensor, topk_weight_TK: torch.Tensor, route: Route,
+              tape: Optional[LinkTape]) -> Pending[tuple[ExpertBatch, DispatchHandle]]:
         ...
 
     # ---- combine ------------------------------------------------------------------------------
     @abstractmethod
-    def _combine_start(self, expert_out_PD: torch.Tensor, handle: DispatchHandle,
-                       weighted: bool) -> Pending[torch.Tensor]:
+    def _combine_start(self, expert_out_PD: torch.Tensor, handle: DispatchHandle, weighted: bool,
+                       tape: Optional[LinkTape]) -> Pending[torch.Tensor]:
         ...
 
     weights_at_experts: bool = True  # ExpertBatch.weight_P is set; combine(weighted=True) is allowed
 
-    def combine_start(self, expert_out_PD: torch.Tensor, handle: DispatchHandle,
-                      weighted: bool = False) -> Pending[torch.Tensor]:
+    def combine_start(self, expert_out_PD: torch.Tensor, handle: DispatchHandle, weighted: bool = False,
+                      tape: Optional[LinkTape] = None) -> Pending[torch.Tensor]:
         """Check the expert output against the handle (local, no collective unless debug_checks),
         then issue the return exchange. weighted=True: the rows are already multiplied by
-        ExpertBatch.weight_P (only for dispatchers that weight at the experts)."""
+        ExpertBatch.weight_P (only for dispatchers that weight at the experts). tape: as for send()."""
         if weighted and not self.weights_at_experts:
             raise ValueError(f"the {self.name} dispatcher applies routing weights at the source: combine takes the "
                              "raw expert outputs (weighted=False)")
         self.check_combine(expert_out_PD, handle)
-        return self._combine_start(expert_out_PD, handle, weighted)
+        return self._combine_start(expert_out_PD, handle, weighted, tape)
 
     # ---- blocking compositions ----------------------------------------------------------------
     def dispatch(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor,

@@ -66,21 +66,22 @@ def exchange_counts(send_counts_WC: torch.Tensor, status: torch.Tensor, group: A
     """
     W, C = send_counts_WC.shape
     device = send_counts_WC.device
-    packed = torch.empty(W, C + 1 + len(agree), dtype=torch.int64, device=device)
+    # One buffer for both directions, so a single device->host copy brings back both.
+    both = torch.empty(2, W, C + 1 + len(agree), dtype=torch.int64, device=device)
+    recv, packed = both[0], both[1]
     packed[:, :C] = send_counts_WC
     packed[:, C] = status.to(device, torch.int64)
     for j, value in enumerate(agree):  # filled on the device: no host->device copy (a sync on CUDA)
         packed[:, C + 1 + j] = value
-    recv = torch.empty_like(packed)
     with guard(lambda: site.at(stage="count exchange", group=group, group_peers=tuple(range(W)))):
         dist.all_to_all_single(recv, packed, group=group)
-    both = torch.stack([recv, packed]).cpu()  # the host sync
-    recv_host, sent_host = both[0], both[1]
-    statuses = recv_host[:, C].tolist()
+    host = both.cpu()  # the host sync
+    recv_rows, sent_rows = host.tolist()
+    statuses = [row[C] for row in recv_rows]
     me = dist.get_rank(group)
     if any(statuses):
-        _raise_rejected("dispatch input", statuses, int(sent_host[0, C]), me, status_detail)
-    values = [tuple(v) for v in recv_host[:, C + 1:].tolist()]
+        _raise_rejected("dispatch input", statuses, sent_rows[0][C], me, status_detail)
+    values = [tuple(row[C + 1:]) for row in recv_rows]
     if any(v != values[0] for v in values):
         def name(code: int) -> str:
             return str(PAYLOAD_DTYPES[code]).removeprefix("torch.") if 0 <= code < len(PAYLOAD_DTYPES) else "an unsupported dtype"
@@ -92,7 +93,7 @@ def exchange_counts(send_counts_WC: torch.Tensor, status: torch.Tensor, group: A
                          "every rank must dispatch the same k and dtypes (x, topk_weight)"
                          + (" and, with routing.pad_to_capacity (capacity from each rank's tokens), the same number "
                             "of tokens" if equal_tokens else ""))
-    return CountExchange(recv_host[:, :C], sent_host[:, :C], recv[:, :C])
+    return CountExchange(host[0, :, :C], host[1, :, :C], recv[:, :C])
 
 
 @dataclass(frozen=True)

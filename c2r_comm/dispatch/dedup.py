@@ -20,7 +20,7 @@ from c2r_comm.dispatch.layout import (RankGeometry, SlotPairs, bucket_counts, ex
                                       valid_choices)
 from c2r_comm.dispatch.pack import RowFormat
 from c2r_comm.dispatch.row_sum import RowSum, csr_sum_available
-from c2r_comm.dispatch.transport import Exchange, Pending, link
+from c2r_comm.dispatch.transport import Exchange, LinkTape, Pending, link
 
 
 def token_format(x_TD: torch.Tensor, topk_weight_TK: torch.Tensor, id_dtype: torch.dtype) -> RowFormat:
@@ -49,7 +49,8 @@ def expanded_grad_packer(gfmt: RowFormat, pair_sum: RowSum):
 
 def link_token_rows(ex: Exchange, fmt: RowFormat, recv_RB: torch.Tensor, x_TD: torch.Tensor,
                     topk_weight_TK: torch.Tensor, token_sum: RowSum,
-                    pairs: Optional[SlotPairs] = None, pair_sum: Optional[RowSum] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    pairs: Optional[SlotPairs] = None, pair_sum: Optional[RowSum] = None,
+                    tape: Optional[LinkTape] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Received (x, w) as a function of (x_TD, topk_weight_TK); backward returns their gradients
     to the source rows and adds them up per token (token_sum: the sent rows into their tokens).
     With pairs (and their pair_sum), x comes back expanded to one row per expert input (x_PD), the
@@ -62,7 +63,7 @@ def link_token_rows(ex: Exchange, fmt: RowFormat, recv_RB: torch.Tensor, x_TD: t
         recv_x = recv_x.index_select(0, pairs.row_of_pair_P)
         pack = expanded_grad_packer(gfmt, pair_sum)
     return link(ex, [recv_x, fmt.view(recv_RB, "w")], [x_TD, topk_weight_TK], pack,
-                lambda back: (token_sum.sum(gfmt.view(back, "x")), token_sum.sum(gfmt.view(back, "w"))))
+                lambda back: (token_sum.sum(gfmt.view(back, "x")), token_sum.sum(gfmt.view(back, "w"))), tape)
 
 
 def weighted_partials(expert_out_PD: torch.Tensor, weight_P: Optional[torch.Tensor], pair_sum: RowSum) -> torch.Tensor:
@@ -123,7 +124,7 @@ class DedupDispatcher(Dispatcher):
                      tuple(counts.recv_WC[:, 1:].sum(0).tolist()),
                      expert_offsets(counts.recv_device_WC[:, 1:].sum(0)), counts)
 
-    def _send(self, x_TD, topk_weight_TK, route: Route) -> Pending:
+    def _send(self, x_TD, topk_weight_TK, route: Route, tape: Optional[LinkTape]) -> Pending:
         plan: DedupPlan = route.plan
         ex, fmt = route.stages[0].exchange, plan.row_format
         R = ex.rows_sent
@@ -138,14 +139,14 @@ class DedupDispatcher(Dispatcher):
                                   with_row_order=csr_sum_available(x_TD.device, x_TD.dtype))
             pair_sum = pairs.row_sum(x_TD.dtype)
             token_sum = plan.token_sum(R, x_TD.dtype)
-            x_PD, recv_w = link_token_rows(ex, fmt, recv_RB, x_TD, topk_weight_TK, token_sum, pairs, pair_sum)
+            x_PD, recv_w = link_token_rows(ex, fmt, recv_RB, x_TD, topk_weight_TK, token_sum, pairs, pair_sum, tape)
             weight_P = recv_w.reshape(-1).index_select(0, pairs.choice_of_pair_P)
             handle = DedupHandle(route, weight_P, self.rank, self.topology, pair_sum, token_sum)
             return ExpertBatch(x_PD, route.tokens_per_expert, route.offsets_E, weight_P), handle
 
         return Pending(works, finish, (send_RB, recv_RB))
 
-    def _combine_start(self, expert_out_PD, handle: DedupHandle, weighted: bool) -> Pending:
+    def _combine_start(self, expert_out_PD, handle: DedupHandle, weighted: bool, tape: Optional[LinkTape]) -> Pending:
         ex = handle.route.stages[0].exchange.reversed()
         partial_RD = weighted_partials(expert_out_PD, None if weighted else handle.combine_weight, handle.pair_sum)
         send_RD = partial_RD.detach()
@@ -153,7 +154,7 @@ class DedupDispatcher(Dispatcher):
         works = ex.start(send_RD, recv_RD)
 
         def finish() -> torch.Tensor:
-            (back_RD,) = link(ex, [recv_RD], [partial_RD], lambda g: g[0], lambda back: (back,))
+            (back_RD,) = link(ex, [recv_RD], [partial_RD], lambda g: g[0], lambda back: (back,), tape)
             return handle.token_sum(back_RD)
 
         return Pending(works, finish, (send_RD, recv_RD))

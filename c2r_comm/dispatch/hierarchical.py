@@ -30,7 +30,7 @@ from c2r_comm.dispatch.layout import (RankGeometry, bucket_counts, distinct_coun
                                       pairs_by_slot, valid_choices)
 from c2r_comm.dispatch.pack import RowFormat
 from c2r_comm.dispatch.row_sum import RowSum, csr_sum_available
-from c2r_comm.dispatch.transport import Exchange, Pending, link
+from c2r_comm.dispatch.transport import Exchange, LinkTape, Pending, link
 from c2r_comm.groups import ProcessGroups
 from c2r_comm.plan import PlacementPlan
 
@@ -128,7 +128,7 @@ class HierarchicalDispatcher(Dispatcher):
         return Route(plan, stages, tuple(recv[:, 2 + G:].sum(0).tolist()),
                      expert_offsets(counts.recv_device_WC[:, 2 + G:].sum(0)), counts)
 
-    def _send(self, x_TD, topk_weight_TK, route: Route) -> Pending:
+    def _send(self, x_TD, topk_weight_TK, route: Route, tape: Optional[LinkTape]) -> Pending:
         plan: HierarchicalPlan = route.plan
         fmt, device, T = plan.row_format, x_TD.device, plan.num_tokens
         ex_a, ex_b = route.stages[0].exchange, route.stages[1].exchange
@@ -147,7 +147,7 @@ class HierarchicalDispatcher(Dispatcher):
         def finish() -> tuple[ExpertBatch, HierarchicalHandle]:
             arrived_RB = buf_RB.narrow(0, r_nodes, r_arrived)
             cross_sum = RowSum.build(token_of_cross, T, x_TD.dtype)
-            arr_x, arr_w = link_token_rows(ex_a, fmt, arrived_RB, x_TD, topk_weight_TK, cross_sum)
+            arr_x, arr_w = link_token_rows(ex_a, fmt, arrived_RB, x_TD, topk_weight_TK, cross_sum, tape=tape)
             fan_RB = buf_RB.narrow(0, r_cross, r_own + r_arrived)
             code_FK = fmt.view(fan_RB, "id").long()
             L, G = self.num_local_experts, self.topology.gpus_per_node
@@ -167,7 +167,7 @@ class HierarchicalDispatcher(Dispatcher):
             target_sum = RowSum.build(target, T + r_arrived, x_TD.dtype)
             pair_sum = pairs.row_sum(x_TD.dtype)
             x_PD, recv_w = self._link_stage_b(ex_b, fmt, recv_RB, x_TD, topk_weight_TK, arr_x, arr_w, target_sum,
-                                              pairs, pair_sum)
+                                              pairs, pair_sum, tape)
             weight_P = recv_w.reshape(-1).index_select(0, pairs.choice_of_pair_P)
             handle = HierarchicalHandle(route, weight_P, self.rank, self.topology, pair_sum, target_sum, cross_sum)
             return ExpertBatch(x_PD, route.tokens_per_expert, route.offsets_E, weight_P), handle
@@ -175,7 +175,8 @@ class HierarchicalDispatcher(Dispatcher):
         return Pending(works, finish, (buf_RB,))
 
     @staticmethod
-    def _link_stage_b(ex_b, fmt, recv_RB, x_TD, topk_weight_TK, arr_x, arr_w, target_sum: RowSum, pairs, pair_sum):
+    def _link_stage_b(ex_b, fmt, recv_RB, x_TD, topk_weight_TK, arr_x, arr_w, target_sum: RowSum, pairs, pair_sum,
+                      tape: Optional[LinkTape]):
         """Stage B's received rows, expanded to expert inputs (x_PD) and weights, as a function of
         the fan rows' sources: this rank's own tokens (x_TD, topk_weight_TK) and the stage A
         arrivals (arr_x, arr_w). Backward adds each returned row into one [T + arrivals] buffer."""
@@ -186,9 +187,10 @@ class HierarchicalDispatcher(Dispatcher):
             return gx[:T], gw[:T], gx[T:], gw[T:]
 
         return link(ex_b, [fmt.view(recv_RB, "x").index_select(0, pairs.row_of_pair_P), fmt.view(recv_RB, "w")],
-                    [x_TD, topk_weight_TK, arr_x, arr_w], expanded_grad_packer(gfmt, pair_sum), scatter)
+                    [x_TD, topk_weight_TK, arr_x, arr_w], expanded_grad_packer(gfmt, pair_sum), scatter, tape)
 
-    def _combine_start(self, expert_out_PD, handle: HierarchicalHandle, weighted: bool) -> Pending:
+    def _combine_start(self, expert_out_PD, handle: HierarchicalHandle, weighted: bool,
+                       tape: Optional[LinkTape]) -> Pending:
         ex_a = handle.route.stages[0].exchange.reversed()
         ex_b = handle.route.stages[1].exchange.reversed()
         D, T = handle.hidden_size, handle.num_tokens
@@ -198,7 +200,7 @@ class HierarchicalDispatcher(Dispatcher):
         works = ex_b.start(send_RD, recv_RD)
 
         def finish() -> Pending[torch.Tensor]:
-            (back_b,) = link(ex_b, [recv_RD], [partial_RD], lambda g: g[0], lambda back: (back,))
+            (back_b,) = link(ex_b, [recv_RD], [partial_RD], lambda g: g[0], lambda back: (back,), tape)
             # The forwarder sums its node's partials per fan row: own rows straight into their
             # token, arrivals into one partial per (token, source node) to send back over stage A.
             # (ex_a is reversed: it sends back one row per stage A arrival)
@@ -209,7 +211,7 @@ class HierarchicalDispatcher(Dispatcher):
             works_a = ex_a.start(send_a, recv_a)  # the cross-node return, in flight until waited on
 
             def finish_a() -> torch.Tensor:
-                (back_a,) = link(ex_a, [recv_a], [cross_FD], lambda g: g[0], lambda back: (back,))
+                (back_a,) = link(ex_a, [recv_a], [cross_FD], lambda g: g[0], lambda back: (back,), tape)
                 return sums[:T] + handle.cross_sum(back_a)
 
             return Pending(works_a, finish_a, (send_a, recv_a))

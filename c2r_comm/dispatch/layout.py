@@ -28,10 +28,8 @@ def valid_choices(topk_idx_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 def first_choice_mask(group_TK: torch.Tensor) -> torch.Tensor:
     """bool [T, K]: True where no earlier choice of the token lands in the same group."""
-    K = group_TK.shape[1]
     same_TKK = group_TK.unsqueeze(2) == group_TK.unsqueeze(1)  # [t, k, j]: choice k and j share a group
-    earlier_KK = torch.ones(K, K, dtype=torch.bool, device=group_TK.device).tril(-1)  # j < k
-    return ~(same_TKK & earlier_KK).any(2)
+    return ~same_TKK.tril(-1).any(2)  # kept where j < k
 
 
 def distinct_counts(group_TK: torch.Tensor, num_groups: int, valid_TK: torch.Tensor | None = None) -> torch.Tensor:

@@ -22,6 +22,11 @@ connects the received tensors to the tensors they were packed from with one Func
 whose backward runs the reverse exchange (counts swapped) of the packed gradients. One Function
 issues one exchange, in the same order on every rank, in forward and in backward, so several
 exchanges in flight (micro-batches, chunks) cannot cross each other.
+
+A pipelined layer cuts the graph at its links instead (`link(..., tape=LinkTape())`): backward
+then stops at what arrived, and `backward_through` runs each link's reverse exchange as start and
+wait in the caller's program order (again the same on every rank), so other work can run while
+it moves.
 """
 from __future__ import annotations
 
@@ -186,7 +191,134 @@ class _Arrived(torch.autograd.Function):
 
 def link(exchange: Exchange, outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
          pack_grads: Callable[[tuple[torch.Tensor, ...]], torch.Tensor],
-         scatter: Callable[[torch.Tensor], tuple[Optional[torch.Tensor], ...]]) -> tuple[torch.Tensor, ...]:
-    """Attach arrived `outputs` to the autograd graph of `inputs` (see module doc)."""
-    return _Arrived.apply(Link(exchange, pack_grads, scatter), tuple(outputs), *inputs)
+         scatter: Callable[[torch.Tensor], tuple[Optional[torch.Tensor], ...]],
+         tape: Optional["LinkTape"] = None) -> tuple[torch.Tensor, ...]:
+    """Attach arrived `outputs` to the autograd graph of `inputs` (see module doc). With a tape
+    the graph is cut here instead: backward stops at the outputs, whose gradients the tape's link
+    keeps, and the tape records the link with its inputs' gradient edges, for `backward_through`
+    (a backward split into start and wait)."""
+    lk = Link(exchange, pack_grads, scatter)
+    if tape is None or not torch.is_grad_enabled() or not any(t.requires_grad for t in inputs):
+        return _Arrived.apply(lk, tuple(outputs), *inputs)
+    cut = CutLink(lk, tuple((o.shape, o.dtype, o.device) for o in outputs))
+    cut.inputs_proxy = _InputsProxy.apply(cut, *inputs)
+    tape.links.append(cut)
+    return _Cut.apply(cut, tuple(outputs), tape.anchor(outputs[0].device))
 
+
+class CutLink:
+    """A link cut out of the autograd graph. It holds no tensor of the forward: its inputs through
+    an empty proxy (whose backward hands them the scattered gradients), and, between the local
+    backward and the start of its exchange, the gradients that arrived at its outputs."""
+
+    def __init__(self, link_: Link, output_meta: tuple):
+        self.link = link_
+        self.output_meta = output_meta  # (shape, dtype, device) of each output: zeros when none got a gradient
+        self.grads: Optional[tuple[torch.Tensor, ...]] = None  # arrived at the outputs (summed)
+        self.started = False  # the reverse exchange has taken the gradients
+        self.inputs_proxy: Optional[torch.Tensor] = None  # empty; its grad_fn leads to the inputs
+        self.input_grads: Optional[tuple[Optional[torch.Tensor], ...]] = None  # for the proxy's backward
+
+    def take_grads(self) -> tuple[torch.Tensor, ...]:
+        grads, self.grads, self.started = self.grads, None, True
+        if grads is None:  # the local backward did not reach this link: zero gradients (the exchange still runs)
+            grads = tuple(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in self.output_meta)
+        return grads
+
+    def backward_into_inputs(self, grads: Sequence[Optional[torch.Tensor]]) -> None:
+        """Continue the backward from the link's inputs with these gradients (the scatter's)."""
+        self.input_grads = tuple(grads)
+        proxy, self.inputs_proxy = self.inputs_proxy, None
+        torch.autograd.backward([proxy], [torch.empty_like(proxy)])
+
+
+class _InputsProxy(torch.autograd.Function):
+    """An empty tensor standing for a cut link's inputs (no storage held): its backward returns the
+    gradients the link's scatter produced (CutLink.input_grads). Works on every torch the package
+    supports, unlike backward from GradientEdges (torch >= 2.7)."""
+
+    @staticmethod
+    def forward(ctx, cut: CutLink, *inputs):
+        ctx.cut = cut
+        return inputs[0].new_empty(0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, _):
+        cut: CutLink = ctx.cut
+        grads, cut.input_grads = cut.input_grads, None
+        return (None,) + tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[1:]))
+
+
+class _Cut(torch.autograd.Function):
+    """outputs = what an exchange delivered, hung on an empty anchor leaf instead of the packed
+    inputs: backward keeps their gradients on the CutLink and stops there."""
+
+    @staticmethod
+    def forward(ctx, cut: CutLink, outputs: tuple[torch.Tensor, ...], anchor: torch.Tensor):
+        ctx.cut = cut
+        return outputs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        cut: CutLink = ctx.cut
+        if cut.started:
+            raise RuntimeError("a gradient reached a cut link after its reverse exchange had started: pieces were "
+                               "run backward out of order (or one tape was shared by two pieces)")
+        # Separate backward calls can reach one cut (the hierarchical combine's node-local partials
+        # feed the token sums directly and through the cross-node return): gradients add up.
+        cut.grads = tuple(g.contiguous() for g in grads) if cut.grads is None else \
+            tuple(a + b for a, b in zip(cut.grads, grads))
+        return None, None, None
+
+
+class LinkTape:
+    """The links of one dispatch or one combine (a piece of a pipelined layer), in forward order.
+    Pass one to `Dispatcher.send` / `combine_start` to cut the piece's graph at its exchanges."""
+
+    def __init__(self) -> None:
+        self.links: list[CutLink] = []
+        self._anchors: dict[torch.device, torch.Tensor] = {}
+
+    def anchor(self, device: torch.device) -> torch.Tensor:
+        """An empty leaf that requires grad (no storage): what cut outputs hang on."""
+        if device not in self._anchors:
+            self._anchors[device] = torch.empty(0, device=device, requires_grad=True)
+        return self._anchors[device]
+
+
+def backward_through(tape: LinkTape, roots: Sequence[Optional[torch.Tensor]],
+                     grads: Sequence[Optional[torch.Tensor]]) -> Pending[None]:
+    """Backward of a piece cut at its links, split into start and wait: runs the local backward
+    from `roots` (with `grads`) to the last link's outputs, packs their gradients and *starts*
+    that link's reverse exchange. `wait()` waits for it, scatters the returned rows into the
+    link's inputs and continues backward through the earlier links (each started and waited in
+    turn). Several pieces' exchanges can so be in flight while other work runs; the exchanges
+    start in program order, the same on every rank. A tape without links (no input needed a
+    gradient) gives a Pending with nothing to wait for."""
+    backward_from(roots, grads)
+    if not tape.links:
+        return Pending([], lambda: None)
+    return _start_link_backward(tape.links, len(tape.links) - 1)
+
+
+def backward_from(roots: Sequence[Optional[torch.Tensor]], grads: Sequence[Optional[torch.Tensor]]) -> None:
+    """autograd.backward over the roots that are part of a graph and got a gradient (others carry none)."""
+    pairs = [(r, g) for r, g in zip(roots, grads) if r is not None and g is not None and r.requires_grad]
+    if pairs:
+        torch.autograd.backward([r for r, _ in pairs], [g for _, g in pairs])
+
+
+def _start_link_backward(links: Sequence[CutLink], i: int) -> Pending[None]:
+    cut = links[i]
+    send = cut.link.pack_grads(cut.take_grads())  # the packed buffer holds the gradients now
+    ex = cut.link.exchange.reversed(for_backward=True)
+    recv = send.new_empty((ex.rows_received,) + tuple(send.shape[1:]))
+    works = ex.start(send, recv)
+
+    def finish() -> Optional[Pending[None]]:
+        cut.backward_into_inputs(cut.link.scatter(recv))
+        return _start_link_backward(links, i - 1) if i > 0 else None
+
+    return Pending(works, finish, (send, recv), then=i > 0)

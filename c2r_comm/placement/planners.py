@@ -21,7 +21,7 @@ from c2r_comm.placement.replicas import (COPY_LOAD_CAP, PINNED_BLOCKS, PINNED_LO
                                          check_pinned_blocks)
 from c2r_comm.placement.swap_cost import SwapCost, topology_levels
 from c2r_comm.placement.token_hypergraph import TokenHypergraph
-from c2r_comm.plan import PlacementPlan
+from c2r_comm.plan import PlacementPlan, check_copy_load_cap
 from c2r_comm.topology import Topology
 
 METHODS = ("hypergraph", "occult_greedy", "contiguous", "random")
@@ -60,9 +60,7 @@ class PlannerOptions:
             raise ValueError(f"replica_pinned_load_cap = {self.replica_pinned_load_cap} is invalid: allowed a "
                              "finite load / mean > 0, or none")
         check_pinned_blocks(self.replica_pinned_blocks, "replica_pinned_blocks")
-        if self.copy_load_cap is not None and not (math.isfinite(self.copy_load_cap) and self.copy_load_cap >= 1.0):
-            raise ValueError(f"copy_load_cap = {self.copy_load_cap} is invalid: allowed a max/mean ratio >= 1.0, "
-                             "or none")
+        check_copy_load_cap(self.copy_load_cap, "copy_load_cap")
         if self.polish_kicks < 0:
             raise ValueError(f"polish_kicks = {self.polish_kicks} is invalid: allowed an integer >= 0")
 

@@ -10,25 +10,29 @@ Forward (one thread; every exchange is asynchronous, see dispatch/transport.py):
 so later chunks' dispatches and chunk c-1's combine move while the experts compute chunk c.
 
 Backward mirrors it. One custom autograd Function stands for the whole pipelined layer; its
-backward runs each chunk's pieces with their own `torch.autograd.backward` calls, cut at the
-exchanges: every piece that communicates (the backward of combine: a dispatch of gradients; the
-backward of dispatch: a combine) runs on ONE communication thread, in a fixed order — combine
-backward of chunks 0..C-1, then dispatch backward of chunks 0..C-1 — the same on every rank, so
-collectives never cross. The calling thread meanwhile runs what does not communicate: the shared
-expert's backward, then each chunk's expert input-gradient backward as soon as its gradient has
-arrived, then the experts' weight gradients of all chunks at once (deferred_wgrad.py). While the
-experts run backward on chunk c, chunk c+1's gradient dispatch is in flight; chunk c's dispatch
-backward starts as soon as its input gradients are known, and the last ones travel while the
-weight-gradient GEMMs run.
+backward runs each chunk's pieces with their own backward calls, cut at the exchanges. The pieces
+that communicate (the backward of combine: a dispatch of gradients; the backward of dispatch: a
+combine) start their exchanges in one fixed order, the same on every rank: combine backward of
+chunks 0..C-1, then dispatch backward of chunks 0..C-1. In between runs what does not
+communicate: the shared expert's backward, each chunk's expert input-gradient backward as soon as
+its gradient has arrived, then the experts' weight gradients of all chunks at once
+(deferred_wgrad.py). While the experts run backward on chunk c, later chunks' gradient dispatches
+are in flight; chunk c's dispatch backward starts as soon as its input gradients are known, and
+the last one travels while the weight-gradient GEMMs run.
 
-The exchange thread is for CPU tensors (gloo), where an exchange blocks the thread that waits on
-it. On a GPU the autograd engine runs a CUDA backward, this layer's included, on its device thread;
-a backward started from a second thread would queue on that busy thread and never run (an H200
-run hung so). There the same pieces run in the same order on the calling thread. The backward
-exchanges then overlap nothing yet. Each is one autograd Function whose backward starts the
-exchange and at once makes the compute stream wait for it, so every later kernel queues behind
-it. Forward overlap on a GPU is unaffected: every dispatch is issued before the first expert
-kernel. Backward overlap on a GPU needs a link whose backward is split into start and wait.
+Two ways to run it (`exchange_thread`):
+  * split (on a GPU; on the CPU with exchange_thread=False): forward passes a transport.LinkTape
+    to every send and combine, which cuts their graphs at the exchanges, and backward runs each
+    communicating piece as start and wait (transport.backward_through). On a GPU a start only
+    queues the collective on the communication stream and a wait makes the compute stream wait for
+    it, so the expert kernels issued between them run while the bytes move. A hierarchical
+    dispatch backward waits its node-local stage before it starts the cross-node one.
+  * exchange thread (the CPU default): each communicating piece runs whole (autograd, packing,
+    the blocking exchange) on one extra thread, so on gloo its CPU work also runs beside the
+    experts (emulated 2x2 on 2 cores: even with split at 0.1 Gbit/s, its backward 3-7 % shorter
+    at 0.2 Gbit/s; docs/benchmarks.md, "Split backward").
+    Not on a GPU: there the autograd engine runs the layer's backward on its device thread, and a
+    backward started from another thread would queue behind it and never run (an H200 run hung so).
 
 Chunks are views of the layer's tokens (`tensor_split`: no copies); a rank may have fewer tokens
 than chunks (empty chunks still take part in every exchange) and ranks may hold different token
@@ -45,6 +49,7 @@ import torch
 import torch.nn as nn
 
 from c2r_comm.dispatch import DispatchHandle, Dispatcher, ExpertBatch
+from c2r_comm.dispatch.transport import LinkTape, backward_from, backward_through
 from c2r_comm.experts import GroupedExperts
 from c2r_comm.schedule.deferred_wgrad import DeferredWeightGrads, deferred_experts
 
@@ -62,6 +67,10 @@ class ChunkGraph:
     combine_in_leaf: torch.Tensor  # expert_out cut off
     out: torch.Tensor  # combine's output for the chunk: graph to combine_in_leaf (and, alltoall, weight_leaf)
     handle: DispatchHandle
+    # Split backward (no exchange thread): the dispatch's and the combine's graphs cut at their
+    # exchanges (transport.LinkTape); None: whole pieces, run on the exchange thread.
+    dispatch_tape: Optional[LinkTape] = None
+    combine_tape: Optional[LinkTape] = None
 
 
 @dataclass(frozen=True)
@@ -77,13 +86,6 @@ class PipelineRun:
 
 def _leaf(t: torch.Tensor, requires_grad: bool) -> torch.Tensor:
     return t.detach().requires_grad_(requires_grad)
-
-
-def _backward(roots: Sequence[Optional[torch.Tensor]], grads: Sequence[Optional[torch.Tensor]]) -> None:
-    """autograd.backward over the roots that are part of a graph (others carry no gradient)."""
-    pairs = [(r, g) for r, g in zip(roots, grads) if r is not None and g is not None and r.requires_grad]
-    if pairs:
-        torch.autograd.backward([r for r, _ in pairs], [g for _, g in pairs])
 
 
 class ChunkPipeline:
@@ -109,8 +111,15 @@ class ChunkPipeline:
         return PipelineRun(run.chunks, run.weight_grads, run.shared_x_leaf, run.shared_out, out_TD)
 
     # ---- forward -------------------------------------------------------------------------------
+    def uses_exchange_thread(self, device: torch.device) -> bool:
+        """Backward's exchanges on their own thread (CPU default), else split into start and wait."""
+        return self.exchange_thread if self.exchange_thread is not None else device.type == "cpu"
+
     def run_forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> PipelineRun:
         disp, C = self.dispatcher, self.degree
+        split = torch.is_grad_enabled() and not self.uses_exchange_thread(x_TD.device)
+        dispatch_tapes = [LinkTape() if split else None for _ in range(C)]
+        combine_tapes = [LinkTape() if split else None for _ in range(C)]
         xs, idxs, ws = x_TD.tensor_split(C), topk_idx_TK.tensor_split(C), topk_weight_TK.tensor_split(C)
         x_leaves = [_leaf(x, x_TD.requires_grad) for x in xs]
         w_leaves = [_leaf(w, topk_weight_TK.requires_grad) for w in ws]
@@ -118,7 +127,7 @@ class ChunkPipeline:
                   for c, (x, i, w) in enumerate(zip(x_leaves, idxs, w_leaves))]
         # Every chunk's dispatch in flight at once: the links stream chunk after chunk while the
         # experts work through the chunks that have arrived.
-        sends = [disp.send(x, w, r) for x, w, r in zip(x_leaves, w_leaves, routes)]
+        sends = [disp.send(x, w, r, tape) for x, w, r, tape in zip(x_leaves, w_leaves, routes, dispatch_tapes)]
         shared_x, shared_out = None, None
         if self.shared_expert is not None:  # dense work while the first dispatch is in flight
             shared_x = _leaf(x_TD, x_TD.requires_grad)
@@ -133,12 +142,13 @@ class ChunkPipeline:
             y = deferred_experts(weight_grads, ex, batch.tokens_per_expert, batch.offsets_E, ew)
             y_leaf = _leaf(y, y.requires_grad)
             # A multi-stage combine (hierarchical) gets its last, cross-node stage in flight now.
-            combines[c] = disp.combine_start(y_leaf, handle, weighted=ew is not None).advance()
+            combines[c] = disp.combine_start(y_leaf, handle, ew is not None, combine_tapes[c]).advance()
             if c > 0:
                 outs[c - 1] = combines[c - 1].wait()
             chunks.append((x_leaves[c], w_leaves[c], batch, ex, ew, y, y_leaf, handle))
         outs[C - 1] = combines[C - 1].wait()
-        graphs = tuple(ChunkGraph(*parts[:7], outs[c], parts[7]) for c, parts in enumerate(chunks))
+        graphs = tuple(ChunkGraph(*parts[:7], outs[c], parts[7], dispatch_tapes[c], combine_tapes[c])
+                       for c, parts in enumerate(chunks))
         out_TD = torch.cat(outs) if C > 1 else outs[0]
         if shared_out is not None:
             out_TD = out_TD + shared_out
@@ -148,57 +158,68 @@ class ChunkPipeline:
     def run_backward(self, run: PipelineRun, grad_TD: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         grad_TD = grad_TD.contiguous()
         grads = grad_TD.tensor_split(len(run.chunks))
-        on_cpu = grad_TD.device.type == "cpu"
-        if self.exchange_thread and not on_cpu:
-            raise ValueError("exchange_thread=True needs CPU tensors: on a GPU the layer's backward runs on the "
-                             "autograd engine's device thread, and a backward started from another thread would "
-                             "wait for it forever")
-        if self.exchange_thread if self.exchange_thread is not None else on_cpu:
+        if run.chunks[0].combine_tape is not None:
+            self._backward_split(run, grads, grad_TD)
+        else:
+            if grad_TD.device.type != "cpu":
+                raise ValueError("exchange_thread=True needs CPU tensors: on a GPU the layer's backward runs on the "
+                                 "autograd engine's device thread, and a backward started from another thread would "
+                                 "wait for it forever")
             comm = ThreadPoolExecutor(max_workers=1, thread_name_prefix="c2r-comm-exchange")
             try:
-                self._backward_pieces(run, grads, grad_TD, comm.submit)
+                self._backward_threaded(run, grads, grad_TD, comm.submit)
             finally:  # on an error drop the queued exchanges; the one running ends or times out
                 comm.shutdown(wait=True, cancel_futures=True)
-        else:
-            self._backward_pieces(run, grads, grad_TD, _run_now)
         grad_x = _gather_grads([ch.x_leaf for ch in run.chunks], run.shared_x_leaf)
         grad_w = _gather_grads([ch.weight_leaf for ch in run.chunks], None)
         return grad_x, grad_w
 
     @staticmethod
-    def _backward_pieces(run: PipelineRun, grads: Sequence[torch.Tensor], grad_TD: torch.Tensor, submit) -> None:
-        """The mirrored pipeline. `submit` runs a communicating piece: on the exchange thread (a
-        future) or at once (GPU: the exchange only queues work on the communication stream)."""
+    def _backward_split(run: PipelineRun, grads: Sequence[torch.Tensor], grad_TD: torch.Tensor) -> None:
+        """The mirrored pipeline with every exchange split into start and wait (transport.backward_through):
+        the gradient dispatch of every chunk (the backward of combine) starts first, in chunk order;
+        chunk c's expert backward runs once its gradients have arrived, while later chunks' are in
+        flight, and chunk c's dispatch backward (a combine) starts right after it. On a GPU a start
+        only queues the collective on the communication stream and a wait makes the compute stream
+        wait for it, so the expert kernels issued in between run while the bytes move."""
+        combine_back = [backward_through(ch.combine_tape, [ch.out], [g]) for ch, g in zip(run.chunks, grads)]
+        if run.shared_out is not None:  # local work while chunk 0's gradients travel
+            backward_from([run.shared_out], [grad_TD])
+        dispatch_back = None
+        for ch, pending in zip(run.chunks, combine_back):
+            pending.wait()
+            backward_from([ch.expert_out], [ch.combine_in_leaf.grad])
+            ew = ch.expert_weight_leaf
+            # advance(): a multi-stage dispatch (hierarchical) gets its last, cross-node stage in
+            # flight now instead of when it is waited on (its node-local stage is waited first).
+            started = backward_through(ch.dispatch_tape, [ch.batch.x_PD, ch.batch.weight_P],
+                                       [ch.expert_x_leaf.grad, None if ew is None else ew.grad]).advance()
+            if dispatch_back is not None:  # the previous chunk's moved during this chunk's experts;
+                dispatch_back.wait()       # waiting frees its buffers before the weight gradients
+            dispatch_back = started
+        # The experts' weight gradients of every chunk at once, while the last chunk's input
+        # gradients travel back (deferred_wgrad.py).
+        run.weight_grads.flush()
+        dispatch_back.wait()
+
+    @staticmethod
+    def _backward_threaded(run: PipelineRun, grads: Sequence[torch.Tensor], grad_TD: torch.Tensor, submit) -> None:
+        """The mirrored pipeline with each communicating piece run whole on the exchange thread (CPU)."""
         # The communicating pieces, in one fixed order: combine backward of every chunk (each fills
         # its combine_in_leaf.grad), then dispatch backward (submitted below, in chunk order).
-        combine_back = [submit(_backward, [ch.out], [g]) for ch, g in zip(run.chunks, grads)]
+        combine_back = [submit(backward_from, [ch.out], [g]) for ch, g in zip(run.chunks, grads)]
         if run.shared_out is not None:  # local work while chunk 0's gradients travel
-            _backward([run.shared_out], [grad_TD])
+            backward_from([run.shared_out], [grad_TD])
         dispatch_back = []
         for ch, fut in zip(run.chunks, combine_back):
             fut.result()
-            _backward([ch.expert_out], [ch.combine_in_leaf.grad])
+            backward_from([ch.expert_out], [ch.combine_in_leaf.grad])
             ew = ch.expert_weight_leaf
-            dispatch_back.append(submit(_backward, [ch.batch.x_PD, ch.batch.weight_P],
+            dispatch_back.append(submit(backward_from, [ch.batch.x_PD, ch.batch.weight_P],
                                         [ch.expert_x_leaf.grad, None if ew is None else ew.grad]))
-        # The experts' weight gradients of every chunk at once, while the last chunks' input
-        # gradients travel back (deferred_wgrad.py).
         run.weight_grads.flush()
         for fut in dispatch_back:
             fut.result()
-
-
-@dataclass(frozen=True)
-class _Done:
-    """A piece already run (no exchange thread): the future interface of a finished call."""
-
-    def result(self) -> None:
-        return None
-
-
-def _run_now(fn, *args) -> _Done:
-    fn(*args)
-    return _Done()
 
 
 def _gather_grads(leaves: Sequence[torch.Tensor], extra: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
