@@ -1,6 +1,7 @@
 """Spawn real gloo ranks on CPU and collect each rank's return value (or its exception)."""
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import traceback
@@ -21,6 +22,9 @@ def _worker(rank: int, world_size: int, port: int, timeout_s: float, fn: Callabl
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # 2 cores shared by up to 8 ranks
+    # A rank still running shortly before the parent gives up prints every thread's stack to
+    # stderr (the test's captured output) and exits, so a hang names where it hangs.
+    faulthandler.dump_traceback_later(timeout_s + 30, exit=True)
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world_size, timeout=timedelta(seconds=timeout_s))
@@ -31,6 +35,7 @@ def _worker(rank: int, world_size: int, port: int, timeout_s: float, fn: Callabl
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        faulthandler.cancel_dump_traceback_later()
 
 
 def start_single_threaded(procs) -> None:

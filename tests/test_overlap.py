@@ -205,7 +205,8 @@ def _order_worker(rank: int, world: int, case: Case) -> list[tuple]:
 
     def logged_start(ex, send, recv):
         if ex.backward:
-            events.append(("combine backward" if ex.returning else "dispatch backward", ex.site.chunk))
+            what = "combine backward" if ex.returning else "dispatch backward"
+            events.append((what, ex.site.chunk) if ex.stage == "all2all" else (what, ex.site.chunk, ex.stage))
         return start(ex, send, recv)
 
     Exchange.start = logged_start
@@ -221,9 +222,17 @@ def _order_worker(rank: int, world: int, case: Case) -> list[tuple]:
 def test_split_backward_starts_each_exchange_before_the_experts_it_can_hide_behind():
     """Every chunk's gradient dispatch (combine's backward) is in flight before chunk 0's experts
     run backward, and chunk c's dispatch backward before chunk c+1's experts: the order that lets a
-    GPU overlap them (a start only queues the collective)."""
+    GPU overlap them (a start only queues the collective). Hierarchical: the cross-node stage of
+    every chunk's combine backward up front, its intra-node stage when the chunk is waited on; a
+    dispatch backward's cross-node stage right after its intra-node one."""
     for events in run_ranks(2, _order_worker, Case("dedup", tokens=(9, 6), seed=13)):
         assert events == [("combine backward", 0), ("combine backward", 1), ("combine backward", 2),
                           ("experts backward", 0), ("dispatch backward", 0),
                           ("experts backward", 1), ("dispatch backward", 1),
                           ("experts backward", 2), ("dispatch backward", 2)], events
+    want = [("combine backward", c, "cross-node") for c in range(3)]
+    for c in range(3):
+        want += [("combine backward", c, "intra-node"), ("experts backward", c),
+                 ("dispatch backward", c, "intra-node"), ("dispatch backward", c, "cross-node")]
+    for events in run_ranks(2, _order_worker, Case("hierarchical", nodes=2, gpus_per_node=1, tokens=(7, 5), seed=16)):
+        assert events == want, events

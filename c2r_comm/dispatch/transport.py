@@ -30,6 +30,7 @@ it moves.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Optional, Sequence, TypeVar
 
@@ -195,12 +196,12 @@ def link(exchange: Exchange, outputs: Sequence[torch.Tensor], inputs: Sequence[t
          tape: Optional["LinkTape"] = None) -> tuple[torch.Tensor, ...]:
     """Attach arrived `outputs` to the autograd graph of `inputs` (see module doc). With a tape
     the graph is cut here instead: backward stops at the outputs, whose gradients the tape's link
-    keeps, and the tape records the link with its inputs' gradient edges, for `backward_through`
+    keeps, and the tape records the link with an empty proxy of its inputs, for `backward_through`
     (a backward split into start and wait)."""
     lk = Link(exchange, pack_grads, scatter)
     if tape is None or not torch.is_grad_enabled() or not any(t.requires_grad for t in inputs):
         return _Arrived.apply(lk, tuple(outputs), *inputs)
-    cut = CutLink(lk, tuple((o.shape, o.dtype, o.device) for o in outputs))
+    cut = CutLink(lk, tuple((o.shape, o.dtype, o.device) for o in outputs), len(inputs))
     cut.inputs_proxy = _InputsProxy.apply(cut, *inputs)
     tape.links.append(cut)
     return _Cut.apply(cut, tuple(outputs), tape.anchor(outputs[0].device))
@@ -211,8 +212,8 @@ class CutLink:
     an empty proxy (whose backward hands them the scattered gradients), and, between the local
     backward and the start of its exchange, the gradients that arrived at its outputs."""
 
-    def __init__(self, link_: Link, output_meta: tuple):
-        self.link = link_
+    def __init__(self, link_: Link, output_meta: tuple, num_inputs: int):
+        self.link, self.num_inputs = link_, num_inputs
         self.output_meta = output_meta  # (shape, dtype, device) of each output: zeros when none got a gradient
         self.grads: Optional[tuple[torch.Tensor, ...]] = None  # arrived at the outputs (summed)
         self.started = False  # the reverse exchange has taken the gradients
@@ -227,6 +228,8 @@ class CutLink:
 
     def backward_into_inputs(self, grads: Sequence[Optional[torch.Tensor]]) -> None:
         """Continue the backward from the link's inputs with these gradients (the scatter's)."""
+        if len(grads) != self.num_inputs:
+            raise RuntimeError(f"a link's scatter returned {len(grads)} gradients for {self.num_inputs} inputs")
         self.input_grads = tuple(grads)
         proxy, self.inputs_proxy = self.inputs_proxy, None
         torch.autograd.backward([proxy], [torch.empty_like(proxy)])
@@ -239,13 +242,15 @@ class _InputsProxy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cut: CutLink, *inputs):
-        ctx.cut = cut
+        # weak: the CutLink holds this node through its proxy (a strong reference back would be a
+        # cycle that keeps the inputs' graph alive until Python's GC when backward never runs)
+        ctx.cut = weakref.ref(cut)
         return inputs[0].new_empty(0)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, _):
-        cut: CutLink = ctx.cut
+        cut: CutLink = ctx.cut()  # alive: backward_into_inputs is running on it
         grads, cut.input_grads = cut.input_grads, None
         return (None,) + tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[1:]))
 

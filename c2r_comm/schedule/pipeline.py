@@ -25,12 +25,15 @@ Two ways to run it (`exchange_thread`):
     to every send and combine, which cuts their graphs at the exchanges, and backward runs each
     communicating piece as start and wait (transport.backward_through). On a GPU a start only
     queues the collective on the communication stream and a wait makes the compute stream wait for
-    it, so the expert kernels issued between them run while the bytes move. A hierarchical
-    dispatch backward waits its node-local stage before it starts the cross-node one.
+    it, so the expert kernels issued between them run while the bytes move. A hierarchical piece
+    has two exchanges: up front only the first stage of each chunk's combine backward (the
+    cross-node one) starts; its node-local stage starts when chunk c is waited on, after chunk
+    c-1's dispatch backward, and a dispatch backward waits its node-local stage before it starts
+    the cross-node one. The order is still the program's, the same on every rank.
   * exchange thread (the CPU default): each communicating piece runs whole (autograd, packing,
     the blocking exchange) on one extra thread, so on gloo its CPU work also runs beside the
-    experts (emulated 2x2 on 2 cores: even with split at 0.1 Gbit/s, its backward 3-7 % shorter
-    at 0.2 Gbit/s; docs/benchmarks.md, "Split backward").
+    experts (emulated 2x2 on 2 cores: even with split at 0.1 Gbit/s, its backward about 3 %
+    shorter at 0.2 Gbit/s; docs/benchmarks.md, "Split backward").
     Not on a GPU: there the autograd engine runs the layer's backward on its device thread, and a
     backward started from another thread would queue behind it and never run (an H200 run hung so).
 
