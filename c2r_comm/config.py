@@ -172,6 +172,10 @@ class RunConfig:
 
 
 OVERLAP_AUTO = "auto"
+# How the pipelined layer's backward runs its exchanges (schedule/pipeline.py): "split" starts each
+# one and waits for it later (what a GPU runs); "thread" runs each communicating piece on its own
+# thread (CPU tensors only); "auto": thread on the CPU, split on a GPU.
+BACKWARD_EXCHANGES = ("auto", "split", "thread")
 
 
 @dataclass(frozen=True)
@@ -180,12 +184,15 @@ class ScheduleConfig:
     # the experts compute chunk c; mirrored in backward). 1: the serial order. "auto": picked on the
     # layer's first forward from one serial step's exchange and expert times (schedule/auto.py).
     overlap_degree: Union[int, str] = 1
+    backward_exchanges: str = "auto"  # one of BACKWARD_EXCHANGES (used when overlap_degree > 1)
 
     def __post_init__(self) -> None:
         ok = self.overlap_degree == OVERLAP_AUTO or (
             isinstance(self.overlap_degree, int) and not isinstance(self.overlap_degree, bool)
             and 1 <= self.overlap_degree <= 64)
         _require(ok, "schedule.overlap_degree", self.overlap_degree, f"an integer 1..64 or '{OVERLAP_AUTO}'")
+        _require(self.backward_exchanges in BACKWARD_EXCHANGES, "schedule.backward_exchanges",
+                 self.backward_exchanges, f"one of {BACKWARD_EXCHANGES}")
 
 
 @dataclass(frozen=True)
@@ -208,6 +215,10 @@ class Config:
         _require(not self.routing.pad_to_capacity or self.schedule.overlap_degree == 1, "schedule.overlap_degree",
                  self.schedule.overlap_degree, "1 with routing.pad_to_capacity (capacity is per layer batch, not per "
                  "chunk: padded chunks would multiply the expert rows)")
+        _require(not (self.schedule.backward_exchanges == "thread" and self.run.device == "cuda"),
+                 "schedule.backward_exchanges", self.schedule.backward_exchanges,
+                 "'auto' or 'split' with run.device cuda (a backward started from a second thread would wait for "
+                 "the autograd engine's device thread forever)")
 
     def check_world_size(self, world_size: int) -> None:
         """The launched world must be exactly nodes x gpus_per_node."""

@@ -13,7 +13,7 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from c2r_comm.config import OVERLAP_AUTO, Config
+from c2r_comm.config import BACKWARD_EXCHANGES, OVERLAP_AUTO, Config
 from c2r_comm.dispatch import DispatchHandle, Dispatcher, build_dispatcher
 from c2r_comm.experts import GroupedExperts, SharedExpert
 from c2r_comm.migrate import migrate_experts
@@ -44,9 +44,13 @@ class MoELayer(nn.Module):
 
     def __init__(self, router: TopKRouter, dispatcher: Dispatcher, experts: GroupedExperts,
                  shared_expert: Optional[SharedExpert] = None, overlap_degree: Union[int, str] = 1,
-                 capacity: Optional[CapacitySpec] = None):
-        """capacity: capacity mode (routing/capacity.py); None routes dropless."""
+                 capacity: Optional[CapacitySpec] = None, backward_exchanges: str = "auto"):
+        """capacity: capacity mode (routing/capacity.py); None routes dropless. backward_exchanges:
+        how the pipelined backward runs its exchanges (config.BACKWARD_EXCHANGES)."""
         super().__init__()
+        if backward_exchanges not in BACKWARD_EXCHANGES:
+            raise ValueError(f"backward_exchanges {backward_exchanges!r}: allowed one of {BACKWARD_EXCHANGES}")
+        self.exchange_thread = {"auto": None, "split": False, "thread": True}[backward_exchanges]
         if capacity is not None and capacity.pad_to_capacity:
             if overlap_degree != 1:
                 raise ValueError(f"overlap_degree {overlap_degree!r} with pad_to_capacity: allowed 1 (capacity is per "
@@ -104,7 +108,8 @@ class MoELayer(nn.Module):
                       file=sys.stderr)
             return MoEOutput(timing.out_TD, zero, (timing.handle,))
         if self.overlap_degree > 1:
-            run = ChunkPipeline(self.dispatcher, self.experts, self.shared_expert, self.overlap_degree)(
+            run = ChunkPipeline(self.dispatcher, self.experts, self.shared_expert, self.overlap_degree,
+                                self.exchange_thread)(
                 x_TD, topk_idx_TK, topk_weight_TK)
             return MoEOutput(run.out_TD, zero, tuple(ch.handle for ch in run.chunks))
         res = serial_forward(self.dispatcher, experts, self.shared_expert, x_TD, topk_idx_TK, topk_weight_TK)
@@ -158,4 +163,5 @@ def build_moe_layer(config: Config, groups: ProcessGroups, device: torch.device,
     if m.num_shared_experts:
         ffn = m.num_shared_experts * (m.shared_ffn_hidden_size or m.ffn_hidden_size)
         shared = SharedExpert(m.hidden_size, ffn, run.seed, dtype).to(device)
-    return MoELayer(router.to(dtype=dtype), disp, experts, shared, config.schedule.overlap_degree, capacity)
+    return MoELayer(router.to(dtype=dtype), disp, experts, shared, config.schedule.overlap_degree, capacity,
+                    config.schedule.backward_exchanges)

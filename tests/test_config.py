@@ -31,6 +31,9 @@ def test_shipped_configs_load(path):
     ({"routing": {"kind": "c2r", "top_t": 1, "collaborators": "x.npz"}, "model": {"top_k": 4}}, "routing.top_t", "top_k-1"),
     ({"routing": {"kind": "device_constrained"}}, "routing.max_groups", "required"),
     ({"model": []}, "model", "mapping"),
+    ({"schedule": {"backward_exchanges": "threads"}}, "schedule.backward_exchanges", "split"),
+    ({"schedule": {"backward_exchanges": "thread"}, "run": {"device": "cuda"}}, "schedule.backward_exchanges",
+     "with run.device cuda"),
 ])
 def test_bad_fields_name_field_value_and_allowed(data, field, allowed_part):
     with pytest.raises(ConfigError) as info:

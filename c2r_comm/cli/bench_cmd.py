@@ -42,6 +42,7 @@ OVERRIDES = {
     "hidden_size": "model.hidden_size", "ffn_hidden_size": "model.ffn_hidden_size",
     "num_experts": "model.num_experts", "top_k": "model.top_k", "plan": "placement.plan",
     "routing": "routing.kind", "capacity_factor": "routing.capacity_factor", "drop_policy": "routing.drop_policy",
+    "backward_exchanges": "schedule.backward_exchanges",
 }
 
 

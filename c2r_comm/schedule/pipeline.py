@@ -120,6 +120,10 @@ class ChunkPipeline:
 
     def run_forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> PipelineRun:
         disp, C = self.dispatcher, self.degree
+        if self.exchange_thread and x_TD.device.type != "cpu":  # the same on every rank: raised before any collective
+            raise ValueError("exchange_thread=True needs CPU tensors: on a GPU the layer's backward runs on the "
+                             "autograd engine's device thread, and a backward started from another thread would "
+                             "wait for it forever")
         split = torch.is_grad_enabled() and not self.uses_exchange_thread(x_TD.device)
         dispatch_tapes = [LinkTape() if split else None for _ in range(C)]
         combine_tapes = [LinkTape() if split else None for _ in range(C)]
@@ -164,10 +168,6 @@ class ChunkPipeline:
         if run.chunks[0].combine_tape is not None:
             self._backward_split(run, grads, grad_TD)
         else:
-            if grad_TD.device.type != "cpu":
-                raise ValueError("exchange_thread=True needs CPU tensors: on a GPU the layer's backward runs on the "
-                                 "autograd engine's device thread, and a backward started from another thread would "
-                                 "wait for it forever")
             comm = ThreadPoolExecutor(max_workers=1, thread_name_prefix="c2r-comm-exchange")
             try:
                 self._backward_threaded(run, grads, grad_TD, comm.submit)
