@@ -17,10 +17,6 @@ import torch
 VECTOR_ALIGN = 16  # bytes: the widest vector load/store GPU copy kernels use
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return dtype.itemsize
-
-
 @dataclass(frozen=True)
 class RowFormat:
     names: tuple[str, ...]
@@ -37,16 +33,17 @@ class RowFormat:
         so each row of a wide field is 16-byte aligned: GPU copies and gathers of the token field
         then run vectorised (unaligned 4,132-byte rows gathered 2.7x slower on an H200).
         Formats are made once per distinct field list (every dispatch asks for the same few)."""
-        return _format_of(tuple(fields.items()))
+        return cls._format_of(tuple(fields.items()))
 
     @classmethod
-    def _build(cls, field_items: tuple[tuple[str, tuple[torch.dtype, int]], ...]) -> "RowFormat":
+    @lru_cache(maxsize=256)
+    def _format_of(cls, field_items: tuple[tuple[str, tuple[torch.dtype, int]], ...]) -> "RowFormat":
         fields = dict(field_items)
-        order = sorted(fields, key=lambda n: -_itemsize(fields[n][0]))  # stable: ties keep call order
+        order = sorted(fields, key=lambda n: -fields[n][0].itemsize)  # stable: ties keep call order
         offsets, at, align = [], 0, 1
         for n in order:
-            size = _itemsize(fields[n][0]) * fields[n][1]
-            field_align = VECTOR_ALIGN if size >= VECTOR_ALIGN else _itemsize(fields[n][0])
+            size = fields[n][0].itemsize * fields[n][1]
+            field_align = VECTOR_ALIGN if size >= VECTOR_ALIGN else fields[n][0].itemsize
             at = -(-at // field_align) * field_align
             offsets.append(at)
             at += size
@@ -61,7 +58,7 @@ class RowFormat:
     def view(self, buf_RB: torch.Tensor, name: str) -> torch.Tensor:
         """[rows, width] view of field `name` inside a packed uint8 buffer (no copy)."""
         i = self.names.index(name)
-        dtype, width, size = self.dtypes[i], self.widths[i], _itemsize(self.dtypes[i])
+        dtype, width, size = self.dtypes[i], self.widths[i], self.dtypes[i].itemsize
         start = self.offsets[i] // size
         return buf_RB.view(dtype)[:, start:start + width]
 
@@ -92,8 +89,3 @@ class RowFormat:
             for name, t in tensors.items():
                 self.view(buf, name).copy_(t)
         return buf
-
-
-@lru_cache(maxsize=256)
-def _format_of(field_items: tuple[tuple[str, tuple[torch.dtype, int]], ...]) -> RowFormat:
-    return RowFormat._build(field_items)
