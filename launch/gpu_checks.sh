@@ -27,8 +27,12 @@ step() {  # step NAME LIMIT_S CMD...: run CMD, log to RES/NAME.log, keep going o
 torch.cuda.get_device_capability(), 'grouped_mm', hasattr(torch, '_grouped_mm'))"; } >"$RES/machine.txt" 2>&1
 cat "$RES/machine.txt"
 
-# CUDA tests: local experts (bf16 grouped path vs float64) and the layer on NCCL (every dispatcher vs float64).
-step pytest_experts 240 $PY -m pytest -q -x -p no:cacheprovider tests/test_experts.py tests/test_cuda_layer.py
+# CUDA tests: local experts (bf16 grouped path vs float64); then the layer on NCCL (every dispatcher vs
+# float64, micro-batches in flight, the pipelined layer's split backward, also with every collective held
+# back on the GPU). Test names are printed (-v), and a test that hangs past 120 s dumps every thread's
+# stack, the autograd device thread's included, before the step's limit ends it.
+step pytest_experts 180 $PY -m pytest -q -p no:cacheprovider tests/test_experts.py
+step pytest_cuda_layer 360 $PY -m pytest -v -p no:cacheprovider -o faulthandler_timeout=120 tests/test_cuda_layer.py
 # Grouped-GEMM experts alone: 16,384 tokens x top-6 rows, uniform over the 64 experts.
 step bench_experts 180 $PY -m c2r_comm bench-experts --device cuda --dtype bfloat16 --rows 98304 \
   --num-experts 64 "${SHAPES[@]}" --iters 20 --warmup 3 --json "$RES/bench_experts.json"
@@ -40,7 +44,7 @@ for d in dedup alltoall hierarchical; do
 done
 rm -f "$RES"/profile/*.json  # Chrome traces are large; the tables say where time goes
 # The overlap scheduler on NCCL (issue 11): C = 2 at world size 1 against the serial layer of the same run
-# (its CUDA test, tests/test_cuda_layer.py::test_pipelined_layer_on_cuda_equals_serial, ran in the first step).
+# (its CUDA tests, tests/test_cuda_layer.py::test_pipelined_layer_*, ran in the step pytest_cuda_layer).
 step bench_overlap_c2 240 $PY -m c2r_comm bench --topology 1x1 --device cuda --dtype bfloat16 "${SHAPES[@]}" \
   --tokens-per-rank 16384 --trace "$TRACE" --layer 12 --dispatcher dedup --iters 20 --warmup-iters 3 \
   --overlap-degree 2 --json "$RES/bench_overlap_c2.json"

@@ -1,6 +1,8 @@
 """On a CUDA machine: the MoE layer at world size 1 on NCCL, every dispatcher, against a float64
 single-process reference on the CPU (fp32: the experts' loop path; bf16: the grouped-GEMM path
-where the GPU has it), and two micro-batches in flight on the GPU's streams. Skipped without CUDA
+where the GPU has it), two micro-batches in flight on the GPU's streams, and the pipelined layer
+(split backward) against the serial one, also with every collective held back on the GPU so that a
+missing wait would read a receive buffer before NCCL wrote it. Skipped without CUDA
 (launch/gpu_checks.sh runs it on a lent GPU)."""
 from __future__ import annotations
 
@@ -35,18 +37,20 @@ def nccl_world_of_one():
     dist.destroy_process_group()
 
 
-def _config(dtype: str):
-    return config_from_dict({"model": {"hidden_size": D, "ffn_hidden_size": F, "num_experts": E, "top_k": K},
+def _config(dtype: str, degree: int = 1, shared: int = 0, hidden: int = D):
+    return config_from_dict({"model": {"hidden_size": hidden, "ffn_hidden_size": F, "num_experts": E, "top_k": K,
+                                       "num_shared_experts": shared},
                              "parallel": {"nodes": 1, "gpus_per_node": 1},
-                             "run": {"tokens_per_rank": T, "seed": SEED, "dtype": dtype, "device": "cuda"}})
+                             "run": {"tokens_per_rank": T, "seed": SEED, "dtype": dtype, "device": "cuda"},
+                             "schedule": {"overlap_degree": degree}})
 
 
-def _inputs(dtype: torch.dtype, seed: int):
+def _inputs(dtype: torch.dtype, seed: int, tokens: int = T, hidden: int = D):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(T, D, generator=g)
-    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
-    w = torch.rand(T, K, generator=g)
-    grad = torch.randn(T, D, generator=g)
+    x = torch.randn(tokens, hidden, generator=g)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(tokens)])
+    w = torch.rand(tokens, K, generator=g)
+    grad = torch.randn(tokens, hidden, generator=g)
     return x, idx, w / w.sum(1, keepdim=True), grad
 
 
@@ -109,25 +113,64 @@ def test_two_micro_batches_in_flight_on_cuda(nccl_world_of_one, dispatcher):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def _pipelined_vs_serial(world, dispatcher: str, dtype: str, shared: int, steps: int, tokens: int, hidden: int):
+    """Output and every gradient (accumulated over `steps` fwd+bwd of the same batch) of the layer at
+    overlap_degree 1 and 2; degree 2 runs the split backward (start and wait of each reverse exchange
+    on the autograd device thread; deferred weight gradients)."""
+    x, idx, w, grad = _inputs(torch.float32, seed=4, tokens=tokens, hidden=hidden)
+    results = []
+    for degree in (1, 2):
+        layer = build_moe_layer(_config(dtype, degree, shared, hidden), world, torch.device("cuda"),
+                                dispatcher=dispatcher)
+        xd = x.to("cuda", getattr(torch, dtype)).clone().requires_grad_()
+        wd = w.cuda().clone().requires_grad_()
+        for _ in range(steps):
+            out = layer.forward_routed(xd, idx.cuda(), wd)
+            assert len(out.handles) == degree
+            (out.out_TD * grad.to(out.out_TD)).sum().backward()
+        results.append([out.out_TD.detach().float(), xd.grad.float(), wd.grad.float()]
+                       + [p.grad.float() for p in layer.parameters() if p.grad is not None])
+    assert len(results[0]) == len(results[1])
+    return results
+
+
 @pytest.mark.parametrize("dispatcher", sorted(DISPATCHERS))
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
 def test_pipelined_layer_on_cuda_equals_serial(nccl_world_of_one, dispatcher, dtype, tol):
-    """overlap_degree 2 (chunks; backward pieces inline on the autograd device thread, where an
-    exchange thread would hang; deferred weight gradients; bf16: grouped GEMMs) gives the serial
-    layer's output and gradients on the GPU."""
-    x, idx, w, grad = _inputs(torch.float32, seed=4)
-    results = []
-    for degree in (1, 2):
-        config = _config(dtype)
-        config = type(config)(**{**config.__dict__, "schedule": type(config.schedule)(overlap_degree=degree)})
-        layer = build_moe_layer(config, nccl_world_of_one, torch.device("cuda"), dispatcher=dispatcher)
-        xd = x.to("cuda", getattr(torch, dtype)).clone().requires_grad_()
-        wd = w.cuda().clone().requires_grad_()
-        out = layer.forward_routed(xd, idx.cuda(), wd)
-        assert len(out.handles) == degree
-        (out.out_TD * grad.to(out.out_TD)).sum().backward()
-        results.append([out.out_TD.detach().float(), xd.grad.float(), wd.grad.float()]
-                       + [p.grad.float() for p in layer.experts.parameters()])
-    for a, b in zip(*results):
+    """overlap_degree 2 (chunks; the split backward on the autograd device thread, where an exchange
+    thread would hang; deferred weight gradients; bf16: grouped GEMMs) gives the serial layer's
+    output and gradients on the GPU."""
+    for a, b in zip(*_pipelined_vs_serial(nccl_world_of_one, dispatcher, dtype, 0, 1, T, D)):
         scale = max(b.abs().max().item(), 1e-6)
         assert (a - b).abs().max().item() <= tol * scale
+
+
+@pytest.fixture
+def collectives_held_back(monkeypatch):
+    """Every collective is issued from a side stream that first spins the GPU for ~20 ms, so NCCL
+    (which waits on the issuing stream) runs it late while the compute stream goes on. A consumer
+    that read a receive buffer without waiting on the work, or a buffer freed while NCCL still
+    used it, would then see stale rows."""
+    from c2r_comm.dispatch.transport import Exchange
+    start = Exchange._start
+    cycles = 40_000_000  # about 20 ms at the 1.7-2 GHz of an H100 / H200
+
+    def held_back(self, send, recv):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(cycles)
+            return start(self, send, recv)
+
+    monkeypatch.setattr(Exchange, "_start", held_back)
+
+
+@pytest.mark.parametrize("dispatcher", sorted(DISPATCHERS))
+def test_pipelined_layer_with_held_back_collectives_equals_serial(nccl_world_of_one, collectives_held_back,
+                                                                  dispatcher):
+    """The stream plumbing under stress: a shared expert (its backward runs while chunk 0's gradients
+    travel), two steps (buffers the allocator hands out again), 2,048 tokens of hidden 512, and
+    every collective late on the GPU. Degree 2 still gives degree 1's output and gradients."""
+    for a, b in zip(*_pipelined_vs_serial(nccl_world_of_one, dispatcher, "float32", 1, 2, 2048, 512)):
+        scale = max(b.abs().max().item(), 1e-6)
+        assert (a - b).abs().max().item() <= 1e-5 * scale

@@ -178,24 +178,25 @@ def test_pipeline_without_exchange_thread_equals_serial():
 
 
 def _configured_split_worker(rank: int, world: int, case: Case) -> tuple[float, int]:
-    """schedule.backward_exchanges reaches the pipeline: "split" on the CPU runs the split backward."""
-    from c2r_comm.schedule import ChunkPipeline
+    """schedule.backward_exchanges reaches the pipeline: "split" on the CPU runs the split backward
+    (every communicating piece through transport.backward_through: 2 per chunk)."""
+    from c2r_comm.schedule import pipeline
     groups = build_process_groups(Topology(case.nodes, case.gpus_per_node), timeout_s=60)
     serial, _ = _step(_layer(case, rank, groups, 1, shared=False), case, rank)
-    calls, split = [], ChunkPipeline._backward_split
-    ChunkPipeline._backward_split = staticmethod(lambda *a: (calls.append(1), split(*a)))
+    calls, through = [], pipeline.backward_through
+    pipeline.backward_through = lambda *a: (calls.append(1), through(*a))[1]
     try:
         layer = _layer(case, rank, groups, 2, shared=False)
         layer = MoELayer(None, layer.dispatcher, layer.experts, None, 2, backward_exchanges="split")
         got, _ = _step(layer, case, rank)
     finally:
-        ChunkPipeline._backward_split = staticmethod(split)
+        pipeline.backward_through = through
     return max(float((a - b).abs().max()) if a.numel() else 0.0 for a, b in zip(got, serial)), len(calls)
 
 
 def test_backward_exchanges_split_from_the_layer():
     for err, calls in run_ranks(2, _configured_split_worker, Case("dedup", tokens=(7, 4), seed=17)):
-        assert err < 1e-10 and calls == 1
+        assert err < 1e-10 and calls == 4  # 2 chunks x (combine back, dispatch back)
     with pytest.raises(ValueError, match="backward_exchanges"):
         MoELayer(None, None, None, backward_exchanges="threads")
 

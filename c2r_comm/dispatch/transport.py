@@ -129,7 +129,12 @@ class Pending(Generic[T]):
     gives `then=True`: its post-processing starts the next stage and returns that stage's Pending.
     `wait()` follows the chain to the end; `advance()` only waits for the current stage and issues
     the next one, so a scheduler can put the next (slow) stage in flight early and compute while it
-    moves. For a single-stage Pending `advance()` does nothing."""
+    moves. For a single-stage Pending `advance()` does nothing.
+
+    On CUDA, wait on the stream that was current at the start (the pipeline starts and waits inside
+    one autograd node, so it does): NCCL's wait makes the current stream wait for the collective and
+    then drops its hold on the buffers, which the caching allocator hands out again on the stream
+    that allocated them; waiting from another stream would let that one reuse them too early."""
 
     def __init__(self, works: Sequence[Any], finish: Callable[[], Any], buffers: Sequence[torch.Tensor] = (),
                  then: bool = False):

@@ -44,9 +44,9 @@ and reused by its combine and backward.
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -166,63 +166,68 @@ class ChunkPipeline:
         grad_TD = grad_TD.contiguous()
         grads = grad_TD.tensor_split(len(run.chunks))
         if run.chunks[0].combine_tape is not None:
-            self._backward_split(run, grads, grad_TD)
+            _mirrored_backward(run, grads, grad_TD, backward_through)
         else:
             comm = ThreadPoolExecutor(max_workers=1, thread_name_prefix="c2r-comm-exchange")
             try:
-                self._backward_threaded(run, grads, grad_TD, comm.submit)
+                _mirrored_backward(run, grads, grad_TD, _OnThread(comm.submit))
             finally:  # on an error drop the queued exchanges; the one running ends or times out
                 comm.shutdown(wait=True, cancel_futures=True)
         grad_x = _gather_grads([ch.x_leaf for ch in run.chunks], run.shared_x_leaf)
         grad_w = _gather_grads([ch.weight_leaf for ch in run.chunks], None)
         return grad_x, grad_w
 
-    @staticmethod
-    def _backward_split(run: PipelineRun, grads: Sequence[torch.Tensor], grad_TD: torch.Tensor) -> None:
-        """The mirrored pipeline with every exchange split into start and wait (transport.backward_through):
-        the gradient dispatch of every chunk (the backward of combine) starts first, in chunk order;
-        chunk c's expert backward runs once its gradients have arrived, while later chunks' are in
-        flight, and chunk c's dispatch backward (a combine) starts right after it. On a GPU a start
-        only queues the collective on the communication stream and a wait makes the compute stream
-        wait for it, so the expert kernels issued in between run while the bytes move."""
-        combine_back = [backward_through(ch.combine_tape, [ch.out], [g]) for ch, g in zip(run.chunks, grads)]
-        if run.shared_out is not None:  # local work while chunk 0's gradients travel
-            backward_from([run.shared_out], [grad_TD])
-        dispatch_back = None
-        for ch, pending in zip(run.chunks, combine_back):
-            pending.wait()
-            backward_from([ch.expert_out], [ch.combine_in_leaf.grad])
-            ew = ch.expert_weight_leaf
-            # advance(): a multi-stage dispatch (hierarchical) gets its last, cross-node stage in
-            # flight now instead of when it is waited on (its node-local stage is waited first).
-            started = backward_through(ch.dispatch_tape, [ch.batch.x_PD, ch.batch.weight_P],
-                                       [ch.expert_x_leaf.grad, None if ew is None else ew.grad]).advance()
-            if dispatch_back is not None:  # the previous chunk's moved during this chunk's experts;
-                dispatch_back.wait()       # waiting frees its buffers before the weight gradients
-            dispatch_back = started
-        # The experts' weight gradients of every chunk at once, while the last chunk's input
-        # gradients travel back (deferred_wgrad.py).
-        run.weight_grads.flush()
-        dispatch_back.wait()
 
-    @staticmethod
-    def _backward_threaded(run: PipelineRun, grads: Sequence[torch.Tensor], grad_TD: torch.Tensor, submit) -> None:
-        """The mirrored pipeline with each communicating piece run whole on the exchange thread (CPU)."""
-        # The communicating pieces, in one fixed order: combine backward of every chunk (each fills
-        # its combine_in_leaf.grad), then dispatch backward (submitted below, in chunk order).
-        combine_back = [submit(backward_from, [ch.out], [g]) for ch, g in zip(run.chunks, grads)]
-        if run.shared_out is not None:  # local work while chunk 0's gradients travel
-            backward_from([run.shared_out], [grad_TD])
-        dispatch_back = []
-        for ch, fut in zip(run.chunks, combine_back):
-            fut.result()
-            backward_from([ch.expert_out], [ch.combine_in_leaf.grad])
-            ew = ch.expert_weight_leaf
-            dispatch_back.append(submit(backward_from, [ch.batch.x_PD, ch.batch.weight_P],
-                                        [ch.expert_x_leaf.grad, None if ew is None else ew.grad]))
-        run.weight_grads.flush()
-        for fut in dispatch_back:
-            fut.result()
+def _mirrored_backward(run: PipelineRun, grads: Sequence[torch.Tensor], grad_TD: torch.Tensor, start) -> None:
+    """The mirrored pipeline. `start(tape, roots, grads)` starts one communicating piece's backward
+    and returns what `wait()`s for it (and `advance()`s a multi-stage one): transport.backward_through
+    (split) or _OnThread (the exchange thread). The gradient dispatch of every chunk (the backward of
+    combine) starts first, in chunk order; chunk c's expert backward runs once its gradients have
+    arrived, while later chunks' are in flight, and chunk c's dispatch backward (a combine) starts
+    right after it. On a GPU a start only queues the collective on the communication stream and a
+    wait makes the compute stream wait for it, so the expert kernels issued in between run while
+    the bytes move."""
+    combine_back = [start(ch.combine_tape, [ch.out], [g]) for ch, g in zip(run.chunks, grads)]
+    if run.shared_out is not None:  # local work while chunk 0's gradients travel
+        backward_from([run.shared_out], [grad_TD])
+    dispatch_back = []
+    for ch, pending in zip(run.chunks, combine_back):
+        pending.wait()
+        backward_from([ch.expert_out], [ch.combine_in_leaf.grad])
+        ew = ch.expert_weight_leaf
+        # advance(): a multi-stage dispatch (hierarchical, split) gets its last, cross-node stage in
+        # flight now instead of when it is waited on (its node-local stage is waited first).
+        dispatch_back.append(start(ch.dispatch_tape, [ch.batch.x_PD, ch.batch.weight_P],
+                                   [ch.expert_x_leaf.grad, None if ew is None else ew.grad]).advance())
+    # The experts' weight gradients of every chunk at once, while the dispatch backward exchanges
+    # travel (deferred_wgrad.py). They are waited on only after it: waiting on chunk c-1's before
+    # would free its buffers earlier but hold the weight gradients back behind the link (emulated
+    # 2x2, 0.1 Gbit/s, exchange thread: backward 0.76 of serial against 0.70; split: even;
+    # docs/benchmarks.md, "Split backward").
+    run.weight_grads.flush()
+    for pending in dispatch_back:
+        pending.wait()
+
+
+@dataclass(frozen=True)
+class _OnThread:
+    """Starts a communicating piece's whole backward (autograd, packing, the blocking exchange) on
+    the exchange thread; the forward made no tape (tape is None), so the piece's graph is whole."""
+    submit: Callable[..., Future]
+
+    def __call__(self, tape: None, roots, grads) -> "_Submitted":
+        return _Submitted(self.submit(backward_from, roots, grads))
+
+
+@dataclass(frozen=True)
+class _Submitted:
+    future: Future
+
+    def advance(self) -> "_Submitted":  # the thread runs the piece whole; nothing to put in flight
+        return self
+
+    def wait(self) -> None:
+        self.future.result()
 
 
 def _gather_grads(leaves: Sequence[torch.Tensor], extra: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
