@@ -29,10 +29,12 @@ cat "$RES/machine.txt"
 
 # CUDA tests: local experts (bf16 grouped path vs float64); then the layer on NCCL (every dispatcher vs
 # float64, micro-batches in flight, the pipelined layer's split backward, also with every collective held
-# back on the GPU). Test names are printed (-v), and a test that hangs past 120 s dumps every thread's
-# stack, the autograd device thread's included, before the step's limit ends it.
+# back on the GPU). Test names are printed (-v); a test that hangs past 120 s dumps every thread's stack,
+# the autograd device thread's included, and at 150 s pytest-timeout (where installed; its thread method
+# also ends a main thread blocked in the autograd engine) stops the run, else the step's limit does.
 step pytest_experts 180 $PY -m pytest -q -p no:cacheprovider tests/test_experts.py
-step pytest_cuda_layer 360 $PY -m pytest -v -p no:cacheprovider -o faulthandler_timeout=120 tests/test_cuda_layer.py
+step pytest_cuda_layer 360 $PY -m pytest -v -p no:cacheprovider -o faulthandler_timeout=120 \
+  -o timeout=150 -o timeout_method=thread tests/test_cuda_layer.py
 # Grouped-GEMM experts alone: 16,384 tokens x top-6 rows, uniform over the 64 experts.
 step bench_experts 180 $PY -m c2r_comm bench-experts --device cuda --dtype bfloat16 --rows 98304 \
   --num-experts 64 "${SHAPES[@]}" --iters 20 --warmup 3 --json "$RES/bench_experts.json"

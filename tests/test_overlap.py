@@ -233,30 +233,42 @@ def _order_worker(rank: int, world: int, case: Case) -> list[tuple]:
             events.append((what, ex.site.chunk) if ex.stage == "all2all" else (what, ex.site.chunk, ex.stage))
         return start(ex, send, recv)
 
-    Exchange.start = logged_start
+    flush = type(run.weight_grads).flush
+
+    def logged_flush(wg):
+        events.append(("weight gradients",))
+        return flush(wg)
+
+    Exchange.start, type(run.weight_grads).flush = logged_start, logged_flush
     try:
         for c, ch in enumerate(run.chunks):
             ch.expert_x_leaf.register_hook(lambda g, c=c: events.append(("experts backward", c)))
+            ch.x_leaf.register_hook(lambda g, c=c: events.append(("input gradient", c)))
         (run.out_TD * grad).sum().backward()
     finally:
-        Exchange.start = start
+        Exchange.start, type(run.weight_grads).flush = start, flush
     return events
 
 
 def test_split_backward_starts_each_exchange_before_the_experts_it_can_hide_behind():
     """Every chunk's gradient dispatch (combine's backward) is in flight before chunk 0's experts
     run backward, and chunk c's dispatch backward before chunk c+1's experts: the order that lets a
-    GPU overlap them (a start only queues the collective). Hierarchical: the cross-node stage of
-    every chunk's combine backward up front, its intra-node stage when the chunk is waited on; a
-    dispatch backward's cross-node stage right after its intra-node one."""
+    GPU overlap them (a start only queues the collective). The weight gradients run after the last
+    dispatch backward started and before any is waited on (its input gradient arrives).
+    Hierarchical: the cross-node stage of every chunk's combine backward up front, its intra-node
+    stage when the chunk is waited on; a dispatch backward's cross-node stage right after its
+    intra-node one, whose rows' gradients reach the inputs then."""
+    last = [("weight gradients",)] + [("input gradient", c) for c in range(3)]
     for events in run_ranks(2, _order_worker, Case("dedup", tokens=(9, 6), seed=13)):
         assert events == [("combine backward", 0), ("combine backward", 1), ("combine backward", 2),
                           ("experts backward", 0), ("dispatch backward", 0),
                           ("experts backward", 1), ("dispatch backward", 1),
-                          ("experts backward", 2), ("dispatch backward", 2)], events
+                          ("experts backward", 2), ("dispatch backward", 2)] + last, events
     want = [("combine backward", c, "cross-node") for c in range(3)]
     for c in range(3):
-        want += [("combine backward", c, "intra-node"), ("experts backward", c),
-                 ("dispatch backward", c, "intra-node"), ("dispatch backward", c, "cross-node")]
+        want += [("combine backward", c, "intra-node"), ("experts backward", c),  # advance(): the node-local
+                 ("dispatch backward", c, "intra-node"), ("input gradient", c),  # rows' gradients land at once
+                 ("dispatch backward", c, "cross-node")]
+    want += last
     for events in run_ranks(2, _order_worker, Case("hierarchical", nodes=2, gpus_per_node=1, tokens=(7, 5), seed=16)):
         assert events == want, events

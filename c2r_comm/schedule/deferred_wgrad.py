@@ -7,8 +7,8 @@ backward ends, and per chunk they are expensive: every chunk writes (and accumul
 12 rows each per chunk: the chunked backward took 3.2x the serial one at 4 chunks). So, as Lancet
 does, the chunk backward here computes only the input gradients (x and the routing weight) and
 keeps what the weight gradients need; `DeferredWeightGrads.flush()` then computes them for all
-chunks at once (one GEMM per expert and projection over every chunk's rows), while the last
-dispatch backward exchanges are in flight, and adds them to the parameters' `.grad`.
+chunks at once (one GEMM per expert and projection over every chunk's rows), while the dispatch
+backward exchanges are in flight (waited on after it), and adds them to the parameters' `.grad`.
 
 SwiGLU per expert (rows x, weights Wg, Wu [D, F], Wd [F, D], optional row scale s):
   hg = x Wg, hu = x Wu, a = silu(hg) * hu, y = (a * s) Wd

@@ -17,8 +17,8 @@ chunks 0..C-1, then dispatch backward of chunks 0..C-1. In between runs what doe
 communicate: the shared expert's backward, each chunk's expert input-gradient backward as soon as
 its gradient has arrived, then the experts' weight gradients of all chunks at once
 (deferred_wgrad.py). While the experts run backward on chunk c, later chunks' gradient dispatches
-are in flight; chunk c's dispatch backward starts as soon as its input gradients are known, and
-the last one travels while the weight-gradient GEMMs run.
+are in flight; chunk c's dispatch backward starts as soon as its input gradients are known; they all
+travel while the weight-gradient GEMMs run and are waited on after them.
 
 Two ways to run it (`exchange_thread`):
   * split (on a GPU; on the CPU with exchange_thread=False): forward passes a transport.LinkTape
@@ -202,7 +202,7 @@ def _mirrored_backward(run: PipelineRun, grads: Sequence[torch.Tensor], grad_TD:
     # The experts' weight gradients of every chunk at once, while the dispatch backward exchanges
     # travel (deferred_wgrad.py). They are waited on only after it: waiting on chunk c-1's before
     # would free its buffers earlier but hold the weight gradients back behind the link (emulated
-    # 2x2, 0.1 Gbit/s, exchange thread: backward 0.76 of serial against 0.70; split: even;
+    # 2x2, 0.1 Gbit/s, exchange thread: backward 0.77 of serial against 0.70; split: even;
     # docs/benchmarks.md, "Split backward").
     run.weight_grads.flush()
     for pending in dispatch_back:
@@ -216,6 +216,8 @@ class _OnThread:
     submit: Callable[..., Future]
 
     def __call__(self, tape: None, roots, grads) -> "_Submitted":
+        if tape is not None:  # a cut graph would stop backward_from at the cut, the exchange never run
+            raise ValueError("the exchange thread runs whole pieces: the forward must not cut them (no LinkTape)")
         return _Submitted(self.submit(backward_from, roots, grads))
 
 
