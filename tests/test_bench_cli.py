@@ -123,6 +123,7 @@ def test_overlap_degree_reports_serial_and_pipelined(tmp_path):
         smaller = min(ov["exchange_ms"], ov["experts_ms"])
         assert ov["efficiency"] == pytest.approx((ov["serial_ms"] - ov["overlapped_ms"]) / smaller)
         assert r["config"]["schedule"]["overlap_degree"] == 1  # the table rows are the serial layer
+        assert ov["serial_peak_mb"] == r["measurement"]["peak_memory_mb"] > 0 and ov["overlapped_peak_mb"] > 0
     bad = subprocess.run([sys.executable, "-m", "c2r_comm", "bench", "--overlap-degree", "0"], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--overlap-degree" in bad.stderr, bad.stderr

@@ -8,6 +8,8 @@ Per dispatcher, on the same tokens and routing:
   serial    the layer's fwd+bwd with schedule.overlap_degree 1
   overlapped  the same with C chunks (auto: decided on the first warm-up forward)
   efficiency  (serial - overlapped) / min(exchange, experts): 1 = the smaller side fully hidden
+  peak MB   of the serial and the overlapped layer's timed steps, measured apart (CUDA: tensors
+            allocated; CPU: the process's peak RSS), so a user sees what the chunks cost in memory
 The target of the overlap issue: overlapped <= 1.15 x max(exchange, experts) and serial /
 overlapped >= 1.25.
 """
@@ -44,6 +46,8 @@ class OverlapResult:
     # forward and backward medians of each, to see which half the pipeline shortened
     serial_fwd_bwd_ms: tuple[float, float] = (0.0, 0.0)
     overlapped_fwd_bwd_ms: tuple[float, float] = (0.0, 0.0)
+    serial_peak_mb: float = 0.0
+    overlapped_peak_mb: float = 0.0
 
     @classmethod
     def of(cls, phases: PhaseTimes, serial: Measurement, overlapped: Measurement, degree: int,
@@ -53,7 +57,8 @@ class OverlapResult:
         experts = phases.forward["experts"].median_ms + phases.backward["experts"].median_ms
         return cls(degree, requested, exchange, experts, serial.total.median_ms, overlapped.total.median_ms,
                    (serial.forward.median_ms, serial.backward.median_ms),
-                   (overlapped.forward.median_ms, overlapped.backward.median_ms))
+                   (overlapped.forward.median_ms, overlapped.backward.median_ms),
+                   serial.peak_memory_mb, overlapped.peak_memory_mb)
 
     @property
     def efficiency(self) -> float:
@@ -74,11 +79,12 @@ class OverlapResult:
 def format_overlap(rows: list[tuple[str, OverlapResult]]) -> str:
     out = ["overlap (ms, fwd+bwd medians; exchange and experts each timed alone in the same run):",
            "| dispatcher | C | exchange | experts | serial (fwd+bwd) | overlapped (fwd+bwd) | serial/overlapped "
-           "| overlapped/max | efficiency |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| overlapped/max | efficiency | peak MB serial / overlapped |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows:
         c = f"{r.degree} (auto)" if r.requested == OVERLAP_AUTO else str(r.degree)
         out.append(f"| {name} | {c} | {r.exchange_ms:.1f} | {r.experts_ms:.1f} | {r.serial_ms:.1f} "
                    f"({r.serial_fwd_bwd_ms[0]:.1f}+{r.serial_fwd_bwd_ms[1]:.1f}) | {r.overlapped_ms:.1f} "
-                   f"({r.overlapped_fwd_bwd_ms[0]:.1f}+{r.overlapped_fwd_bwd_ms[1]:.1f}) | {r.speedup:.2f} | {r.vs_max:.2f} | {r.efficiency:.2f} |")
+                   f"({r.overlapped_fwd_bwd_ms[0]:.1f}+{r.overlapped_fwd_bwd_ms[1]:.1f}) | {r.speedup:.2f} | {r.vs_max:.2f} | {r.efficiency:.2f} "
+                   f"| {r.serial_peak_mb:.1f} / {r.overlapped_peak_mb:.1f} |")
     return "\n".join(out)

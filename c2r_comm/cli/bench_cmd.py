@@ -273,15 +273,17 @@ def bench_all(config: Config, trace: Optional[RoutingTrace], names: list[str], g
                              label=label, show_progress=show, network_interface=network_interface)
         per_phase = measure_phases(layer, x_TD, grad_TD, run.warmup_iters, run.iters, routing, groups.ep,
                                    label=label, show_progress=show) if phases else None
+        if profile_dir:
+            profile_layer(layer, x_TD, grad_TD, routing, 3, profile_dir, name, groups.rank)
         overlap = None
         if overlap_degree is not None:
+            del layer  # the serial layer's weights and gradients would count in the pipelined one's peak memory
             piped = build_moe_layer(with_overrides(config, {"schedule.overlap_degree": overlap_degree}), groups,
                                     device, dispatcher=name)
             piped_meas = measure_layer(piped, x_TD, grad_TD, run.warmup_iters, run.iters, routing, groups.ep,
                                        label=label + f" C={overlap_degree}", show_progress=show)
             overlap = OverlapResult.of(per_phase, meas, piped_meas, piped.overlap_degree, overlap_degree)
-        if profile_dir:
-            profile_layer(layer, x_TD, grad_TD, routing, 3, profile_dir, name, groups.rank)
+            del piped
         resolved = with_overrides(config, {"dispatcher": name}).to_dict()
         records.append(BenchRecord(name, placement, routing_desc, str(groups.topology), resolved, meas, trace_layer,
                                    per_phase, overlap))
