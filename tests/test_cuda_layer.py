@@ -81,7 +81,18 @@ def test_layer_on_cuda_matches_float64_reference(nccl_world_of_one, dispatcher, 
 @pytest.mark.parametrize("dispatcher", sorted(DISPATCHERS))
 def test_two_micro_batches_in_flight_on_cuda(nccl_world_of_one, dispatcher):
     """Both sends issued before either wait, combines waited in reverse order: same as blocking calls."""
-    layer = build_moe_layer(_config("float32"), nccl_world_of_one, torch.device("cuda"), dispatcher=dispatcher)
+    _two_micro_batches_in_flight(nccl_world_of_one, dispatcher)
+
+
+@pytest.mark.parametrize("dispatcher", sorted(DISPATCHERS))
+def test_two_micro_batches_in_flight_with_held_back_collectives(nccl_world_of_one, collectives_held_back,
+                                                                dispatcher):
+    """The same with every collective late on the GPU (collectives_held_back below)."""
+    _two_micro_batches_in_flight(nccl_world_of_one, dispatcher)
+
+
+def _two_micro_batches_in_flight(world, dispatcher: str) -> None:
+    layer = build_moe_layer(_config("float32"), world, torch.device("cuda"), dispatcher=dispatcher)
     disp, experts = layer.dispatcher, layer.experts
     batches = [[t.cuda() for t in _inputs(torch.float32, seed=s)] for s in (2, 3)]
     leaves = [(x.clone().requires_grad_(), idx, w.clone().requires_grad_(), g) for x, idx, w, g in batches]
