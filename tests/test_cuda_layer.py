@@ -65,7 +65,19 @@ def _reference(x, idx, w, grad):
 @pytest.mark.parametrize("dispatcher", sorted(DISPATCHERS))
 @pytest.mark.parametrize("dtype,tol", [("float32", 2e-4), ("bfloat16", 6e-2)])
 def test_layer_on_cuda_matches_float64_reference(nccl_world_of_one, dispatcher, dtype, tol):
-    layer = build_moe_layer(_config(dtype), nccl_world_of_one, torch.device("cuda"), dispatcher=dispatcher)
+    _matches_float64_reference(nccl_world_of_one, dispatcher, dtype, tol)
+
+
+@pytest.mark.parametrize("dispatcher", sorted(DISPATCHERS))
+def test_layer_with_held_back_collectives_matches_float64_reference(nccl_world_of_one, collectives_held_back,
+                                                                     dispatcher):
+    """Every collective late on the GPU (collectives_held_back below), against the CPU reference: a
+    read of a receive buffer before its wait would not agree with it."""
+    _matches_float64_reference(nccl_world_of_one, dispatcher, "float32", 2e-4)
+
+
+def _matches_float64_reference(world, dispatcher: str, dtype: str, tol: float) -> None:
+    layer = build_moe_layer(_config(dtype), world, torch.device("cuda"), dispatcher=dispatcher)
     x, idx, w, grad = _inputs(torch.float32, seed=1)
     xd = x.to("cuda", getattr(torch, dtype)).clone().requires_grad_()
     wd = w.cuda().clone().requires_grad_()

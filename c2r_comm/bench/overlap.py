@@ -8,8 +8,9 @@ Per dispatcher, on the same tokens and routing:
   serial    the layer's fwd+bwd with schedule.overlap_degree 1
   overlapped  the same with C chunks (auto: decided on the first warm-up forward)
   efficiency  (serial - overlapped) / min(exchange, experts): 1 = the smaller side fully hidden
-  peak MB   of the serial and the overlapped layer's timed steps, measured apart (CUDA: tensors
-            allocated; CPU: the process's peak RSS), so a user sees what the chunks cost in memory
+  peak MB   of the serial and the overlapped layer's timed steps, measured apart, the serial layer
+            deleted first (CUDA: tensors allocated; CPU: the process's peak RSS, which can carry
+            memory the allocator kept from the serial run), so a user sees what the chunks cost
 The target of the overlap issue: overlapped <= 1.15 x max(exchange, experts) and serial /
 overlapped >= 1.25.
 """

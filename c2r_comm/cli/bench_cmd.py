@@ -9,6 +9,7 @@ and the phase, and exit with EXIT_COMM_ERROR (comm_failures.py).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import sys
@@ -278,6 +279,7 @@ def bench_all(config: Config, trace: Optional[RoutingTrace], names: list[str], g
         overlap = None
         if overlap_degree is not None:
             del layer  # the serial layer's weights and gradients would count in the pipelined one's peak memory
+            gc.collect()
             piped = build_moe_layer(with_overrides(config, {"schedule.overlap_degree": overlap_degree}), groups,
                                     device, dispatcher=name)
             piped_meas = measure_layer(piped, x_TD, grad_TD, run.warmup_iters, run.iters, routing, groups.ep,

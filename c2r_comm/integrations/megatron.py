@@ -73,7 +73,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from c2r_comm.dispatch import DROPPED_CHOICE, DispatchHandle, Dispatcher, ExchangePlan, InputError, build_dispatcher
 from c2r_comm.groups import ProcessGroups, build_process_groups
-from c2r_comm.integrations.megatron_options import C2RMegatronOptions, unsupported_option, check_megatron_config
+from c2r_comm.integrations.megatron_options import C2RMegatronOptions, check_megatron_config, unsupported_option
 from c2r_comm.plan import PlacementPlan
 from c2r_comm.topology import Topology
 
@@ -156,8 +156,8 @@ class C2RTokenDispatcher(MoETokenDispatcher):
         super().__init__(config=config, pg_collection=pg_collection)
         options = options if options is not None else C2RMegatronOptions()
         if self.tp_size != 1:
-            raise unsupported_option("expert_tensor_parallel_size", self.tp_size, "1 (the expert tensor-parallel group "
-                               "must have one rank)")
+            raise unsupported_option("expert_tensor_parallel_size", self.tp_size, "1 (the expert tensor-parallel "
+                                     "group must have one rank)")
         E, ep = config.num_moe_experts, self.ep_size
         plan = options.plan if options.plan is not None else PlacementPlan.contiguous(E, ep)
         if plan.replicas:

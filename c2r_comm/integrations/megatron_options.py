@@ -62,14 +62,14 @@ def check_megatron_config(config) -> None:
         raise unsupported_option("expert_tensor_parallel_size", etp, "1 (experts are not tensor-parallel)")
     if config.moe_token_dispatcher_type not in MEGATRON_DISPATCHER_TYPES:
         raise unsupported_option("moe_token_dispatcher_type", config.moe_token_dispatcher_type,
-                           f"{MEGATRON_DISPATCHER_TYPES} (MoELayer builds that dispatcher, then C2RMoELayer replaces "
-                           "it; 'alltoall' is needed for moe_shared_expert_overlap)")
+                                 f"{MEGATRON_DISPATCHER_TYPES} (MoELayer builds that dispatcher, then C2RMoELayer "
+                                 "replaces it; 'alltoall' is needed for moe_shared_expert_overlap)")
     if getattr(config, "overlap_moe_expert_parallel_comm", False):
-        raise unsupported_option("overlap_moe_expert_parallel_comm", True, "False (not verified with the c2r dispatcher: "
-                           "its phases would run on Megatron's communication stream)")
+        raise unsupported_option("overlap_moe_expert_parallel_comm", True, "False (not verified with the c2r "
+                                 "dispatcher: its phases would run on Megatron's communication stream)")
     if config.recompute_granularity == "selective" and "moe" in (config.recompute_modules or ()):
-        raise unsupported_option("recompute_modules", list(config.recompute_modules), "a list without 'moe' (recomputing "
-                           "the MoE layer would re-run its exchanges inside backward; not verified)")
+        raise unsupported_option("recompute_modules", list(config.recompute_modules), "a list without 'moe' "
+                                 "(recomputing the MoE layer would re-run its exchanges inside backward; not verified)")
     for option, allowed in (("moe_pad_expert_input_to_capacity", "False (capacity mode drops without padding here: "
                              "a padded routing map gives tokens more than moe_router_topk experts)"),
                             ("moe_router_padding_for_quantization", "False"),
@@ -83,5 +83,5 @@ def check_megatron_config(config) -> None:
         names = {getattr(s, "name", s) for s in scopes}
         if not names or not names <= _GRAPH_SCOPES_WITHOUT_MOE:
             raise unsupported_option("cuda_graph_scope", sorted(map(str, names)),
-                               f"scopes within {sorted(_GRAPH_SCOPES_WITHOUT_MOE)} when cuda_graph_impl is set "
-                               "(the count exchange syncs with the host)")
+                                     f"scopes within {sorted(_GRAPH_SCOPES_WITHOUT_MOE)} when cuda_graph_impl is set "
+                                     "(the count exchange syncs with the host)")

@@ -201,9 +201,9 @@ def _mirrored_backward(run: PipelineRun, grads: Sequence[torch.Tensor], grad_TD:
                                    [ch.expert_x_leaf.grad, None if ew is None else ew.grad]).advance())
     # The experts' weight gradients of every chunk at once, while the dispatch backward exchanges
     # travel (deferred_wgrad.py). They are waited on only after it: waiting on chunk c-1's before
-    # would free its buffers earlier (emulated 2x2, split: about 40 MB of a 900 MB peak per rank)
-    # but hold the weight gradients back behind the link (0.1 Gbit/s, exchange thread: backward
-    # 0.77 of serial against 0.70; split: even; docs/benchmarks.md, "Split backward").
+    # would free its buffers earlier (emulated 2x2: no difference in peak memory showed) but hold
+    # the weight gradients back behind the link (0.1 Gbit/s, exchange thread: backward 0.77 of
+    # serial against 0.70; split: even; docs/benchmarks.md, "Split backward").
     run.weight_grads.flush()
     for pending in dispatch_back:
         pending.wait()
