@@ -157,15 +157,20 @@ def _pipelined_vs_serial(world, dispatcher: str, dtype: str, shared: int, steps:
     return results
 
 
+def _assert_each_close(got: list, want: list, tol: float) -> None:
+    """Every tensor within tol x the largest magnitude of its counterpart (at least 1e-6)."""
+    for a, b in zip(got, want):
+        scale = max(b.abs().max().item(), 1e-6)
+        assert (a - b).abs().max().item() <= tol * scale
+
+
 @pytest.mark.parametrize("dispatcher", sorted(DISPATCHERS))
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
 def test_pipelined_layer_on_cuda_equals_serial(nccl_world_of_one, dispatcher, dtype, tol):
     """overlap_degree 2 (chunks; the split backward on the autograd device thread, where an exchange
     thread would hang; deferred weight gradients; bf16: grouped GEMMs) gives the serial layer's
     output and gradients on the GPU."""
-    for a, b in zip(*_pipelined_vs_serial(nccl_world_of_one, dispatcher, dtype, 0, 1, T, D)):
-        scale = max(b.abs().max().item(), 1e-6)
-        assert (a - b).abs().max().item() <= tol * scale
+    _assert_each_close(*_pipelined_vs_serial(nccl_world_of_one, dispatcher, dtype, 0, 1, T, D), tol)
 
 
 @pytest.fixture
@@ -194,6 +199,4 @@ def test_pipelined_layer_with_held_back_collectives_equals_serial(nccl_world_of_
     """The stream plumbing under stress: a shared expert (its backward runs while chunk 0's gradients
     travel), two steps (buffers the allocator hands out again), 2,048 tokens of hidden 512, and
     every collective late on the GPU. Degree 2 still gives degree 1's output and gradients."""
-    for a, b in zip(*_pipelined_vs_serial(nccl_world_of_one, dispatcher, "float32", 1, 2, 2048, 512)):
-        scale = max(b.abs().max().item(), 1e-6)
-        assert (a - b).abs().max().item() <= 1e-5 * scale
+    _assert_each_close(*_pipelined_vs_serial(nccl_world_of_one, dispatcher, "float32", 1, 2, 2048, 512), 1e-5)

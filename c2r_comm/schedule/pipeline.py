@@ -28,8 +28,8 @@ Two ways to run it (`exchange_thread`):
     it, so the expert kernels issued between them run while the bytes move. A hierarchical piece
     has two exchanges: up front only the first stage of each chunk's combine backward (the
     cross-node one) starts; its node-local stage starts when chunk c is waited on, after chunk
-    c-1's dispatch backward, and a dispatch backward waits its node-local stage before it starts
-    the cross-node one. The order is still the program's, the same on every rank.
+    c-1's dispatch backward has started, and a dispatch backward waits its node-local stage before
+    it starts the cross-node one (advance()). The order is still the program's, the same on every rank.
   * exchange thread (the CPU default): each communicating piece runs whole (autograd, packing,
     the blocking exchange) on one extra thread, so on gloo its CPU work also runs beside the
     experts (emulated 2x2 on 2 cores: even with split at 0.1 Gbit/s, its backward about 3 %
