@@ -96,7 +96,7 @@ class RankPool:
         start_single_threaded(self._procs)
         self.starts += 1
         try:
-            self._collect(-1, self.start_timeout_s)
+            self._collect(-1, self.start_timeout_s, self.error_grace_s)
         except BaseException:
             self._kill()
             raise
@@ -132,10 +132,12 @@ class RankPool:
         self.start()
 
     # ---- tasks --------------------------------------------------------------------------------
-    def run(self, fn: Callable, *args: Any, timeout_s: Optional[float] = None) -> list[Any]:
+    def run(self, fn: Callable, *args: Any, timeout_s: Optional[float] = None,
+            error_grace_s: Optional[float] = None) -> list[Any]:
         """fn(rank, world, *args) on every rank (fn and args picklable; fn at module level);
         results by rank. Raises RankError (every failing rank's traceback, -1 for a timeout or a
-        dead rank) after restarting the pool, so the next run() starts clean."""
+        dead rank) after restarting the pool, so the next run() starts clean. error_grace_s
+        overrides the pool's wait for the other ranks' reports after one rank failed."""
         if not self._procs:
             self.start()
         self._next_id += 1
@@ -143,7 +145,8 @@ class RankPool:
         for q in self._tasks:
             q.put((task_id, fn, args))
         try:
-            results = self._collect(task_id, self.timeout_s if timeout_s is None else timeout_s)
+            results = self._collect(task_id, self.timeout_s if timeout_s is None else timeout_s,
+                                    self.error_grace_s if error_grace_s is None else error_grace_s)
         except RankError:
             self._kill()  # ranks may sit in a collective their peers left: start over next time
             self.restarts += 1
@@ -151,7 +154,7 @@ class RankPool:
         self.tasks += 1
         return results
 
-    def _collect(self, task_id: int, timeout_s: float) -> list[Any]:
+    def _collect(self, task_id: int, timeout_s: float, error_grace_s: float) -> list[Any]:
         results: dict[int, Any] = {}
         errors: dict[int, str] = {}
         deadline = time.monotonic() + timeout_s
@@ -159,7 +162,7 @@ class RankPool:
         while len(results) + len(errors) < self.world:
             now = time.monotonic()
             if errors and not in_grace:  # the others may be stuck: a moment to report their own errors
-                deadline, in_grace = min(deadline, now + self.error_grace_s), True
+                deadline, in_grace = min(deadline, now + error_grace_s), True
             if now >= deadline:
                 if not errors:
                     missing = sorted(set(range(self.world)) - set(results))

@@ -1,41 +1,23 @@
-"""Spawn real gloo ranks on CPU and collect each rank's return value (or its exception)."""
+"""Real gloo ranks on CPU: run a function on each and collect each rank's return value (or its exception)."""
 from __future__ import annotations
 
+import atexit
+import collections
 import faulthandler
 import os
 import socket
-import traceback
+import sys
+import threading
 from datetime import timedelta
 from typing import Any, Callable
 
-import torch.multiprocessing as mp
+import torch
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _worker(rank: int, world_size: int, port: int, timeout_s: float, fn: Callable, args: tuple, queue) -> None:
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)  # 2 cores shared by up to 8 ranks
-    # A rank still running shortly before the parent gives up prints every thread's stack to
-    # stderr (the test's captured output) and exits, so a hang names where it hangs.
-    faulthandler.dump_traceback_later(timeout_s + 30, exit=True)
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world_size, timeout=timedelta(seconds=timeout_s))
-        result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
-    except BaseException as exc:  # report, never hang the parent
-        queue.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        faulthandler.cancel_dump_traceback_later()
 
 
 def start_single_threaded(procs) -> None:
@@ -59,30 +41,77 @@ class RankError(RuntimeError):
         super().__init__("\n".join(f"[rank {r}] {e}" for r, e in sorted(errors.items())))
 
 
+# One pool of ranks per world size, shared by every run_ranks call of the session: spawning gloo
+# ranks costs ~1.5 s per rank on 2 cores (torch's import), about half of what the multi-rank
+# tests took when each call spawned its own. At most _MAX_POOLS stay alive (least recently used
+# closed first); all are closed at exit.
+_MAX_POOLS = 2
+_POOLS: "collections.OrderedDict[int, Any]" = collections.OrderedDict()
+_FRESH_TORCH_SEED = torch.initial_seed()  # in a rank: what a fresh process starts with
+
+
+def _pool(world_size: int):
+    from rank_pool import RankPool
+
+    pool = _POOLS.pop(world_size, None)
+    if pool is None:
+        pool = RankPool(world_size)
+    _POOLS[world_size] = pool
+    while len(_POOLS) > _MAX_POOLS:
+        _POOLS.popitem(last=False)[1].close()
+    return pool
+
+
+@atexit.register
+def _close_pools() -> None:
+    while _POOLS:
+        _POOLS.popitem()[1].close()
+
+
+def _run_as_if_fresh(rank: int, world_size: int, timeout_s: float, fn: Callable, args: tuple) -> Any:
+    """fn(rank, world_size, *args) in a pooled rank, with what a test may change put back: the
+    process groups it created are destroyed, the environment, working directory, default dtype
+    and grad mode restored, megatron-core's parallel state reset; torch's global RNG starts where a fresh process starts. A Python
+    thread the task started and left running fails the task (nothing may be left running)."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    torch.manual_seed(_FRESH_TORCH_SEED)
+    c10d._set_pg_timeout(timedelta(seconds=timeout_s))  # this call's collective timeout
+    groups, threads = set(c10d._world.pg_map), set(threading.enumerate())
+    env, cwd = dict(os.environ), os.getcwd()
+    dtype, grad = torch.get_default_dtype(), torch.is_grad_enabled()
+    faulthandler.dump_traceback_later(timeout_s + 30, exit=True)  # a hang names where it hangs
+    try:
+        result = fn(rank, world_size, *args)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        megatron_state = sys.modules.get("megatron.core.parallel_state")  # its groups are about to go
+        if megatron_state is not None and megatron_state.model_parallel_is_initialized():
+            megatron_state.destroy_model_parallel()
+        for g in [g for g in c10d._world.pg_map if g not in groups]:
+            dist.destroy_process_group(g)
+        os.environ.clear()
+        os.environ.update(env)
+        os.chdir(cwd)
+        torch.set_default_dtype(dtype)
+        torch.set_grad_enabled(grad)
+    left = [t for t in threading.enumerate() if t not in threads]
+    for t in left:
+        t.join(timeout=2.0)
+    left = [t.name for t in left if t.is_alive()]
+    if left:
+        raise RuntimeError(f"rank {rank}: the task left threads running: {left}")
+    return result
+
+
 def run_ranks(world_size: int, fn: Callable, *args: Any, timeout_s: float = 120.0) -> list[Any]:
     """Run fn(rank, world_size, *args) on `world_size` gloo ranks; return results by rank.
 
-    Raises RankError with every failing rank's traceback. fn must be a module-level function.
+    timeout_s is the ranks' collective timeout; every rank's report is awaited up to 60 s longer.
+    Raises RankError with every failing rank's traceback (and restarts the pool). fn must be a
+    module-level function. The ranks are pooled (see _pool) but each call sees a fresh-looking
+    process (_run_as_if_fresh).
     """
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, timeout_s, fn, args, queue), daemon=True)
-             for r in range(world_size)]
-    start_single_threaded(procs)
-    results: dict[int, Any] = {}
-    errors: dict[int, str] = {}
-    try:
-        for _ in range(world_size):
-            rank, status, payload = queue.get(timeout=timeout_s + 60)
-            (results if status == "ok" else errors)[rank] = payload
-    except Exception:
-        errors.setdefault(-1, f"timed out after {timeout_s + 60}s waiting for ranks {sorted(set(range(world_size)) - set(results) - set(errors))}")
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    if errors:
-        raise RankError(errors)
-    return [results[r] for r in range(world_size)]
+    return _pool(world_size).run(_run_as_if_fresh, timeout_s, fn, args, timeout_s=timeout_s + 60,
+                                 error_grace_s=timeout_s + 60)
