@@ -47,7 +47,6 @@ class RankError(RuntimeError):
 # closed first); all are closed at exit.
 _MAX_POOLS = 2
 _POOLS: "collections.OrderedDict[int, Any]" = collections.OrderedDict()
-_FRESH_TORCH_SEED = torch.initial_seed()  # in a rank: what a fresh process starts with
 
 
 def _pool(world_size: int):
@@ -71,12 +70,13 @@ def _close_pools() -> None:
 def _run_as_if_fresh(rank: int, world_size: int, timeout_s: float, fn: Callable, args: tuple) -> Any:
     """fn(rank, world_size, *args) in a pooled rank, with what a test may change put back: the
     process groups it created are destroyed, the environment, working directory, default dtype
-    and grad mode restored, megatron-core's parallel state reset; torch's global RNG starts where a fresh process starts. A Python
-    thread the task started and left running fails the task (nothing may be left running)."""
+    and grad mode restored, megatron-core's parallel state reset, torch's global RNG reseeded at
+    random (as a fresh process starts it). A Python thread the task started and left running
+    fails the task (nothing may be left running)."""
     import torch.distributed as dist
     from torch.distributed import distributed_c10d as c10d
 
-    torch.manual_seed(_FRESH_TORCH_SEED)
+    torch.seed()  # a fresh process starts torch's global RNG from a random seed too
     c10d._set_pg_timeout(timedelta(seconds=timeout_s))  # this call's collective timeout
     groups, threads = set(c10d._world.pg_map), set(threading.enumerate())
     env, cwd = dict(os.environ), os.getcwd()
