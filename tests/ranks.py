@@ -45,7 +45,7 @@ class RankError(RuntimeError):
 # ranks costs ~1.5 s per rank on 2 cores (torch's import), about half of what the multi-rank
 # tests took when each call spawned its own. At most _MAX_POOLS stay alive (least recently used
 # closed first); all are closed at exit.
-_MAX_POOLS = 2
+_MAX_POOLS = 3
 _POOLS: "collections.OrderedDict[int, Any]" = collections.OrderedDict()
 
 
