@@ -20,6 +20,7 @@ from datetime import timedelta
 from typing import Any, Callable, Optional
 
 import torch.multiprocessing as mp
+from multiprocessing.reduction import ForkingPickler
 from ranks import RankError, _free_port, start_single_threaded
 
 _STOP = None  # task sentinel: leave the loop, destroy the process group, exit
@@ -140,6 +141,7 @@ class RankPool:
         overrides the pool's wait for the other ranks' reports after one rank failed."""
         if not self._procs:
             self.start()
+        ForkingPickler.dumps((fn, args))  # unpicklable: raise here, not in the queue's feeder thread
         self._next_id += 1
         task_id = self._next_id
         for q in self._tasks:
@@ -147,7 +149,7 @@ class RankPool:
         try:
             results = self._collect(task_id, self.timeout_s if timeout_s is None else timeout_s,
                                     self.error_grace_s if error_grace_s is None else error_grace_s)
-        except RankError:
+        except BaseException:  # RankError, or pytest-timeout / Ctrl-C while waiting
             self._kill()  # ranks may sit in a collective their peers left: start over next time
             self.restarts += 1
             raise
@@ -164,9 +166,8 @@ class RankPool:
             if errors and not in_grace:  # the others may be stuck: a moment to report their own errors
                 deadline, in_grace = min(deadline, now + error_grace_s), True
             if now >= deadline:
-                if not errors:
-                    missing = sorted(set(range(self.world)) - set(results))
-                    errors[-1] = f"timed out after {timeout_s:.0f}s waiting for ranks {missing}"
+                missing = sorted(set(range(self.world)) - set(results) - set(errors))
+                errors[-1] = f"timed out after {timeout_s:.0f}s waiting for ranks {missing}"
                 break
             try:
                 tid, rank, status, payload = self._replies.get(timeout=min(0.5, max(0.01, deadline - now)))

@@ -54,7 +54,7 @@ def _pool(world_size: int):
 
     pool = _POOLS.pop(world_size, None)
     if pool is None:
-        pool = RankPool(world_size)
+        pool = RankPool(world_size, pg_timeout_s=120.0)  # rendezvous and store timeout; each call sets its own
     _POOLS[world_size] = pool
     while len(_POOLS) > _MAX_POOLS:
         _POOLS.popitem(last=False)[1].close()
@@ -69,12 +69,17 @@ def _close_pools() -> None:
 
 def _run_as_if_fresh(rank: int, world_size: int, timeout_s: float, fn: Callable, args: tuple) -> Any:
     """fn(rank, world_size, *args) in a pooled rank, with what a test may change put back: the
-    process groups it created are destroyed, the environment, working directory, default dtype
-    and grad mode restored, megatron-core's parallel state reset, torch's global RNG reseeded at
-    random (as a fresh process starts it). A Python thread the task started and left running
-    fails the task (nothing may be left running)."""
+    process groups it created are destroyed, c2r_comm's failure reports cleared from the store,
+    the environment, working directory, default dtype and grad mode restored, megatron-core's
+    parallel state reset, torch's global RNG reseeded at random (as a fresh process starts it).
+    A Python thread the task started and left running, or a destroyed default group, fails the
+    task. When fn raises, nothing is put back: the pool is killed and restarted anyway. Not
+    reset: libraries that cache process groups elsewhere (DeepSpeed's groups): run those with
+    run_ranks(..., fresh=True)."""
     import torch.distributed as dist
     from torch.distributed import distributed_c10d as c10d
+
+    from c2r_comm.comm_failures import _REPORTS_KEY
 
     torch.seed()  # a fresh process starts torch's global RNG from a random seed too
     c10d._set_pg_timeout(timedelta(seconds=timeout_s))  # this call's collective timeout
@@ -84,34 +89,42 @@ def _run_as_if_fresh(rank: int, world_size: int, timeout_s: float, fn: Callable,
     faulthandler.dump_traceback_later(timeout_s + 30, exit=True)  # a hang names where it hangs
     try:
         result = fn(rank, world_size, *args)
-    finally:
-        faulthandler.cancel_dump_traceback_later()
+        if not dist.is_initialized():
+            raise RuntimeError(f"rank {rank}: the task destroyed the default process group")
         megatron_state = sys.modules.get("megatron.core.parallel_state")  # its groups are about to go
         if megatron_state is not None and megatron_state.model_parallel_is_initialized():
             megatron_state.destroy_model_parallel()
         for g in [g for g in c10d._world.pg_map if g not in groups]:
             dist.destroy_process_group(g)
+        c10d._get_default_store().delete_key(_REPORTS_KEY)
         os.environ.clear()
         os.environ.update(env)
         os.chdir(cwd)
         torch.set_default_dtype(dtype)
         torch.set_grad_enabled(grad)
-    left = [t for t in threading.enumerate() if t not in threads]
-    for t in left:
-        t.join(timeout=2.0)
-    left = [t.name for t in left if t.is_alive()]
-    if left:
-        raise RuntimeError(f"rank {rank}: the task left threads running: {left}")
-    return result
+        left = [t for t in threading.enumerate() if t not in threads]
+        for t in left:
+            t.join(timeout=2.0)
+        left = [t.name for t in left if t.is_alive()]
+        if left:
+            raise RuntimeError(f"rank {rank}: the task left threads running: {left}")
+        return result
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
-def run_ranks(world_size: int, fn: Callable, *args: Any, timeout_s: float = 120.0) -> list[Any]:
+def run_ranks(world_size: int, fn: Callable, *args: Any, timeout_s: float = 120.0, fresh: bool = False) -> list[Any]:
     """Run fn(rank, world_size, *args) on `world_size` gloo ranks; return results by rank.
 
     timeout_s is the ranks' collective timeout; every rank's report is awaited up to 60 s longer.
     Raises RankError with every failing rank's traceback (and restarts the pool). fn must be a
     module-level function. The ranks are pooled (see _pool) but each call sees a fresh-looking
-    process (_run_as_if_fresh).
+    process (_run_as_if_fresh); fresh=True spawns new ranks for this call alone.
     """
+    if fresh:
+        from rank_pool import RankPool
+
+        with RankPool(world_size, pg_timeout_s=timeout_s, start_timeout_s=timeout_s) as pool:
+            return pool.run(fn, *args, timeout_s=timeout_s + 60, error_grace_s=timeout_s + 60)
     return _pool(world_size).run(_run_as_if_fresh, timeout_s, fn, args, timeout_s=timeout_s + 60,
                                  error_grace_s=timeout_s + 60)

@@ -54,3 +54,8 @@ def test_a_pooled_call_sees_a_fresh_rank_and_a_failure_restarts_the_pool():
 
     with pytest.raises(RankError, match="left threads running: \\['left-behind'\\]"):
         run_ranks(2, _leave_a_thread)
+
+    started = time.monotonic()  # an argument the ranks cannot receive: refused at once, not timed out
+    with pytest.raises(Exception, match="pickle"):
+        run_ranks(2, _look, lambda: None)
+    assert time.monotonic() - started < 5

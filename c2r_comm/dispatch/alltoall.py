@@ -13,10 +13,11 @@ from typing import Optional
 import torch
 
 from c2r_comm.comm_failures import CommSite
+from c2r_comm.counting import bucket_counts
 from c2r_comm.dispatch.base import DispatchHandle, Dispatcher, ExpertBatch, Route, RouteStage
 from c2r_comm.dispatch.comm import CountExchange
 from c2r_comm.dispatch.exchange_plan import ExchangePlan, StageTraffic
-from c2r_comm.dispatch.layout import RankGeometry, bucket_counts, expert_offsets, valid_choices
+from c2r_comm.dispatch.layout import RankGeometry, expert_offsets, valid_choices
 from c2r_comm.dispatch.row_sum import RowSum, csr_sum_available, sources_by_destination
 from c2r_comm.dispatch.transport import Exchange, LinkTape, Pending, link
 

@@ -75,7 +75,9 @@ def exchange_counts(send_counts_WC: torch.Tensor, status: torch.Tensor, group: A
         packed[:, C + 1 + j] = value
     with guard(lambda: site.at(stage="count exchange", group=group, group_peers=tuple(range(W)))):
         dist.all_to_all_single(recv, packed, group=group)
-    host = both.cpu()  # the host sync
+    # The host sync. A copy of its own also when the group runs on the CPU (where .cpu() would
+    # return `both` itself), so the host's copy and the device's are never the same tensor.
+    host = both.to("cpu", copy=True)
     recv_rows, sent_rows = host.tolist()
     statuses = [row[C] for row in recv_rows]
     me = dist.get_rank(group)

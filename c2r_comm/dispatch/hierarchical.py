@@ -22,11 +22,12 @@ import torch
 import torch.distributed as dist
 
 from c2r_comm.comm_failures import CommSite
+from c2r_comm.counting import bucket_counts
 from c2r_comm.dispatch.base import DispatchHandle, Dispatcher, ExpertBatch, Route, RouteStage
 from c2r_comm.dispatch.comm import CountExchange, metadata_dtype
 from c2r_comm.dispatch.dedup import expanded_grad_packer, grad_format, link_token_rows, token_format, weighted_partials
 from c2r_comm.dispatch.exchange_plan import ExchangePlan, StageTraffic
-from c2r_comm.dispatch.layout import (RankGeometry, bucket_counts, distinct_counts, expert_offsets, group_rows,
+from c2r_comm.dispatch.layout import (RankGeometry, distinct_counts, expert_offsets, group_rows,
                                       pairs_by_slot, valid_choices)
 from c2r_comm.dispatch.pack import RowFormat
 from c2r_comm.dispatch.row_sum import RowSum, csr_sum_available

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from c2r_comm.counting import bucket_counts
 from c2r_comm.placement.replica_choice import choose_copies
 from c2r_comm.dispatch.row_sum import RowSum, sources_by_destination
 from c2r_comm.plan import PlacementPlan
@@ -42,15 +43,6 @@ def distinct_counts(group_TK: torch.Tensor, num_groups: int, valid_TK: torch.Ten
     counts = torch.zeros(num_groups + 1, dtype=torch.int64, device=group_TK.device)
     return counts.index_add_(0, torch.where(first, group_TK, num_groups).reshape(-1),
                              torch.ones_like(group_TK, dtype=torch.int64).reshape(-1))[:num_groups]
-
-
-def bucket_counts(bucket: torch.Tensor, num_buckets: int, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """int64 [num_buckets] occurrences of each bucket id (a bincount without the GPU sync);
-    entries where `valid` is False are not counted."""
-    counts = torch.zeros(num_buckets + 1, dtype=torch.int64, device=bucket.device)
-    if valid is not None:
-        bucket = torch.where(valid, bucket, num_buckets)
-    return counts.index_add_(0, bucket.reshape(-1), torch.ones_like(bucket, dtype=torch.int64).reshape(-1))[:num_buckets]
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Collaboration profiler: per-layer expert co-activation counts, loads, and what they imply.
 
 C[l, i, j] = number of tokens whose selected set at layer l holds both i and j (i != j).
-Counts stay on the device of the routed indices (one bincount per update); ranks merge with a
+Counts stay on the device of the routed indices (one sync-free count per update); ranks merge with a
 single all_reduce of one packed int64 tensor. Results are a frozen `CollaborationStats`.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from c2r_comm.comm_failures import group_site, guard
 from c2r_comm.config import check_top_t
+from c2r_comm.counting import bucket_counts
 from c2r_comm.plan import PlacementPlan, distinct_per_token, expert_to_node
 from c2r_comm.routing.trace import check_distinct_experts
 from c2r_comm.topology import Topology
@@ -47,12 +48,13 @@ def pair_counts(ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Flattened [E*E] co-activation counts of one batch (zero diagonal), on the ids' device.
 
     Ordered pairs (a, b) of slots with a != b: each unordered expert pair counts once per direction,
-    so the matrix is symmetric.
+    so the matrix is symmetric. A token's experts must be distinct (update()'s check). No host sync.
     """
-    E, K = num_experts, ids_TK.shape[1]
+    E = num_experts
     pair_TKK = ids_TK[:, :, None] * E + ids_TK[:, None, :]
-    off_diag_KK = ~torch.eye(K, dtype=torch.bool, device=ids_TK.device)
-    return torch.bincount(pair_TKK[:, off_diag_KK].reshape(-1), minlength=E * E)
+    counts = bucket_counts(pair_TKK, E * E)
+    # every slot's pair with itself lands on the diagonal; distinct experts per token never do
+    return counts.view(E, E).fill_diagonal_(0).view(-1)
 
 
 def coactivation_counts(ids_TK: np.ndarray, num_experts: int) -> np.ndarray:
@@ -231,7 +233,7 @@ class CollaborationProfiler:
         ids_TK = ids_TK.to(self._device, torch.long)
         E = self.num_experts
         self._counts_LP[layer] += pair_counts(ids_TK, E)
-        self._loads_LE[layer] += torch.bincount(ids_TK.reshape(-1), minlength=E)
+        self._loads_LE[layer] += bucket_counts(ids_TK, E)
         self._tokens_L[layer] += ids_TK.shape[0]
         if self._gpu_of is not None and ids_TK.shape[0]:
             ids_np = ids_TK.cpu().numpy()

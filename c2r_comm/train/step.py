@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from c2r_comm.comm_failures import group_site, guard
+from c2r_comm.counting import bucket_counts
 from c2r_comm.routing.collaboration import CollaborationProfiler
 from c2r_comm.train.model import LMOutput, MoETransformerLM
 
@@ -48,7 +49,7 @@ def _distinct_ranks(geo, idx_TK: torch.Tensor, by_node: bool) -> torch.Tensor:
 def _metrics(model: MoETransformerLM, out: LMOutput, ce_sum: torch.Tensor, tokens: int, group: Any) -> StepMetrics:
     """One all_reduce of [ce sum, tokens, aux, copies, distinct GPUs, loads per layer and expert]."""
     E = model.moes[0].router.num_experts if model.moes else 1
-    loads = [torch.bincount(i.reshape(-1), minlength=E).to(torch.float64) for i in out.topk_idx_LTK]
+    loads = [bucket_counts(i, E).to(torch.float64) for i in out.topk_idx_LTK]
     distinct = [_distinct_ranks(m.dispatcher.geometry(i.device), i, m.dispatcher.name == "hierarchical").sum()
                 for m, i in zip(model.moes, out.topk_idx_LTK)]  # the dispatcher's cached expert -> rank maps
     device = ce_sum.device
