@@ -66,6 +66,7 @@ LAYER_CASES = {
     "alltoall": _case("alltoall", 1, 2, shared=True),
     "dedup": _case("dedup", 1, 2, dropped=0.3, gate=True),
     "hierarchical-2x1": _case("hierarchical", 2, 1, shared=True),
+    "hierarchical-1x2": _case("hierarchical", 1, 2),
     "alltoall-pipelined": _case("alltoall", 1, 2, overlap=2),
     "dedup-pipelined-shared": _case("dedup", 1, 2, overlap=3, shared=True),
     "hierarchical-2x1-pipelined": _case("hierarchical", 2, 1, overlap=2, dropped=0.3),

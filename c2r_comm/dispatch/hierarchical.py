@@ -117,7 +117,7 @@ class HierarchicalDispatcher(Dispatcher):
                         tuple(recv[list(self.rail_peers), 0].tolist()), sparse=True,
                         reverse_group=self.groups.ep_reverse, site=site, stage="cross-node")
         node_ranks = topo.ranks_on_node(self.node_index)
-        forwarded = recv[list(self.rail_peers), 1:1 + G].sum(0) if self.rail_peers else torch.zeros(G, dtype=torch.int64)
+        forwarded = recv[list(self.rail_peers), 1:1 + G].sum(0) if self.rail_peers else recv.new_zeros(G)  # host ints
         send_b = sent[node_ranks, 1 + G] + forwarded  # own rows for each GPU here + rail peers' rows
         # from forwarder i: the rows of every source on rail i that are meant for this rank
         recv_b = recv[:, 1 + G].reshape(topo.nodes, G).sum(0)
