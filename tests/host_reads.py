@@ -4,7 +4,8 @@ makes a CUDA stream wait for the host, inside a block of torch code.
 A GPU stalls whenever the host needs a value computed on the device: `.item()`, `int(t)`,
 `bool(t)`, `.tolist()`, `.numpy()`, and operators whose output size depends on the data
 (`nonzero`, boolean-mask indexing, `unique`, `masked_select`, `bincount`, `repeat_interleave`
-without `output_size`). On a CPU none of them costs anything, so a test cannot see them by timing;
+without `output_size`), and so does a copy of Python data to the device (`torch.tensor(...,
+device=...)`: torch waits for a copy from pageable memory). On a CPU none of them costs anything, so a test cannot see them by timing;
 this guard sees them by name. A dispatch is allowed exactly one such read, the count exchange
 (`dispatch/comm.py::exchange_counts`): inside it nothing is recorded, and what it returns is the
 host copy, so reads of that copy, and of tensors computed from host tensors alone, are host work
@@ -16,6 +17,9 @@ and fine (the guard follows that through every operator).
 
 TorchDispatchMode is per thread: work on other threads (the CPU's exchange thread) is not seen,
 except `.tolist()` / `.numpy()`, which are patched for every thread while the guard is active.
+Blind spots on a CPU: `.cpu()` / `.to("cpu")` of device data returns the tensor itself there (its
+later host use is flagged), and `.to(device)` of host data is no copy at all. On a GPU,
+tests/test_cuda_layer.py runs CUDA's own sync detector over the layer instead.
 """
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ SYNCING_OPS = {
 
 
 def _storage(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
+    return t.untyped_storage()._cdata  # the storage object itself (kept alive), not its data pointer
 
 
 class HostReadGuard(TorchDispatchMode):
@@ -54,9 +58,11 @@ class HostReadGuard(TorchDispatchMode):
         super().__init__()
         self.violations: list[str] = []
         self._host: set[int] = set()  # storages that hold host data (the count exchange's copy and what follows from it)
+        self._alive: list[torch.Tensor] = []  # keeps them allocated: a freed pointer must not mark device data as host
         self._paused = 0
         self._owner = threading.get_ident()
         self._saved: dict[str, Any] = {}
+        self.count_exchanges = 0  # count exchanges run in the block (a test can check the guard saw them)
 
     # ---- bookkeeping --------------------------------------------------------------------------
     def _where(self) -> str:
@@ -66,8 +72,12 @@ class HostReadGuard(TorchDispatchMode):
     def _flag(self, what: str, why: str) -> None:
         self.violations.append(f"{what} ({why}) at {self._where() or '?'}")
 
+    def _mark_host(self, t: torch.Tensor) -> None:
+        self._host.add(_storage(t))
+        self._alive.append(t)
+
     def _is_host(self, t: torch.Tensor) -> bool:
-        return t.numel() == 0 or _storage(t) in self._host
+        return _storage(t) in self._host
 
     # ---- the mode ------------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -86,10 +96,13 @@ class HostReadGuard(TorchDispatchMode):
                     if i is not None):
                 self._flag(f"aten.{name} with a boolean mask", "runs nonzero on the mask")
         out = func(*args, **kwargs)
-        if all_host and not self._paused:
-            for t in tree_flatten(out)[0]:
+        if not self._paused:
+            for t in tree_flatten(out)[0]:  # in-place and out= results included
                 if isinstance(t, torch.Tensor):
-                    self._host.add(_storage(t))
+                    if all_host:
+                        self._mark_host(t)
+                    else:  # device data written into it: no longer host data
+                        self._host.discard(_storage(t))
         return out
 
     # ---- host reads that do not go through the dispatcher --------------------------------------
@@ -98,13 +111,28 @@ class HostReadGuard(TorchDispatchMode):
         guard = self
 
         def read(t: torch.Tensor, *a, **k):
-            if not guard._paused and not guard._is_host(t):
+            if not guard._paused and t.numel() and not guard._is_host(t):
                 guard._flag(f"Tensor.{method}()", "copies device data to the host")
             return orig(t, *a, **k)
         return read
 
+    def _patched_factory(self, name: str):
+        orig = self._saved[name]
+        guard = self
+
+        def make(data, *a, **k):
+            device = k.get("device")
+            if not guard._paused and device is not None and not isinstance(data, torch.Tensor):
+                guard._flag(f"torch.{name}(..., device=...)", "copies host data to the device and waits for it")
+            return orig(data, *a, **k)
+        return make
+
     def __enter__(self):
         import c2r_comm.dispatch.base as base
+
+        for name in ("tensor", "as_tensor"):
+            self._saved[name] = getattr(torch, name)
+            setattr(torch, name, self._patched_factory(name))
 
         for method in ("tolist", "numpy"):
             self._saved[method] = getattr(torch.Tensor, method)
@@ -112,12 +140,14 @@ class HostReadGuard(TorchDispatchMode):
         self._saved["exchange_counts"] = orig = base.exchange_counts
 
         def exchange_counts(*a, **k):  # the one allowed host sync: its result is host data
+            self.count_exchanges += 1
             self._paused += 1
             try:
                 counts = orig(*a, **k)
             finally:
                 self._paused -= 1
-            self._host.update(_storage(t) for t in (counts.recv_WC, counts.sent_WC))
+            for t in (counts.recv_WC, counts.sent_WC):
+                self._mark_host(t)
             return counts
         base.exchange_counts = exchange_counts
         return super().__enter__()
@@ -131,3 +161,5 @@ class HostReadGuard(TorchDispatchMode):
             base.exchange_counts = self._saved["exchange_counts"]
             for method in ("tolist", "numpy"):
                 setattr(torch.Tensor, method, self._saved[method])
+            for name in ("tensor", "as_tensor"):
+                setattr(torch, name, self._saved[name])

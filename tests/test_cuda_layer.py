@@ -2,7 +2,8 @@
 single-process reference on the CPU (fp32: the experts' loop path; bf16: the grouped-GEMM path
 where the GPU has it), two micro-batches in flight on the GPU's streams, and the pipelined layer
 (split backward) against the serial one, also with every collective held back on the GPU so that a
-missing wait would read a receive buffer before NCCL wrote it. Skipped without CUDA
+missing wait would read a receive buffer before NCCL wrote it; and no host sync outside the count
+exchange (CUDA's sync detector). Skipped without CUDA
 (launch/gpu_checks.sh runs it on a lent GPU)."""
 from __future__ import annotations
 
@@ -200,3 +201,36 @@ def test_pipelined_layer_with_held_back_collectives_equals_serial(nccl_world_of_
     travel), two steps (buffers the allocator hands out again), 2,048 tokens of hidden 512, and
     every collective late on the GPU. Degree 2 still gives degree 1's output and gradients."""
     _assert_each_close(*_pipelined_vs_serial(nccl_world_of_one, dispatcher, "float32", 1, 2, 2048, 512), 1e-5)
+
+
+@pytest.mark.parametrize("dispatcher", sorted(DISPATCHERS))
+@pytest.mark.parametrize("dtype,degree", [("float32", 1), ("bfloat16", 1), ("bfloat16", 2)])
+def test_only_the_count_exchange_syncs_the_host_on_cuda(nccl_world_of_one, monkeypatch, dispatcher, dtype, degree):
+    """CUDA's own sync detector (torch.cuda.set_sync_debug_mode "error": any .item(), D2H copy,
+    nonzero, ... raises) over a layer step, forward and backward, except inside the count exchange:
+    the GPU's truth for what tests/test_host_syncs.py checks by operator name on the CPU."""
+    import c2r_comm.dispatch.base as base
+
+    layer = build_moe_layer(_config(dtype, degree, shared=1), nccl_world_of_one, torch.device("cuda"),
+                            dispatcher=dispatcher)
+    x, idx, w, grad = [t.cuda() for t in _inputs(torch.float32, seed=4)]
+    xd, wd = x.to(getattr(torch, dtype)).requires_grad_(), w.clone().requires_grad_()
+    counted = base.exchange_counts
+
+    def the_one_sync(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            return counted(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode(2)
+
+    monkeypatch.setattr(base, "exchange_counts", the_one_sync)
+    for step in range(2):  # the first step may build cached tables
+        torch.cuda.set_sync_debug_mode(2 if step else 0)
+        try:
+            out = layer.forward_routed(xd, idx, wd).out_TD
+            (out * grad.to(out)).sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert torch.isfinite(xd.grad).all()

@@ -29,6 +29,16 @@ def test_the_guard_sees_every_kind_of_host_read():
         with HostReadGuard() as guard:
             read()
         assert len(guard.violations) >= 1, read
+    with HostReadGuard() as guard:  # host data overwritten with device data is device data
+        host = torch.zeros(3)
+        guard._mark_host(host)
+        host.tolist()
+        host.copy_(x[:3])
+        host.tolist()
+    assert len(guard.violations) == 1, guard.violations
+    with HostReadGuard() as guard:  # Python data copied to a device
+        torch.tensor([1, 2], device=x.device)
+    assert len(guard.violations) == 1, guard.violations
     with HostReadGuard() as guard:  # device work that needs no host value
         torch.repeat_interleave(x, x.long(), output_size=15)
         x.sort().indices.index_select(0, torch.arange(3)).cumsum(0)
@@ -41,8 +51,9 @@ def _case(dispatcher: str, nodes: int, gpus: int, **kw) -> FuzzCase:
                     tokens=(9, 5, 0, 7)[:nodes * gpus], **kw)
 
 
-def _layer_step(rank: int, world: int, case: FuzzCase, backward_exchanges: str, capacity) -> list[str]:
-    """Two forward + backward steps of the layer; the host reads the guard found in the second."""
+def _layer_step(rank: int, world: int, case: FuzzCase, backward_exchanges: str, capacity) -> tuple[list[str], int]:
+    """Two forward + backward steps of the layer; the host reads the guard found in the second and
+    the count exchanges it saw there."""
     groups = build_process_groups(Topology(case.nodes, case.gpus_per_node), timeout_s=30)
     plan = case.plan
     disp = build_dispatcher(case.dispatcher, plan, groups, case.hidden)
@@ -59,7 +70,7 @@ def _layer_step(rank: int, world: int, case: FuzzCase, backward_exchanges: str, 
             (out * grad).sum().backward()
             if layer.replica_grad_sync is not None:
                 layer.replica_grad_sync(experts)
-    return guard.violations
+    return guard.violations, guard.count_exchanges
 
 
 LAYER_CASES = {
@@ -72,20 +83,25 @@ LAYER_CASES = {
     "hierarchical-2x1-pipelined": _case("hierarchical", 2, 1, overlap=2, dropped=0.3),
     "dedup-replicas": _case("dedup", 1, 2, replicas=((1,), (0,))),
     "hierarchical-2x1-replicas-pipelined": _case("hierarchical", 2, 1, overlap=2, replicas=((1,), (0,))),
+    "hierarchical-1x2-pipelined": _case("hierarchical", 1, 2, overlap=2, shared=True),
+    "alltoall-replicas": _case("alltoall", 1, 2, replicas=((1,), (0,)), dropped=0.3),
 }
+
+
+def _assert_clean(per_rank: list[tuple[list[str], int]]) -> None:
+    assert [v for v, _ in per_rank] == [[], []], per_rank
+    assert all(n >= 1 for _, n in per_rank), per_rank  # the guard saw the dispatches it let through
 
 
 @pytest.mark.parametrize("name", LAYER_CASES)
 def test_layer_reads_the_host_only_in_the_count_exchange(name):
     # the split backward: the GPU's (the CPU's default exchange thread is not seen by the guard)
-    per_rank = run_ranks(2, _layer_step, LAYER_CASES[name], "split", None, timeout_s=60)
-    assert per_rank == [[], []], per_rank
+    _assert_clean(run_ranks(2, _layer_step, LAYER_CASES[name], "split", None, timeout_s=60))
 
 
-def test_capacity_mode_reads_the_host_only_in_the_count_exchange():
-    case = _case("dedup", 1, 2)
-    per_rank = run_ranks(2, _layer_step, case, "split", CapacitySpec(1.0), timeout_s=60)
-    assert per_rank == [[], []], per_rank
+@pytest.mark.parametrize("case", [_case("dedup", 1, 2), _case("hierarchical", 2, 1)], ids=["dedup", "hierarchical"])
+def test_capacity_mode_reads_the_host_only_in_the_count_exchange(case):
+    _assert_clean(run_ranks(2, _layer_step, case, "split", CapacitySpec(1.0), timeout_s=60))
 
 
 def test_routers_and_the_profiler_read_nothing_on_the_host():

@@ -53,9 +53,13 @@ def _metrics(model: MoETransformerLM, out: LMOutput, ce_sum: torch.Tensor, token
     distinct = [_distinct_ranks(m.dispatcher.geometry(i.device), i, m.dispatcher.name == "hierarchical").sum()
                 for m, i in zip(model.moes, out.topk_idx_LTK)]  # the dispatcher's cached expert -> rank maps
     device = ce_sum.device
-    head = torch.stack([ce_sum.detach().to(torch.float64), torch.tensor(float(tokens), dtype=torch.float64, device=device),
+
+    def scalar(value: float) -> torch.Tensor:  # filled on the device: no host->device copy (a sync on CUDA)
+        return torch.full((), value, dtype=torch.float64, device=device)
+
+    head = torch.stack([ce_sum.detach().to(torch.float64), scalar(float(tokens)),
                         out.aux_loss.detach().to(device, torch.float64) * tokens,
-                        torch.tensor(float(sum(out.rows_sent_L)), dtype=torch.float64, device=device),
+                        scalar(float(sum(out.rows_sent_L))),
                         torch.stack(distinct).sum().to(torch.float64) if distinct
                         else torch.zeros((), dtype=torch.float64, device=device)])
     packed = torch.cat([head] + loads)
