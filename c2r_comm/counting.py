@@ -17,4 +17,5 @@ def bucket_counts(bucket: torch.Tensor, num_buckets: int, valid: Optional[torch.
     counts = torch.zeros(num_buckets + 1, dtype=torch.int64, device=bucket.device)
     if valid is not None:
         bucket = torch.where(valid, bucket, num_buckets)
-    return counts.index_add_(0, bucket.reshape(-1), torch.ones_like(bucket, dtype=torch.int64).reshape(-1))[:num_buckets]
+    ones = torch.ones_like(bucket, dtype=torch.int64).reshape(-1)
+    return counts.index_add_(0, bucket.reshape(-1), ones)[:num_buckets]

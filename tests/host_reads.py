@@ -5,11 +5,12 @@ A GPU stalls whenever the host needs a value computed on the device: `.item()`, 
 `bool(t)`, `.tolist()`, `.numpy()`, and operators whose output size depends on the data
 (`nonzero`, boolean-mask indexing, `unique`, `masked_select`, `bincount`, `repeat_interleave`
 without `output_size`), and so does a copy of Python data to the device (`torch.tensor(...,
-device=...)`: torch waits for a copy from pageable memory). On a CPU none of them costs anything, so a test cannot see them by timing;
-this guard sees them by name. A dispatch is allowed exactly one such read, the count exchange
-(`dispatch/comm.py::exchange_counts`): inside it nothing is recorded, and what it returns is the
-host copy, so reads of that copy, and of tensors computed from host tensors alone, are host work
-and fine (the guard follows that through every operator).
+device=...)`: torch waits for a copy from pageable memory). On a CPU none of them costs
+anything, so a test cannot see them by timing; this guard sees them by name. A dispatch is
+allowed exactly one such read, the count exchange (`dispatch/comm.py::exchange_counts`): inside
+it nothing is recorded, and what it returns is the host copy, so reads of that copy, and of
+tensors computed from host tensors alone, are host work and fine (the guard follows that through
+every operator).
 
     with HostReadGuard() as guard:
         ...
@@ -23,7 +24,6 @@ tests/test_cuda_layer.py runs CUDA's own sync detector over the layer instead.
 """
 from __future__ import annotations
 
-import threading
 import traceback
 from typing import Any
 
@@ -57,10 +57,9 @@ class HostReadGuard(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.violations: list[str] = []
-        self._host: set[int] = set()  # storages that hold host data (the count exchange's copy and what follows from it)
+        self._host: set[int] = set()  # storages of host data: the count exchange's copy and what follows from it
         self._alive: list[torch.Tensor] = []  # keeps them allocated: a freed pointer must not mark device data as host
         self._paused = 0
-        self._owner = threading.get_ident()
         self._saved: dict[str, Any] = {}
         self.count_exchanges = 0  # count exchanges run in the block (a test can check the guard saw them)
 
@@ -85,7 +84,8 @@ class HostReadGuard(TorchDispatchMode):
         name = func.__name__.split(".")[0]
         tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
         # lift_fresh: a tensor made from Python data (torch.tensor([...]), a list used as an index)
-        all_host = name in ("lift_fresh", "lift_fresh_copy") or (bool(tensors) and all(self._is_host(t) for t in tensors))
+        all_host = name in ("lift_fresh", "lift_fresh_copy") or \
+            (bool(tensors) and all(self._is_host(t) for t in tensors))
         if not self._paused and not all_host:
             if name in SYNCING_OPS:
                 self._flag(f"aten.{name}", SYNCING_OPS[name])
