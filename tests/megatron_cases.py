@@ -274,3 +274,28 @@ def world_worker(rank: int, world: int, cases: list[Case], sub_ep: Optional[int]
             results[c.name] = compare(c, rank, ep_rank, sub_ep, groups=by_nodes[nodes])
         results["ep_group_ranks"] = dist.get_process_group_ranks(parallel_state.get_expert_model_parallel_group())
     return results
+
+
+def host_reads_worker(rank: int, world: int, cases: list[Case]) -> dict[str, tuple[list[str], int]]:
+    """Per case: the host reads tests/host_reads.py finds in the second forward + backward of
+    megatron-core's MoELayer with our dispatcher, and the count exchanges it let through."""
+    install_cpu_shims()
+    from host_reads import HostReadGuard
+    from megatron.core import parallel_state
+
+    from c2r_comm.integrations.megatron import C2RMegatronOptions
+
+    torch.set_num_threads(1)
+    parallel_state.initialize_model_parallel(expert_model_parallel_size=world)
+    found = {}
+    for case in cases:
+        layer = build_layer(make_config(case, world),
+                            C2RMegatronOptions(dispatcher=case.dispatcher, nodes=case.nodes))
+        set_weights(layer, tuple(range(case.num_experts)), parallel_state.get_expert_model_parallel_rank())
+        for step in range(2):  # the second step is guarded: one-time set-up may read the host
+            x, _ = _inputs(rank, step)
+            x.requires_grad_()
+            with HostReadGuard() as guard:
+                layer(x)[0].sum().backward()
+        found[case.name] = (guard.violations, guard.count_exchanges)
+    return found

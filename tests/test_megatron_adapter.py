@@ -185,3 +185,15 @@ def test_routing_map_to_topk_and_positions():
     plan = PlacementPlan((1, 0, 0, 1), 2)
     assert expert_at_megatron_position(plan) == (1, 2, 0, 3)
     assert expert_at_megatron_position(PlacementPlan.contiguous(4, 2)) == (0, 1, 2, 3)
+
+
+def test_no_host_sync_outside_the_count_exchange():
+    """tests/host_reads.py over megatron-core's MoELayer with our dispatchers (its router and
+    experts included): forward and backward read device data on the host only in the count exchange."""
+    from megatron_cases import host_reads_worker
+
+    cases = [Case("dedup", 4), Case("hierarchical_bias", 4, dispatcher="hierarchical", nodes=2, config=GELU_BIAS),
+             Case("shared_expert_overlap", 4, config=SHARED_OVERLAP)]
+    for found in run_ranks(2, host_reads_worker, cases, timeout_s=120):
+        for name, (violations, exchanges) in found.items():
+            assert violations == [] and exchanges >= 1, (name, violations, exchanges)
