@@ -40,9 +40,7 @@ def distinct_counts(group_TK: torch.Tensor, num_groups: int, valid_TK: torch.Ten
     first = first_choice_mask(group_TK)
     if valid_TK is not None:
         first = first & valid_TK
-    counts = torch.zeros(num_groups + 1, dtype=torch.int64, device=group_TK.device)
-    return counts.index_add_(0, torch.where(first, group_TK, num_groups).reshape(-1),
-                             torch.ones_like(group_TK, dtype=torch.int64).reshape(-1))[:num_groups]
+    return bucket_counts(group_TK, num_groups, first)
 
 
 @dataclass(frozen=True)
