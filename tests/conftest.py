@@ -1,4 +1,5 @@
-"""Shared pytest options: the long modes of the fuzz and fault-injection tests (docs/reliability.md)."""
+"""Shared pytest options (the long modes of the fuzz and fault-injection tests, docs/reliability.md) and
+the `no_launch` fixture of the in-process "refused before any rank starts" tests."""
 from __future__ import annotations
 
 import pytest
@@ -38,3 +39,27 @@ def pytest_collection_modifyitems(config, items):
 def faults_repeat(request) -> int:
     """How many times each fault-injection case runs (1 in CI, FAULT_REPEATS_LONG with --faults-long)."""
     return FAULT_REPEATS_LONG if request.config.getoption("--faults-long") else 1
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    """Commands run in this (unlaunched) process through `c2r_comm.cli.main`; starting a rank, a
+    torchrun relaunch or an emulated node fails the test, so "refused before any rank starts" (and
+    "before any namespace exists") is checked directly, without a subprocess's torch import."""
+    from c2r_comm.bench import netns
+    from c2r_comm.cli import bench_cmd, emulate_cmd
+
+    for var in ("RANK", "WORLD_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+
+    def launch(*args, **kwargs):
+        raise AssertionError(f"a rank was started: {args}")
+    # the launch (whatever its helper is called now) and, for a world of one, the in-process rank
+    for name in ("_launch_local_ranks", "_relaunch_under_torchrun", "run_local_ranks", "run_supervised",
+                 "init_distributed"):
+        if hasattr(bench_cmd, name):
+            monkeypatch.setattr(bench_cmd, name, launch)
+    for name in ("start_ranks", "_plain_run"):
+        monkeypatch.setattr(emulate_cmd, name, launch)
+    for name in ("create_nodes", "remove_stale"):
+        monkeypatch.setattr(netns, name, launch)

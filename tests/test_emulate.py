@@ -16,6 +16,7 @@ import pytest
 from procs import kill_rank_mid_run, processes_with
 
 from c2r_comm.bench import netns
+from c2r_comm.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 TRACE = REPO.parent / "shared" / "traces" / "deepseek_v2_lite_prefill_dev.npz"
@@ -58,11 +59,22 @@ def _ours() -> set[str]:
     pytest.param(["--nodes", "2", "--gpus-per-node", "1", "--", "bench", "--trace", str(TRACE), "--layer", "99"],
                  ["--layer", "99"], marks=pytest.mark.skipif(not TRACE.is_file(), reason="needs ../shared/traces")),
 ])
-def test_bad_input_refused_before_anything_is_created(flags, words):
+def test_bad_input_refused_before_anything_is_created(flags, words, capsys, no_launch):
+    """In process (no_launch: creating a namespace or starting a rank fails the test)."""
     before = _ours()
-    proc = _emulate(*flags, timeout=60)
+    assert main(["emulate", *flags]) == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words), err
+    assert _ours() == before
+
+
+def test_bad_input_refused_by_the_command_itself():
+    """The same end to end, once: the installed command's exit status and one-line message."""
+    before = _ours()
+    proc = _emulate("--nodes", "0", "--gpus-per-node", "1", "--", "bench", timeout=60)
     assert proc.returncode == 2, proc.stderr
-    assert all(w in proc.stderr for w in words), proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "c2r-comm emulate: error: config field '--nodes' = 0 is invalid: allowed an integer 1..250"], proc.stderr
     assert _ours() == before
 
 

@@ -32,21 +32,6 @@ SMALL = ["--hidden-size", "32", "--ffn-hidden-size", "48", "--tokens-per-rank", 
          "--warmup-iters", "0", "--dispatcher", "dedup"]
 
 
-@pytest.fixture
-def no_launch(monkeypatch):
-    """bench in this (unlaunched) process; starting ranks fails the test."""
-    for var in ("RANK", "WORLD_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
-        monkeypatch.delenv(var, raising=False)
-
-    def launch(*args, **kwargs):
-        raise AssertionError(f"a rank was started: {args}")
-    # the launch (whatever its helper is called now) and, for a world of one, the in-process rank
-    for name in ("_launch_local_ranks", "_relaunch_under_torchrun", "run_local_ranks", "run_supervised",
-                 "init_distributed"):
-        if hasattr(bench_cmd, name):
-            monkeypatch.setattr(bench_cmd, name, launch)
-
-
 def _cli(capsys, *argv) -> tuple[int, str]:
     code = main(list(argv))
     err = capsys.readouterr().err.strip()

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from c2r_comm.cli import main
 
@@ -41,7 +42,7 @@ def _train(text: Path, log: Path, *flags: str) -> list[dict]:
 def test_dispatchers_give_the_same_losses_and_resume_continues_exactly(tmp_path, text):
     a2a = _train(text, tmp_path / "a2a.jsonl", "--dispatcher", "alltoall", "--steps", "6")
     dedup = _train(text, tmp_path / "dedup.jsonl", "--dispatcher", "dedup", "--steps", "6",
-                   "--checkpoint", str(tmp_path / "ck6"))
+                   "--checkpoint", str(tmp_path / "ck"), "--checkpoint-every", "3")
     assert [(r["kind"], r["step"]) for r in a2a] == [(r["kind"], r["step"]) for r in dedup]
     for x, y in zip(a2a, dedup):  # the same math, summed in another order (float64)
         assert abs(x["loss"] - y["loss"]) < 1e-9, (x, y)
@@ -52,11 +53,14 @@ def test_dispatchers_give_the_same_losses_and_resume_continues_exactly(tmp_path,
     assert all(r["copies_per_token"] == pytest.approx(r["gpus_per_token"]) for r in dedup)
     train = [r["loss"] for r in dedup if r["kind"] == "train"]
     assert train[-1] < train[0] - 0.5, train  # it learns
-    assert sorted(p.name for p in (tmp_path / "ck6").iterdir()) == ["rank0.pt", "rank1.pt"]
-    # 3 steps, checkpoint, 3 more from the checkpoint == 6 steps straight
-    _train(text, tmp_path / "first.jsonl", "--dispatcher", "dedup", "--steps", "3", "--checkpoint", str(tmp_path / "ck3"))
+    # the end's checkpoint in the folder, the one of step 3 (--checkpoint-every) beside it
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["rank0.pt", "rank1.pt", "step3"]
+    assert sorted(p.name for p in (tmp_path / "ck" / "step3").iterdir()) == ["rank0.pt", "rank1.pt"]
+    assert torch.load(tmp_path / "ck" / "step3" / "rank1.pt", weights_only=False)["step"] == 3
+    assert torch.load(tmp_path / "ck" / "rank1.pt", weights_only=False)["step"] == 6
+    # 3 more steps from step 3's checkpoint == the last 3 of the 6 steps straight
     resumed = _train(text, tmp_path / "resumed.jsonl", "--dispatcher", "dedup", "--steps", "3",
-                     "--resume", str(tmp_path / "ck3"))
+                     "--resume", str(tmp_path / "ck" / "step3"))
     tail = [r for r in dedup if r["step"] > 3]
     assert [(r["kind"], r["step"]) for r in resumed] == [(r["kind"], r["step"]) for r in tail]
     for x, y in zip(resumed, tail):
@@ -66,12 +70,12 @@ def test_dispatchers_give_the_same_losses_and_resume_continues_exactly(tmp_path,
 def test_live_replanning_moves_experts_and_changes_no_loss(tmp_path, text):
     """--replan-every: the placement changes during training (experts and Adam state move), the
     losses do not (float64)."""
-    flags = ["--dispatcher", "dedup", "--steps", "6", "--topology", "1x4", "--num-experts", "8"]
+    flags = ["--dispatcher", "dedup", "--steps", "6", "--num-experts", "8"]  # 1x2: four experts per rank
     plain = _train(text, tmp_path / "plain.jsonl", *flags)
     moved = _train(text, tmp_path / "moved.jsonl", *flags, "--replan-every", "2")
     replans = [r for r in moved if r["kind"] == "replan"]
     assert [r["step"] for r in replans] == [2, 4, 6]
-    contiguous = [e // 2 for e in range(8)]
+    contiguous = [e // 4 for e in range(8)]
     assert any(ranks != contiguous for r in replans for ranks in r["expert_to_rank"])  # experts did move
     plain_rows = [r for r in plain if r["kind"] != "replan"]
     moved_rows = [r for r in moved if r["kind"] != "replan"]
@@ -86,6 +90,8 @@ def test_live_replanning_moves_experts_and_changes_no_loss(tmp_path, text):
     (["--lr", "0"], "--lr"),
     (["--text", "/nonexistent/text"], "no such file or folder"),
     (["--resume", "/nonexistent/ck"], "--resume"),
+    (["--checkpoint-every", "2"], "--checkpoint-every"),
+    (["--checkpoint-every", "-1", "--checkpoint", "ck"], "--checkpoint-every"),
     (["--heads", "3"], "--heads"),
 ])
 def test_bad_flags_are_refused_before_any_rank_starts(capsys, text, flags, words):

@@ -16,6 +16,8 @@ overlapped >= 1.25.
 """
 from __future__ import annotations
 
+import argparse
+
 from dataclasses import dataclass
 from typing import Union
 
@@ -28,12 +30,12 @@ EXCHANGE_BACKWARD = tuple(p for p in BACKWARD_PHASES if p != "experts")
 
 
 def parse_overlap_degree(text: str) -> Union[int, str]:
-    """--overlap-degree: an integer 1..64 or 'auto'."""
+    """--overlap-degree: an integer 1..64 or 'auto' (an argparse type: its error message is shown)."""
     if text == OVERLAP_AUTO:
         return text
     if text.isdigit() and 1 <= int(text) <= 64:
         return int(text)
-    raise ValueError(f"--overlap-degree {text!r}: allowed an integer 1..64 or '{OVERLAP_AUTO}'")
+    raise argparse.ArgumentTypeError(f"{text!r}: allowed an integer 1..64 or '{OVERLAP_AUTO}'")
 
 
 @dataclass(frozen=True)

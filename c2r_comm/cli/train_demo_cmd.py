@@ -3,8 +3,8 @@
 Text from `--text` (a file or a folder of *.txt; default ../shared/text), the last 10 % of each
 file held out for validation. Logs loss, load balance (CV of expert loads) and copies per token per
 step (progress bar; `--log` writes one JSON line per step and per evaluation), evaluates on the
-held-out text, and writes a checkpoint (`--checkpoint DIR`: one file per rank) that `--resume`
-continues from. Run plainly it starts its ranks itself, like `bench`; under torchrun or mpiexec it
+held-out text, and writes a checkpoint (`--checkpoint DIR`: one file per rank; with `--checkpoint-every N`
+also every N steps, in DIR/step<S>) that `--resume` continues from. Run plainly it starts its ranks itself, like `bench`; under torchrun or mpiexec it
 joins their world. The dispatcher never changes the results: `--dispatcher alltoall` and `dedup`
 give the same losses step by step.
 """
@@ -73,6 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--record-batches", type=int, default=16)
     p.add_argument("--log", default=None, help="write one JSON line per step and per evaluation here")
     p.add_argument("--checkpoint", default=None, metavar="DIR", help="write DIR/rank<r>.pt at the end")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="also every N steps before the end, DIR/step<S>/rank<r>.pt (S: the step count so far, "
+                        "as --resume counts it); needs --checkpoint (0: only at the end)")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue from a --checkpoint DIR (steps count on)")
     p.add_argument("--replan-every", type=int, default=0, metavar="N",
                    help="every N steps, re-plan each MoE layer's placement from the co-activations of the steps "
@@ -107,6 +110,10 @@ def resolve(args: argparse.Namespace) -> Config:
     if args.replan_every and any(plan.replicas for plan in plans_by_layer.values()):
         raise ConfigError("--replan-every", args.replan_every, "0 with a replica plan (re-planning from co-activations "
                           "makes plans without replicas)")
+    if args.checkpoint_every < 0:
+        raise ConfigError("--checkpoint-every", args.checkpoint_every, "an integer >= 0")
+    if args.checkpoint_every and not args.checkpoint:
+        raise ConfigError("--checkpoint-every", args.checkpoint_every, "0 without --checkpoint DIR (where they go)")
     if args.resume and not Path(args.resume).is_dir():
         raise ConfigError("--resume", args.resume, "a folder written by --checkpoint")
     if not launched(os.environ):
@@ -164,6 +171,8 @@ def _train(args: argparse.Namespace, config: Config, ctx, corpus: ByteCorpus) ->
             bar.set_postfix(loss=f"{m.loss:.3f}", cv=f"{m.load_cv:.2f}", copies=f"{m.copies_per_token:.2f}")
             _write(log, {"kind": "train", "step": step + 1, **m.as_dict()})
             last = step + 1 == start + args.steps
+            if args.checkpoint_every and not last and (step + 1) % args.checkpoint_every == 0:
+                _save(args, config, model, optimizer, step + 1, Path(args.checkpoint) / f"step{step + 1}", ctx.rank)
             if last or (args.eval_every and (step + 1) % args.eval_every == 0):
                 v = _evaluate(model, corpus, args, ctx.rank, ctx.device, groups.ep)
                 _write(log, {"kind": "valid", "step": step + 1, **v.as_dict()})
@@ -177,8 +186,7 @@ def _train(args: argparse.Namespace, config: Config, ctx, corpus: ByteCorpus) ->
         if log:
             log.close()
     if args.checkpoint:
-        checkpoint.save(model, optimizer, start + args.steps, args.checkpoint, ctx.rank,
-                        {"config": config.to_dict(), "args": {k: v for k, v in vars(args).items() if k != "argv"}})
+        _save(args, config, model, optimizer, start + args.steps, Path(args.checkpoint), ctx.rank)
     if args.record_routing:
         batches = [corpus.batch("train", args.batch, args.seq_len, seed, RECORD_STEP + i, ctx.rank)[0].to(ctx.device)
                    for i in range(args.record_batches)]
@@ -193,6 +201,11 @@ def _train(args: argparse.Namespace, config: Config, ctx, corpus: ByteCorpus) ->
               f"{args.layers} MoE layers of {config.model.num_experts} experts top-{config.model.top_k}; "
               f"final valid loss {v.loss:.4f}" + (f"; checkpoint {args.checkpoint}" if args.checkpoint else ""))
     return 0
+
+
+def _save(args: argparse.Namespace, config: Config, model, optimizer, step: int, folder: Path, rank: int) -> None:
+    checkpoint.save(model, optimizer, step, folder, rank,
+                    {"config": config.to_dict(), "args": {k: v for k, v in vars(args).items() if k != "argv"}})
 
 
 def _evaluate(model, corpus: ByteCorpus, args: argparse.Namespace, rank: int, device, group) -> StepMetrics:
