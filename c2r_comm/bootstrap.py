@@ -1,7 +1,7 @@
 """init_distributed(): one process group from torchrun's, mpiexec's or srun's launch, or a single process.
 
 The launcher's environment is the standard contract between launcher and program, so it is read
-here and nowhere else:
+here and in launch_env.py (which launcher started this process, without importing torch) only:
   * torchrun: RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE, rendezvous from MASTER_ADDR/PORT;
   * mpiexec / mpirun (MPICH: PMI_RANK, Open MPI: OMPI_COMM_WORLD_RANK, PMIx: PMIX_RANK) and srun
     (SLURM_PROCID): mpi4py (the `mpi` extra) gives rank, size and the local rank (a shared-memory
@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from c2r_comm.comm_failures import CommSite, guard
+from c2r_comm.launch_env import MPI_RANK_VARIABLES, launched, launcher_size, mpi_launcher  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -45,32 +46,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-MPI_RANK_VARIABLES = {"PMI_RANK": "MPICH (mpiexec)", "OMPI_COMM_WORLD_RANK": "Open MPI (mpirun)",
-                      "PMIX_RANK": "a PMIx launcher", "SLURM_PROCID": "Slurm (srun)"}
-# The process count each launcher announces beside its rank variable (PMIx alone announces none;
-# Slurm's step size, not SLURM_NTASKS, which inside an allocation can be the allocation's).
-MPI_SIZE_VARIABLES = {"PMI_RANK": "PMI_SIZE", "OMPI_COMM_WORLD_RANK": "OMPI_COMM_WORLD_SIZE", "PMIX_RANK": None,
-                      "SLURM_PROCID": "SLURM_STEP_NUM_TASKS"}
-
-
-def mpi_launcher(env: Mapping[str, str]) -> Optional[str]:
-    """Which MPI-style launcher started this process (from its rank variable), or None."""
-    return next((name for var, name in MPI_RANK_VARIABLES.items() if var in env), None)
-
-
-def launched(env: Mapping[str, str]) -> bool:
-    """Whether a launcher (torchrun, MPI, srun) started this process; cheap, no rendezvous."""
-    return ("RANK" in env and "WORLD_SIZE" in env) or mpi_launcher(env) is not None
-
-
-def launcher_size(env: Mapping[str, str]) -> Optional[int]:
-    """The number of processes the detected launcher announces (None: it announces none)."""
-    rank_var = next((var for var in MPI_RANK_VARIABLES if var in env), None)
-    size_var = MPI_SIZE_VARIABLES.get(rank_var) if rank_var else None
-    value = env.get(size_var, "") if size_var else ""
-    return int(value) if value.isdigit() else None
 
 
 def mpi_rendezvous(launcher: str, env: Mapping[str, str]) -> LaunchEnv:

@@ -31,8 +31,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
-REPORT_WAIT_S = 2.0  # how long a failing rank waits for its peers' reports (failure path only)
-EXIT_COMM_ERROR = 3  # exit status of a command that ended on a CommError (2: bad input or config)
+from c2r_comm.launch_env import EXIT_COMM_ERROR, REPORT_WAIT_S  # noqa: F401  (the launcher reads them there)
+
 _REPORTS_KEY = "c2r_comm/failures"  # one line per failing rank: "<rank>\t<site>: <cause>"
 _PROCESS_KEY = "c2r_comm/process/{}"  # "<host> <pid>" per global rank
 

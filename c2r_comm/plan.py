@@ -15,10 +15,12 @@ import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported by the tensor methods below when first used: plan files load without it
+    import torch
 
 from c2r_comm.topology import Topology
 
@@ -164,14 +166,17 @@ class PlacementPlan:
         return max(len(h) for h in self.hosts_of_expert)
 
     def rank_tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        import torch
         return torch.tensor(self.expert_to_rank, dtype=torch.long, device=device)
 
     def slot_tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        import torch
         return torch.tensor(self.expert_to_slot, dtype=torch.long, device=device)
 
     def host_tensors(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """(ranks, slots) int64 [E, H]: every copy of each expert, primary first; an expert with
         fewer than H copies repeats its primary (so any column is a valid copy)."""
+        import torch
         H = self.max_hosts
         ranks = [list(h) + [h[0]] * (H - len(h)) for h in self.hosts_of_expert]
         slots = [[self.slot_on_rank[(e, r)] for r in row] for e, row in enumerate(ranks)]

@@ -54,11 +54,9 @@ def no_launch(monkeypatch):
 
     def launch(*args, **kwargs):
         raise AssertionError(f"a rank was started: {args}")
-    # the launch (whatever its helper is called now) and, for a world of one, the in-process rank
-    for name in ("_launch_local_ranks", "_relaunch_under_torchrun", "run_local_ranks", "run_supervised",
-                 "init_distributed"):
-        if hasattr(bench_cmd, name):
-            monkeypatch.setattr(bench_cmd, name, launch)
+    # the launch and, for a world of one, this process becoming the rank
+    for name in ("_launch_local_ranks", "_run_this_rank"):
+        monkeypatch.setattr(bench_cmd, name, launch)
     for name in ("start_ranks", "_plain_run"):
         monkeypatch.setattr(emulate_cmd, name, launch)
     for name in ("create_nodes", "remove_stale"):

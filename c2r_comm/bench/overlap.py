@@ -16,8 +16,6 @@ overlapped >= 1.25.
 """
 from __future__ import annotations
 
-import argparse
-
 from dataclasses import dataclass
 from typing import Union
 
@@ -27,15 +25,6 @@ from c2r_comm.config import OVERLAP_AUTO
 
 EXCHANGE_FORWARD = tuple(p for p in FORWARD_PHASES if p not in ("router", "experts"))
 EXCHANGE_BACKWARD = tuple(p for p in BACKWARD_PHASES if p != "experts")
-
-
-def parse_overlap_degree(text: str) -> Union[int, str]:
-    """--overlap-degree: an integer 1..64 or 'auto' (an argparse type: its error message is shown)."""
-    if text == OVERLAP_AUTO:
-        return text
-    if text.isdigit() and 1 <= int(text) <= 64:
-        return int(text)
-    raise argparse.ArgumentTypeError(f"{text!r}: allowed an integer 1..64 or '{OVERLAP_AUTO}'")
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,15 @@ from __future__ import annotations
 import importlib.util
 import sys
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
-import torch
-
-from c2r_comm.bench.measure import BenchRecord, Measurement
 from c2r_comm.config import Config
-from c2r_comm.dispatch.comm import check_same_on_all_ranks
-from c2r_comm.dispatch.exchange_plan import CommStats
+
+if TYPE_CHECKING:  # the names and checks a launch needs (peer_names) import no torch; the rest does, when run
+    import torch
+
+    from c2r_comm.bench.measure import BenchRecord, Measurement
+    from c2r_comm.dispatch.exchange_plan import CommStats
 
 PEERS = ("deepspeed", "megatron")
 DEEPSPEED_VERSION = "0.19.8"  # the release deepspeed_peer.py is written against
@@ -41,6 +42,7 @@ def peer_record(name: str, config: Config, routing_desc: str, trace_layer: Optio
     """A peer's row: its measurement with its traffic, the resolved config with config.peer (its notes
     and what differs from ours); its routing reads like ours unless an entry of routing_diffs that starts
     with 'routing' says the experts or weights differ."""
+    from c2r_comm.bench.measure import BenchRecord
     meas = replace(meas, tokens=traffic.tokens, dispatch=traffic.dispatch, combine=traffic.combine)
     resolved = config.to_dict()
     resolved["dispatcher"] = name
@@ -54,6 +56,7 @@ def set_given_routing(set_routing: Callable[..., None], routing: tuple[torch.Ten
                       peer: str) -> None:
     """Hand this rank's given routing to a peer's router (`set_routing`); whatever it refuses on any
     rank raises on every rank (one small agreement) before the peer's first collective."""
+    from c2r_comm.dispatch.comm import check_same_on_all_ranks
     problem = None
     try:
         set_routing(*routing)

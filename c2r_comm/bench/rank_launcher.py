@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from c2r_comm.bench.netns import EmulatedNodes
-from c2r_comm.comm_failures import EXIT_COMM_ERROR, REPORT_WAIT_S
+from c2r_comm.launch_env import EXIT_COMM_ERROR, REPORT_WAIT_S
 
 MASTER_PORT = 29500  # node 0's namespace is fresh: nothing else listens there
 GRACE_S = 5.0
@@ -92,23 +93,37 @@ def run_local_ranks(cmd: Sequence[str], world: int, base_env: Optional[dict[str,
     """Run `cmd` as `world` ranks on this machine and supervise them; nothing outlives this call.
     This process hosts the rendezvous store (on a port the OS picks, so no other program can take
     it first). SIGINT/SIGTERM/SIGHUP stop every rank and return 128 + the signal; otherwise the
-    first failure's exit code (see supervise), or 0."""
-    import torch.distributed as dist  # only the launcher needs it; rank_launcher stays light to import
+    first failure's exit code (see supervise), or 0.
 
-    store = dist.TCPStore("127.0.0.1", 0, world_size=None, is_master=True, wait_for_workers=False)
+    The port is a listening socket made before the ranks start; the store takes it over only after
+    they started, so this process imports torch while the ranks import theirs (their connections
+    wait in the socket's backlog meanwhile) instead of before them."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     env = dict(os.environ if base_env is None else base_env)
     previous = install_signal_handlers()
     procs: list[RankProcess] = []
+    store = None
     try:
-        procs = _start([list(cmd)] * world, [local_rank_env(world, r, store.port, env) for r in range(world)],
-                       world)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(max(world, 128))
+        port = listener.getsockname()[1]
+        procs = _start([list(cmd)] * world, [local_rank_env(world, r, port, env) for r in range(world)], world)
+        import torch.distributed as dist  # only the launcher needs it; rank_launcher stays light to import
+
+        store = dist.TCPStore("127.0.0.1", port, world_size=None, is_master=True, wait_for_workers=False,
+                              master_listen_fd=listener.fileno())
+        listener.detach()  # the store owns (and closes) the socket now
         code, _ = supervise(procs)
         return code
     except Interrupted as stopped:
         stop(procs)
         return 128 + stopped.signum
+    except BaseException:
+        stop(procs)
+        raise
     finally:
         restore_signal_handlers(previous)
+        listener.close()  # a no-op once detached
         del store
 
 

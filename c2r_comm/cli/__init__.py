@@ -21,19 +21,28 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The whole parser, or (command given) one whose only full sub-parser is that command's: the
+    others keep their name and help, and their modules (torch, for most) are not imported."""
     parser = argparse.ArgumentParser(prog="c2r-comm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(p)
+        if command is None or name == command:
+            importlib.import_module(module).add_arguments(p)
     return parser
+
+
+def parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The parser of the command argv starts with (the top level has no options but --help, so the
+    command comes first; `c2r-comm --help` or an unknown command needs no command's arguments)."""
+    return build_parser(argv[0] if argv and argv[0] in COMMANDS else "")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = parser_for(argv).parse_args(argv)
     args.argv = argv  # commands that relaunch themselves (bench under torchrun) pass these on
     try:
         return int(importlib.import_module(args._module).run(args) or 0)

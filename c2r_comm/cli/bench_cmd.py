@@ -5,35 +5,26 @@ contract, rank_launcher.run_local_ranks; nodes are emulated on one machine: the 
 which links count as cross-node); under torchrun or mpirun it joins the launcher's world. A peer
 that fails mid-run makes every surviving rank print one CommError line naming itself, the peers
 and the phase, and exit with EXIT_COMM_ERROR (comm_failures.py).
+
+This module is the launching side: arguments, every check that can fail before a rank starts, and
+the local launch. It imports no torch, so a launch starts its ranks without importing it first;
+what each rank runs is in bench_rank.py.
 """
 from __future__ import annotations
 
 import argparse
-import gc
 import os
-import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
-import torch
-
-from c2r_comm.bench.measure import BenchRecord, measure_layer
-from c2r_comm.bench.peers import PEERS, bench_peers, peer_names
-from c2r_comm.bench.overlap import OverlapResult, format_overlap, parse_overlap_degree
-from c2r_comm.bench.phases import measure_phases
-from c2r_comm.bench.profile import profile_layer
-from c2r_comm.bench.rank_launcher import run_local_ranks, set_parent_death_signal
-from c2r_comm.bench.report import format_phases, format_summary, format_table, write_json
-from c2r_comm.bootstrap import init_distributed, launched, report_to_launcher, shutdown
-from c2r_comm.comm_failures import EXIT_COMM_ERROR, CommError
-from c2r_comm.config import Config, ConfigError, load_config, parse_topology, with_overrides
-from c2r_comm.dispatch import DISPATCHERS
-from c2r_comm.layer import DTYPES, build_moe_layer
+from c2r_comm.bench.peers import PEERS, peer_names
+from c2r_comm.bench.rank_launcher import run_local_ranks
+from c2r_comm.config import DISPATCHERS, OVERLAP_AUTO, Config, ConfigError, load_config, parse_topology, with_overrides
+from c2r_comm.launch_env import launched
 from c2r_comm.plan import PlacementPlan, PlanFile
 from c2r_comm.routing.trace import RoutingTrace, parse_layers, parse_range
-from c2r_comm.groups import build_process_groups
 from c2r_comm.topology import Topology
 
 # flag -> dotted config field it overrides
@@ -45,6 +36,19 @@ OVERRIDES = {
     "routing": "routing.kind", "capacity_factor": "routing.capacity_factor", "drop_policy": "routing.drop_policy",
     "backward_exchanges": "schedule.backward_exchanges",
 }
+
+
+def parse_overlap_degree(text: str) -> Union[int, str]:
+    """--overlap-degree: an integer 1..64 or 'auto' (an argparse type: its error message is shown)."""
+    if text == OVERLAP_AUTO:
+        return text
+    if text.isdigit() and 1 <= int(text) <= 64:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"{text!r}: allowed an integer 1..64 or '{OVERLAP_AUTO}'")
+
+
+def topology_of(config: Config) -> Topology:
+    return Topology(config.parallel.nodes, config.parallel.gpus_per_node)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -142,7 +146,7 @@ def check_plan(config: Config, layers: Sequence[int], flag: str = "placement.pla
     plans_by_layer = {}
     for layer in layers:
         try:
-            plans_by_layer[layer] = plan_file.plan_for_layer(layer, _topology(config), config.model.num_experts)
+            plans_by_layer[layer] = plan_file.plan_for_layer(layer, topology_of(config), config.model.num_experts)
         except ValueError as exc:
             raise ValueError(f"{flag} {path}: {exc}") from None
     return plans_by_layer
@@ -153,6 +157,7 @@ def check_before_launch(config: Config, json_path: Optional[str]) -> None:
     run.device 'cuda' (the launch puts every rank on this machine) and a writable --json path."""
     world = config.parallel.world_size
     if config.run.device == "cuda":
+        import torch  # only for this check: a CPU run's launch imports no torch
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if gpus < world:  # the check bootstrap.pick_device makes on each rank, done before the launch
             raise ConfigError("run.device", "cuda", f"'cpu' or 'auto' (CPU when GPUs are short): 'cuda' needs one "
@@ -205,103 +210,13 @@ def run(args: argparse.Namespace) -> int:
     world = config.parallel.world_size
     if world > 1 and not launched(os.environ):
         return _launch_local_ranks(world, args.argv)
-    if args.die_with_parent:
-        set_parent_death_signal(signal.SIGKILL)
-
-    try:
-        ctx = init_distributed(config.run.timeout_s, config.run.device)
-        return _bench_ranks(args, config, trace, layers, names, peers, ctx)
-    except CommError as exc:  # one line, no traceback: the error names rank, peers and phase
-        print(f"c2r-comm bench: {exc}", file=sys.stderr, flush=True)
-        report_to_launcher(exc)
-        return EXIT_COMM_ERROR
-    finally:
-        shutdown()
+    return _run_this_rank(args, config, trace, layers, names, peers)
 
 
-def _bench_ranks(args: argparse.Namespace, config: Config, trace: Optional[RoutingTrace], layers: list[int],
-                 names: list[str], peers: Sequence[str], ctx) -> int:
-    config.check_world_size(ctx.world_size)
-    groups = build_process_groups(_topology(config), config.run.timeout_s)
-    records = [r for layer in layers for r in
-               bench_all(with_overrides(config, {"placement.layer": layer}), trace, names, groups, ctx.device,
-                         show=ctx.rank == 0, phases=args.phases, network_interface=args.wire_interface,
-                         peers=peers, profile_dir=args.profile, overlap_degree=args.overlap_degree)]
-    if ctx.rank == 0:
-        print(describe(config, trace, layers, args) + f", {ctx.backend} on {ctx.device.type}")
-        print(format_table(records))
-        if args.phases or args.overlap_degree is not None:
-            print(format_phases(records))
-        if args.overlap_degree is not None:
-            print(format_overlap([(r.dispatcher, r.overlap) for r in records if r.overlap is not None]))
-        if len(layers) > 1:
-            print(format_summary(records))
-        if args.json:
-            write_json(records, args.json)
-            print(f"wrote {args.json}")
-    return 0
+def _run_this_rank(args: argparse.Namespace, config: Config, trace: Optional[RoutingTrace], layers: list[int],
+                   names: list[str], peers: Sequence[str]) -> int:
+    """This process is a rank (launched, or a world of one): only now torch and the layer are imported."""
+    from c2r_comm.cli.bench_rank import run_rank
+    return run_rank(args, config, trace, layers, names, peers)
 
 
-def _topology(config: Config) -> Topology:
-    return Topology(config.parallel.nodes, config.parallel.gpus_per_node)
-
-
-def bench_all(config: Config, trace: Optional[RoutingTrace], names: list[str], groups, device: torch.device,
-              show: bool, phases: bool = False, network_interface: Optional[str] = None,
-              peers: Sequence[str] = (), profile_dir: Optional[str] = None,
-              overlap_degree: Optional[int | str] = None) -> list[BenchRecord]:
-    run, m = config.run, config.model
-    dtype = DTYPES[run.dtype]
-    g = torch.Generator().manual_seed(run.seed * 7919 + groups.rank)
-    x_TD = torch.randn(run.tokens_per_rank, m.hidden_size, generator=g).to(device, dtype)
-    grad_TD = torch.randn(run.tokens_per_rank, m.hidden_size, generator=g).to(device, dtype)
-    routing, routing_desc, trace_layer = None, f"{config.routing.kind} router", None
-    if trace is not None:
-        trace_layer = config.placement.layer
-        idx = torch.from_numpy(trace.rank_block(trace_layer, groups.rank, run.tokens_per_rank)).to(device)
-        # Traces record no gate weights: every chosen expert gets 1/k.
-        routing = (idx, torch.full(idx.shape, 1.0 / m.top_k, device=device, dtype=torch.float32))
-        routing_desc = f"trace layer {trace_layer}"
-    placement = os.path.basename(config.placement.plan) if config.placement.plan else "contiguous"
-    records = []
-    if overlap_degree is not None:  # the rows below are the serial layer; the pipelined one is extra
-        config = with_overrides(config, {"schedule.overlap_degree": 1})
-        phases = True
-    for name in names:
-        layer = build_moe_layer(config, groups, device, dispatcher=name)
-        label = f"{name:>12}" + (f" layer {trace_layer:>2}" if trace_layer is not None else "")
-        meas = measure_layer(layer, x_TD, grad_TD, run.warmup_iters, run.iters, routing, groups.ep,
-                             label=label, show_progress=show, network_interface=network_interface)
-        per_phase = measure_phases(layer, x_TD, grad_TD, run.warmup_iters, run.iters, routing, groups.ep,
-                                   label=label, show_progress=show) if phases else None
-        if profile_dir:
-            profile_layer(layer, x_TD, grad_TD, routing, 3, profile_dir, name, groups.rank)
-        overlap = None
-        if overlap_degree is not None:
-            del layer  # the serial layer's weights and gradients would count in the pipelined one's peak memory
-            gc.collect()
-            piped = build_moe_layer(with_overrides(config, {"schedule.overlap_degree": overlap_degree}), groups,
-                                    device, dispatcher=name)
-            piped_meas = measure_layer(piped, x_TD, grad_TD, run.warmup_iters, run.iters, routing, groups.ep,
-                                       label=label + f" C={overlap_degree}", show_progress=show)
-            overlap = OverlapResult.of(per_phase, meas, piped_meas, piped.overlap_degree, overlap_degree)
-            del piped
-        resolved = with_overrides(config, {"dispatcher": name}).to_dict()
-        records.append(BenchRecord(name, placement, routing_desc, str(groups.topology), resolved, meas, trace_layer,
-                                   per_phase, overlap))
-    # Peers (--peers): same inputs and routing, timed the same way, one row each (c2r_comm/bench/peers.py).
-    records += bench_peers(peers, config, routing, routing_desc, trace_layer, groups, device, x_TD, grad_TD, show,
-                           network_interface)
-    return records
-
-
-def describe(config: Config, trace: Optional[RoutingTrace], layers: list[int], args: argparse.Namespace) -> str:
-    m, r = config.model, config.run
-    src = f"{config.routing.kind} router"
-    if trace is not None:
-        which = f"layer {layers[0]}" if len(layers) == 1 else f"{len(layers)} layers"
-        src = f"trace {args.trace} {which}" + (f" prompts {args.prompts}" if args.prompts else "")
-    return (f"c2r-comm bench: topology {config.parallel.nodes}x{config.parallel.gpus_per_node}, "
-            f"{m.num_experts} experts top-{m.top_k}, hidden {m.hidden_size}, ffn {m.ffn_hidden_size}, "
-            f"{r.tokens_per_rank} tokens/rank, {r.dtype}, routing from {src}, "
-            f"{r.iters} timed iters after {r.warmup_iters} warm-up")

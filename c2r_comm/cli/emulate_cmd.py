@@ -59,10 +59,10 @@ def prepare_command(args: argparse.Namespace) -> tuple[list[str], Optional[str]]
         inner = inner[1:]
     if not inner or inner[0] not in SUPPORTED:
         raise ConfigError("command", " ".join(inner) or "(none)", f"`-- <command> [args]` with command one of {SUPPORTED}")
-    from c2r_comm.cli import build_parser
+    from c2r_comm.cli import parser_for
     from c2r_comm.bench.peers import peer_names
     from c2r_comm.cli.bench_cmd import dispatcher_names, resolve_config
-    bench_args = build_parser().parse_args(inner)
+    bench_args = parser_for(inner).parse_args(inner)
     topo = (args.nodes, args.gpus_per_node)
     if bench_args.topology is None:
         inner += ["--topology", f"{args.nodes}x{args.gpus_per_node}"]
@@ -76,7 +76,7 @@ def prepare_command(args: argparse.Namespace) -> tuple[list[str], Optional[str]]
     if bench_args.wire_interface is not None:
         raise ConfigError("--wire-interface", bench_args.wire_interface, "left out: emulate sets its nodes' link")
     inner += ["--device", "cpu"]
-    bench_args = build_parser().parse_args(inner)
+    bench_args = parser_for(inner).parse_args(inner)
     resolve_config(bench_args)  # trace, plan, layers, sizes: refused here, before anything exists
     dispatcher_names(bench_args)
     peer_names(bench_args.peers)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # batch() imports it: a launcher checks the text without importing torch
+    import torch
 
 VOCAB = 256
 
@@ -69,5 +71,6 @@ class ByteCorpus:
         which = rng.choice(len(parts), size=batch_size, p=sizes / sizes.sum())
         starts = [rng.integers(0, len(parts[f]) - seq_len - 1) for f in which]
         windows = np.stack([parts[f][s:s + seq_len + 1] for f, s in zip(which, starts)]).astype(np.int64)
+        import torch
         w = torch.from_numpy(windows)
         return w[:, :-1].contiguous(), w[:, 1:].contiguous()
