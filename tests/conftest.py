@@ -47,7 +47,7 @@ def no_launch(monkeypatch):
     torchrun relaunch or an emulated node fails the test, so "refused before any rank starts" (and
     "before any namespace exists") is checked directly, without a subprocess's torch import."""
     from c2r_comm.bench import netns
-    from c2r_comm.cli import bench_cmd, emulate_cmd
+    from c2r_comm.cli import bench_cmd, emulate_cmd, train_demo_cmd
 
     for var in ("RANK", "WORLD_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
         monkeypatch.delenv(var, raising=False)
@@ -55,8 +55,10 @@ def no_launch(monkeypatch):
     def launch(*args, **kwargs):
         raise AssertionError(f"a rank was started: {args}")
     # the launch and, for a world of one, this process becoming the rank
-    for name in ("_launch_local_ranks", "_run_this_rank"):
+    for name in ("_launch_local_ranks", "_run_this_rank", "run_local_ranks"):
         monkeypatch.setattr(bench_cmd, name, launch)
+    for name in ("_run_this_rank", "run_local_ranks"):
+        monkeypatch.setattr(train_demo_cmd, name, launch)
     for name in ("start_ranks", "_plain_run"):
         monkeypatch.setattr(emulate_cmd, name, launch)
     for name in ("create_nodes", "remove_stale"):

@@ -94,7 +94,7 @@ def test_live_replanning_moves_experts_and_changes_no_loss(tmp_path, text):
     (["--checkpoint-every", "-1", "--checkpoint", "ck"], "--checkpoint-every"),
     (["--heads", "3"], "--heads"),
 ])
-def test_bad_flags_are_refused_before_any_rank_starts(capsys, text, flags, words):
+def test_bad_flags_are_refused_before_any_rank_starts(capsys, no_launch, text, flags, words):
     assert main(["train-demo", "--text", str(text), *SMALL, *flags]) == 2
     assert words in capsys.readouterr().err
 

@@ -103,7 +103,7 @@ def peer_names(spec: Optional[str]) -> list[str]:
 def bench_peers(names: Sequence[str], config: Config, routing: Optional[tuple[torch.Tensor, torch.Tensor]],
                 routing_desc: str, trace_layer: Optional[int], groups, device: torch.device, x_TD: torch.Tensor,
                 grad_TD: torch.Tensor, show: bool, network_interface: Optional[str] = None) -> list[BenchRecord]:
-    """One BenchRecord per peer, measured like our rows (bench_cmd.bench_all's inputs and routing).
+    """One BenchRecord per peer, measured like our rows (bench_rank.bench_all's inputs and routing).
     Collective: every rank calls it with the same names."""
     records = []
     for name in names:

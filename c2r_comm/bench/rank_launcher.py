@@ -98,21 +98,22 @@ def run_local_ranks(cmd: Sequence[str], world: int, base_env: Optional[dict[str,
     The port is a listening socket made before the ranks start; the store takes it over only after
     they started, so this process imports torch while the ranks import theirs (their connections
     wait in the socket's backlog meanwhile) instead of before them."""
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     env = dict(os.environ if base_env is None else base_env)
     previous = install_signal_handlers()
     procs: list[RankProcess] = []
-    store = None
+    listener = store = None
     try:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.bind(("127.0.0.1", 0))
         listener.listen(max(world, 128))
         port = listener.getsockname()[1]
         procs = _start([list(cmd)] * world, [local_rank_env(world, r, port, env) for r in range(world)], world)
         import torch.distributed as dist  # only the launcher needs it; rank_launcher stays light to import
 
-        store = dist.TCPStore("127.0.0.1", port, world_size=None, is_master=True, wait_for_workers=False,
-                              master_listen_fd=listener.fileno())
-        listener.detach()  # the store owns (and closes) the socket now
+        with signals_blocked():  # the socket has one owner at any time: handed over, then the store's
+            fd = listener.detach()  # from here the store closes it (left open if it fails: this process ends)
+            store = dist.TCPStore("127.0.0.1", port, world_size=None, is_master=True, wait_for_workers=False,
+                                  master_listen_fd=fd)
         code, _ = supervise(procs)
         return code
     except Interrupted as stopped:
@@ -123,7 +124,8 @@ def run_local_ranks(cmd: Sequence[str], world: int, base_env: Optional[dict[str,
         raise
     finally:
         restore_signal_handlers(previous)
-        listener.close()  # a no-op once detached
+        if listener is not None:
+            listener.close()  # a no-op once detached
         del store
 
 

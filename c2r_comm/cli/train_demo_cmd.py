@@ -61,8 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log", default=None, help="write one JSON line per step and per evaluation here")
     p.add_argument("--checkpoint", default=None, metavar="DIR", help="write DIR/rank<r>.pt at the end")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
-                   help="also every N steps before the end, DIR/step<S>/rank<r>.pt (S: the step count so far, "
-                        "as --resume counts it); needs --checkpoint (0: only at the end)")
+                   help="also at every step count S before the end that N divides (counted on across --resume), "
+                        "DIR/step<S>/rank<r>.pt; needs --checkpoint (0: only at the end)")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue from a --checkpoint DIR (steps count on)")
     p.add_argument("--replan-every", type=int, default=0, metavar="N",
                    help="every N steps, re-plan each MoE layer's placement from the co-activations of the steps "
@@ -116,5 +116,10 @@ def run(args: argparse.Namespace) -> int:
     world = config.parallel.world_size
     if world > 1 and not launched(os.environ):
         return run_local_ranks([sys.executable, "-m", "c2r_comm", *args.argv], world)
-    from c2r_comm.cli.train_demo_rank import run_rank  # this process is a rank: only now torch and the model
+    return _run_this_rank(args, config, corpus)
+
+
+def _run_this_rank(args: argparse.Namespace, config: Config, corpus: ByteCorpus) -> int:
+    """This process is a rank (launched, or a world of one): only now torch and the model are imported."""
+    from c2r_comm.cli.train_demo_rank import run_rank
     return run_rank(args, config, corpus)
