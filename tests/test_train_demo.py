@@ -69,10 +69,12 @@ def test_dispatchers_give_the_same_losses_and_resume_continues_exactly(tmp_path,
 
 def test_live_replanning_moves_experts_and_changes_no_loss(tmp_path, text):
     """--replan-every: the placement changes during training (experts and Adam state move), the
-    losses do not (float64)."""
+    losses do not (float64); a run resumed from a checkpoint continues on the placement it had
+    re-planned to, so its next re-plan is the uninterrupted run's."""
     flags = ["--dispatcher", "dedup", "--steps", "6", "--num-experts", "8"]  # 1x2: four experts per rank
     plain = _train(text, tmp_path / "plain.jsonl", *flags)
-    moved = _train(text, tmp_path / "moved.jsonl", *flags, "--replan-every", "2")
+    moved = _train(text, tmp_path / "moved.jsonl", *flags, "--replan-every", "2", "--checkpoint", str(tmp_path / "ck"),
+                   "--checkpoint-every", "2")
     replans = [r for r in moved if r["kind"] == "replan"]
     assert [r["step"] for r in replans] == [2, 4, 6]
     contiguous = [e // 4 for e in range(8)]
@@ -82,6 +84,18 @@ def test_live_replanning_moves_experts_and_changes_no_loss(tmp_path, text):
     assert [(r["kind"], r["step"]) for r in plain_rows] == [(r["kind"], r["step"]) for r in moved_rows]
     for x, y in zip(plain_rows, moved_rows):
         assert abs(x["loss"] - y["loss"]) < 1e-9, (x, y)
+    # resumed at step 4 (after its re-plan): steps 5-6 and the re-plan at 6 as in the straight run
+    assert replans[1]["expert_to_rank"] != [contiguous, contiguous]  # so the resume has to restore it
+    resumed = _train(text, tmp_path / "resumed.jsonl", "--dispatcher", "dedup", "--steps", "2", "--num-experts", "8",
+                     "--replan-every", "2", "--resume", str(tmp_path / "ck" / "step4"))
+    tail = [r for r in moved if r["step"] > 4]
+    assert [(r["kind"], r["step"]) for r in resumed] == [(r["kind"], r["step"]) for r in tail]
+    for x, y in zip(resumed, tail):
+        if x["kind"] == "replan":
+            assert x["expert_to_rank"] == y["expert_to_rank"]
+        else:  # the same placement: the same GPUs and copies per token, not only the same loss
+            assert abs(x["loss"] - y["loss"]) < 1e-12, (x, y)
+            assert x["gpus_per_token"] == y["gpus_per_token"] and x["copies_per_token"] == y["copies_per_token"]
 
 
 @pytest.mark.parametrize("flags, words", [

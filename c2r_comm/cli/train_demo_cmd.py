@@ -66,7 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", default=None, metavar="DIR", help="continue from a --checkpoint DIR (steps count on)")
     p.add_argument("--replan-every", type=int, default=0, metavar="N",
                    help="every N steps, re-plan each MoE layer's placement from the co-activations of the steps "
-                        "since the last one and move its experts there (live re-planning; 0: off)")
+                        "since the last one and move its experts there (live re-planning; 0: off). With --resume "
+                        "the run continues on the placement the checkpoint was re-planned to")
 
 
 def resolve(args: argparse.Namespace) -> Config:

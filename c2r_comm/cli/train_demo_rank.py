@@ -48,7 +48,14 @@ def _train(args: argparse.Namespace, config: Config, ctx, corpus: ByteCorpus) ->
     start = 0
     if args.resume:
         start, same_placement = checkpoint.load(model, optimizer, args.resume, ctx.rank, ctx.device)
-        if not same_placement and ctx.rank == 0:
+        if not same_placement and args.replan_every:
+            # Live re-planning owns the placement: continue on the one the run had re-planned to.
+            for moe, plan in zip(model.moes, checkpoint.saved_plans(args.resume, ctx.rank)):
+                moe.apply_plan(plan, optimizer)
+            if ctx.rank == 0:
+                print(f"c2r-comm train-demo: continuing on the placement {args.resume} was re-planned to",
+                      file=sys.stderr)
+        elif not same_placement and ctx.rank == 0:
             print(f"c2r-comm train-demo: {args.resume} was saved under another placement: experts and their "
                   "optimizer state moved to their new ranks", file=sys.stderr)
     log = open(args.log, "a") if (args.log and ctx.rank == 0) else None

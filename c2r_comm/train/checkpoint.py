@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from c2r_comm.plan import PlacementPlan
 from c2r_comm.train.model import MoETransformerLM
 
 EXPERT_TENSORS = ("w_gate_LDF", "w_up_LDF", "w_down_LFD")
@@ -25,6 +26,18 @@ def placement_of(model: MoETransformerLM) -> list[list[tuple[int, ...]]]:
     """[rank][layer] -> global expert ids of that rank's local slots, for every rank (from the plans)."""
     world = model.moes[0].dispatcher.world_size
     return [[tuple(moe.dispatcher.plan.rank_experts[r]) for moe in model.moes] for r in range(world)]
+
+
+def saved_plans(folder: str | Path, rank: int) -> list[PlacementPlan]:
+    """The placement a checkpoint was saved under, one plan per MoE layer (every rank's file holds
+    the whole placement; slots ascend by expert id within a rank, as PlacementPlan orders them)."""
+    saved = torch.load(Path(folder) / f"rank{rank}.pt", map_location="cpu", weights_only=False)["placement"]
+    world = len(saved)
+    plans = []
+    for layer in range(len(saved[0])):
+        expert_to_rank = {e: r for r in range(world) for e in saved[r][layer]}
+        plans.append(PlacementPlan(tuple(expert_to_rank[e] for e in range(len(expert_to_rank))), world))
+    return plans
 
 
 def save(model: MoETransformerLM, optimizer: torch.optim.Optimizer, step: int, folder: str | Path, rank: int,
