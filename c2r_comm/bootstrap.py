@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from c2r_comm.comm_failures import CommSite, guard
-from c2r_comm.launch_env import MPI_RANK_VARIABLES, launched, launcher_size, mpi_launcher  # noqa: F401
+from c2r_comm.launch_env import MPI_RANK_VARIABLES, launched, launcher_rank, launcher_size, mpi_launcher  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -53,18 +53,22 @@ def mpi_rendezvous(launcher: str, env: Mapping[str, str]) -> LaunchEnv:
 
     mpi4py must use the launcher's MPI library: an mpi4py that loads MPICH (the `mpi` extra's wheel)
     under Open MPI's mpirun, or the reverse, initialises every process as a world of one, and each
-    would run alone. That is refused here, on every rank, before any collective."""
+    would run alone. That is refused here before any collective: on every rank where the launcher
+    announces the process count, and where it announces none (a bare PMIx launcher) on every rank
+    but the one its world of one agrees with (rank 0)."""
     try:
         from mpi4py import MPI
     except ImportError as exc:
         raise ValueError(f"started by {launcher}: install the mpi extra (pip install 'c2r-comm[mpi]', mpi4py) so "
                          "ranks can find each other, or set MASTER_ADDR and MASTER_PORT (Open MPI only)") from exc
     comm = MPI.COMM_WORLD
-    announced = launcher_size(env)
-    if announced is not None and announced != comm.Get_size():
+    announced, announced_rank = launcher_size(env), launcher_rank(env)
+    if (announced is not None and announced != comm.Get_size()) or (
+            announced_rank is not None and announced_rank != comm.Get_rank()):
         library = MPI.Get_library_version().strip().splitlines()[0].split(",")[0]
-        raise ValueError(f"started by {launcher} as one of {announced} processes, but mpi4py's MPI library "
-                         f"({library}) sees a world of {comm.Get_size()}: mpi4py loaded a different MPI than the "
+        told = f"as rank {announced_rank}" + (f" of {announced} processes" if announced is not None else "")
+        raise ValueError(f"started by {launcher} {told}, but mpi4py's MPI library ({library}) sees rank "
+                         f"{comm.Get_rank()} of a world of {comm.Get_size()}: mpi4py loaded a different MPI than the "
                          "launcher's. Point it at the launcher's library (MPI4PY_LIBMPI=/path/to/libmpi.so, e.g. "
                          "Open MPI's libmpi.so.40) or launch with the matching mpiexec (the mpi extra's mpich wheel "
                          "brings .venv/bin/mpiexec)")

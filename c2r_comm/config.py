@@ -272,7 +272,9 @@ def config_from_dict(data: Mapping) -> Config:
     return _build(Config, data, "")
 
 
-def load_config(path: str | Path) -> Config:
+def load_config(path: str | Path, overrides: Optional[Mapping[str, Any]] = None) -> Config:
+    """The YAML file's config with dotted `overrides` (command-line flags; None values skipped) put
+    in before it is validated, so a value a flag replaces is never checked (validated once)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError("--config", str(path), "an existing YAML file")
@@ -286,20 +288,30 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError("--config", str(path), f"a valid YAML file ({where}{problem})") from None
     except UnicodeDecodeError:
         raise ConfigError("--config", str(path), "a UTF-8 YAML text file") from None
+    if overrides and isinstance(data, dict):  # anything else is refused by config_from_dict below
+        _put(data, overrides)
     return config_from_dict(data)
 
 
-def with_overrides(config: Config, overrides: Mapping[str, Any]) -> Config:
-    """Apply dotted overrides (e.g. {"run.iters": 5}) and validate the result once more."""
-    data = config.to_dict()
+def _put(data: dict, overrides: Mapping[str, Any]) -> None:
+    """Dotted overrides into a nested dict; a section that is not a mapping is left for the check."""
     for dotted, value in overrides.items():
         if value is None:
             continue
         node = data
         *parents, leaf = dotted.split(".")
         for p in parents:
-            node = node[p]
-        node[leaf] = value
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            node[leaf] = value
+
+
+def with_overrides(config: Config, overrides: Mapping[str, Any]) -> Config:
+    """Apply dotted overrides (e.g. {"run.iters": 5}) and validate the result once more."""
+    data = config.to_dict()
+    _put(data, overrides)
     return config_from_dict(data)
 
 

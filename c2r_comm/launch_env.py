@@ -30,8 +30,17 @@ def launched(env: Mapping[str, str]) -> bool:
 
 
 def launcher_size(env: Mapping[str, str]) -> Optional[int]:
-    """The number of processes the detected launcher announces (None: it announces none)."""
-    rank_var = next((var for var in MPI_RANK_VARIABLES if var in env), None)
-    size_var = MPI_SIZE_VARIABLES.get(rank_var) if rank_var else None
-    value = env.get(size_var, "") if size_var else ""
+    """The number of processes the launcher announces (None: it announces none). The first rank
+    variable present that has its size variable beside it decides: srun --mpi=pmix sets PMIX_RANK,
+    which announces no size, and Slurm's step size."""
+    for rank_var in MPI_RANK_VARIABLES:
+        size_var = MPI_SIZE_VARIABLES.get(rank_var)
+        if rank_var in env and size_var and env.get(size_var, "").isdigit():
+            return int(env[size_var])
+    return None
+
+
+def launcher_rank(env: Mapping[str, str]) -> Optional[int]:
+    """This process's rank as the detected launcher announces it (None: no launcher variable)."""
+    value = next((env[var] for var in MPI_RANK_VARIABLES if var in env), "")
     return int(value) if value.isdigit() else None

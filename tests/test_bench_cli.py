@@ -78,6 +78,11 @@ def test_trace_driven_counts_match_an_independent_count(tmp_path):
 @pytest.mark.parametrize("flags, words", [
     (["--topology", "3x3"], ["model.num_experts", "multiple"]),
     (["--layer", "0,1"], ["--layer", "several layers need --trace"]),
+    (["--layer", "3"], ["--layer", "only with --trace or a plan"]),
+    pytest.param(["--trace", str(TRACE), "--top-k", "2"], ["--top-k", "6 or left out"],
+                 marks=pytest.mark.skipif(not TRACE.is_file(), reason="needs ../shared/traces")),
+    pytest.param(["--trace", str(TRACE), "--num-experts", "16"], ["--num-experts", "64 or left out"],
+                 marks=pytest.mark.skipif(not TRACE.is_file(), reason="needs ../shared/traces")),
     (["--dispatcher", "magic"], ["--dispatcher", "allowed"]),
     (["--prompts", "0:10"], ["--prompts", "only together with --trace"]),
     pytest.param(["--trace", str(TRACE), "--topology", "1x4", "--prompts", "800:999", "--tokens-per-rank", "5000"],
@@ -125,3 +130,15 @@ def test_bad_overlap_degree_fails_before_launch(capsys, no_launch):
         main(["bench", "--overlap-degree", "0"])
     assert exc.value.code == 2
     assert "argument --overlap-degree: '0': allowed an integer 1..64 or 'auto'" in capsys.readouterr().err
+
+
+def test_overlap_efficiency_is_not_reported_at_one_chunk():
+    """At C = 1 (auto may pick it) the 'overlapped' layer is the serial one timed again: its
+    efficiency is noise over a small denominator, so the table says n/a and the JSON null."""
+    from c2r_comm.bench.overlap import OverlapResult, format_overlap
+
+    one = OverlapResult(1, "auto", exchange_ms=10.0, experts_ms=500.0, serial_ms=520.0, overlapped_ms=480.0)
+    two = OverlapResult(2, 2, exchange_ms=10.0, experts_ms=500.0, serial_ms=520.0, overlapped_ms=515.0)
+    assert one.efficiency is None and two.efficiency == pytest.approx(0.5)
+    table = format_overlap([("dedup", one), ("alltoall", two)])
+    assert "| dedup | 1 (auto) |" in table and "| n/a (C = 1) |" in table and "| 0.50 |" in table

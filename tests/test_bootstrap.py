@@ -44,5 +44,17 @@ def test_launcher_size_reads_the_detected_launchers_own_variable():
     assert launcher_size({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "PMIX_RANK": "1"}) == 2
     # srun with PMIx: the step's size, never the allocation's task count
     assert launcher_size({"PMIX_RANK": "0", "SLURM_PROCID": "0", "SLURM_NTASKS": "16"}) is None
+    # srun --mpi=pmix: PMIx announces no size, Slurm's step size beside it does
+    assert launcher_size({"PMIX_RANK": "1", "SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "4"}) == 4
     assert launcher_size({"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "8", "SLURM_NTASKS": "16"}) == 8
     assert launcher_size({"SLURM_PROCID": "0"}) is None and launcher_size({}) is None
+
+
+def test_launcher_rank_reads_the_detected_launchers_rank():
+    """A bare PMIx launcher announces no size; its rank still shows an mpi4py on another MPI (a
+    world of one is rank 0 everywhere)."""
+    from c2r_comm.bootstrap import launcher_rank
+
+    assert launcher_rank({"PMIX_RANK": "3"}) == 3
+    assert launcher_rank({"OMPI_COMM_WORLD_RANK": "1", "PMIX_RANK": "1", "SLURM_PROCID": "0"}) == 1
+    assert launcher_rank({"RANK": "2"}) is None and launcher_rank({}) is None

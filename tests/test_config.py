@@ -63,6 +63,25 @@ def test_overrides_are_validated_and_frozen(tmp_path):
         new.run.iters = 5  # frozen
 
 
+def test_a_value_a_flag_replaces_is_not_checked(tmp_path, capsys, no_launch):
+    """YAML `run.iters: 0` with `--iters 2`: the flag's value is put in before the one validation."""
+    from c2r_comm.cli import main
+
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"run": {"iters": 0, "tokens_per_rank": -5}, "model": {"num_experts": 8}}))
+    with pytest.raises(ConfigError, match="run.tokens_per_rank"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="run.iters"):
+        load_config(p, {"run.tokens_per_rank": 32})
+    cfg = load_config(p, {"run.iters": 2, "run.tokens_per_rank": 32, "run.seed": None, "schedule.overlap_degree": 2})
+    assert cfg.run.iters == 2 and cfg.run.tokens_per_rank == 32 and cfg.model.num_experts == 8
+    assert cfg.schedule.overlap_degree == 2  # a section the file does not have
+    # through the command: still refused where no flag replaces the bad value
+    assert main(["bench", "--config", str(p), "--iters", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "run.tokens_per_rank" in err and "run.iters" not in err, err
+
+
 def test_parse_topology():
     assert parse_topology("2x4") == (2, 4)
     for bad in ("2*4", "0x4", "x4", "2x"):

@@ -325,3 +325,17 @@ def test_simulate_end_to_end_on_the_shared_trace(tmp_path, capsys):
         assert a["fwd_bwd_s"] > 0
     assert "| 2x4 | 8 | 64 | hierarchical | occult_greedy |" in text
     assert png.stat().st_size > 1000
+
+
+def test_simulate_warns_when_expert_copies_cap_the_gpus_a_token_touches(small_trace, capsys):
+    """16 experts, top-4: on 3x2 (3 copies, one copy's experts on 2 GPUs) a token touches at most 2
+    GPUs under contiguous placement, which the note says; on 4x8 (2 copies on 16 GPUs each) no warning."""
+    common = ["--trace", str(small_trace), "--layer", "0", "--tokens-per-rank", "16", "--hidden-size", "16",
+              "--dtype", "float32", "--dispatcher", "dedup", "--placement", "contiguous"]
+    assert main(["simulate", *common, "--topology", "3x2"]) == 0
+    out = capsys.readouterr().out
+    assert "note: 3x2: 3 expert copies (48 experts); WARNING: one copy's 16 experts fill 2 GPUs, fewer than top-4" \
+        in out, out
+    assert main(["simulate", *common, "--topology", "4x8"]) == 0
+    out = capsys.readouterr().out
+    assert "2 expert copies (32 experts)" in out and "WARNING" not in out, out

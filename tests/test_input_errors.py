@@ -280,3 +280,12 @@ def test_array_checks_share_the_rule_and_wording():
                                          r"\(a token's expert ids must be distinct\)"):
         TokenHypergraph.from_ids(ids, 8)
     assert "a token's expert ids are distinct" in (REPO / "docs" / "routing.md").read_text()
+
+
+def test_plan_for_a_gpu_count_that_does_not_divide_the_experts_is_refused_before_planning(tmp_path, capsys):
+    """One line, before the planner (and its progress bar) starts."""
+    path = _trace(tmp_path / "t.npz", _distinct_ids())
+    err = _refused(capsys, "plan", "--trace", path, "--topology", "1x3", "--method", "hypergraph",
+                   "--out", str(tmp_path / "p.json"), "--no-png")
+    assert "'--topology' = '1x3'" in err and "divides the trace's 16 experts (3 GPUs do not)" in err, err
+    assert "planning layers" not in err

@@ -91,3 +91,19 @@ def test_unknown_profile_and_bad_tolerance(tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
     assert main(["check-model", "--bench-json", "x.json", "--trace", str(trace), "--tolerance", "0"]) == 2
     assert "--tolerance" in capsys.readouterr().err
+
+
+def test_other_prompts_or_trace_than_the_benchmarks_are_refused(bench_run, capsys, tmp_path):
+    """bench records the replayed trace (file, --prompts, tokens); check-model with other prompts or
+    another trace would lay out other tokens and report 'bytes equal NO', so it is refused instead."""
+    trace, out = bench_run
+    source = json.loads(out.read_text())[0]["trace_source"]
+    assert source == {"file": str(trace.resolve()), "prompts": None, "tokens": 600}
+    flags = ["--inter-node-gbit", "10", "--tolerance", "9"]
+    assert main(["check-model", "--bench-json", str(out), "--trace", str(trace), "--prompts", "0:6", *flags]) == 2
+    assert "'--prompts' = '0:6'" in capsys.readouterr().err
+    other = tmp_path / "other.npz"
+    RoutingTrace.synthetic(500, 16, 4, num_layers=2, tokens_per_prompt=50, seed=5).save(other)
+    assert main(["check-model", "--bench-json", str(out), "--trace", str(other), *flags]) == 2
+    err = capsys.readouterr().err
+    assert "'--trace'" in err and "600 tokens after --prompts, this one 500" in err, err

@@ -54,8 +54,10 @@ def test_dispatchers_give_the_same_losses_and_resume_continues_exactly(tmp_path,
     train = [r["loss"] for r in dedup if r["kind"] == "train"]
     assert train[-1] < train[0] - 0.5, train  # it learns
     # the end's checkpoint in the folder, the one of step 3 (--checkpoint-every) beside it
-    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["rank0.pt", "rank1.pt", "step3"]
-    assert sorted(p.name for p in (tmp_path / "ck" / "step3").iterdir()) == ["rank0.pt", "rank1.pt"]
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["rank0.pt", "rank1.pt", "run.json", "step3"]
+    assert sorted(p.name for p in (tmp_path / "ck" / "step3").iterdir()) == ["rank0.pt", "rank1.pt", "run.json"]
+    meta = json.loads((tmp_path / "ck" / "step3" / "run.json").read_text())
+    assert meta["step"] == 3 and meta["shape"]["model.hidden_size"] == 32 and meta["shape"]["--layers"] == 2
     assert torch.load(tmp_path / "ck" / "step3" / "rank1.pt", weights_only=False)["step"] == 3
     assert torch.load(tmp_path / "ck" / "rank1.pt", weights_only=False)["step"] == 6
     # 3 more steps from step 3's checkpoint == the last 3 of the 6 steps straight
@@ -156,6 +158,28 @@ def _checkpoint_worker(rank, world, folder):
     with torch.no_grad():
         after = float((b(tokens).logits_BSV - a(tokens).logits_BSV).abs().max())
     return step, same, b.moes[0].experts.global_ids, float((got - want).abs().max()), after
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--hidden-size", "64", "--heads", "2"], ["'model.hidden_size' = 64", "allowed 32, as the checkpoint"]),
+    (["--layers", "1"], ["'--layers' = 1", "allowed 2"]),
+    (["--seq-len", "32"], ["'--seq-len' = 32", "allowed 16"]),
+    (["--num-experts", "8"], ["'model.num_experts' = 8", "allowed 4"]),
+    (["--topology", "1x4"], ["'ranks (parallel.nodes x parallel.gpus_per_node)' = 4", "allowed 2"]),
+])
+def test_resume_with_another_model_is_refused_before_any_rank_starts(tmp_path, capsys, no_launch, text, flags,
+                                                                      words):
+    """The checkpoint's run.json (written by rank 0 beside the rank files) against this run's model."""
+    from c2r_comm.config import Config, with_overrides
+    from c2r_comm.train.checkpoint_meta import model_shape, write_meta
+
+    saved = with_overrides(Config(), {"model.hidden_size": 32, "model.ffn_hidden_size": 32, "model.num_experts": 4,
+                                      "model.top_k": 2, "parallel.nodes": 1, "parallel.gpus_per_node": 2})
+    write_meta(tmp_path, model_shape(saved, 2, 16), 3)
+    argv = ["train-demo", "--text", str(text), *SMALL, "--steps", "1", "--resume", str(tmp_path)]
+    assert main(argv + flags) == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words), err
 
 
 def test_checkpoint_resumes_under_another_placement(tmp_path):

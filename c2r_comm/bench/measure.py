@@ -73,6 +73,9 @@ class BenchRecord:
     layer: Optional[int] = None  # trace layer the routing came from (None: the router)
     phases: Optional["PhaseTimes"] = None  # per-phase medians (bench --phases)
     overlap: Optional["OverlapResult"] = None  # serial vs pipelined (bench --overlap-degree)
+    # bench --trace: {"file", "prompts", "tokens"} of the replayed trace, so a record can be replayed
+    # again (`c2r-comm check-model` checks its --trace and --prompts against it)
+    trace_source: Optional[dict] = None
 
     @property
     def tokens(self) -> int:

@@ -7,7 +7,8 @@ Per dispatcher, on the same tokens and routing:
   experts   the experts' forward + backward timed alone (same run of phases)
   serial    the layer's fwd+bwd with schedule.overlap_degree 1
   overlapped  the same with C chunks (auto: decided on the first warm-up forward)
-  efficiency  (serial - overlapped) / min(exchange, experts): 1 = the smaller side fully hidden
+  efficiency  (serial - overlapped) / min(exchange, experts): 1 = the smaller side fully hidden;
+            n/a (JSON null) at C = 1, where the overlapped layer is the serial one timed again
   peak MB   of the serial and the overlapped layer's timed steps, measured apart, the serial layer
             deleted first (CUDA: tensors allocated; CPU: the process's peak RSS, which can carry
             memory the allocator kept from the serial run), so a user sees what the chunks cost
@@ -17,7 +18,7 @@ overlapped >= 1.25.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 from c2r_comm.bench.measure import Measurement
 from c2r_comm.bench.phases import BACKWARD_PHASES, FORWARD_PHASES, PhaseTimes
@@ -53,8 +54,11 @@ class OverlapResult:
                    serial.peak_memory_mb, overlapped.peak_memory_mb)
 
     @property
-    def efficiency(self) -> float:
+    def efficiency(self) -> Optional[float]:
+        """None at C = 1 (auto may pick it): nothing overlaps, the two timings are the serial layer twice."""
         smaller = min(self.exchange_ms, self.experts_ms)
+        if self.degree == 1:
+            return None
         return (self.serial_ms - self.overlapped_ms) / smaller if smaller > 0 else 0.0
 
     @property
@@ -77,6 +81,8 @@ def format_overlap(rows: list[tuple[str, OverlapResult]]) -> str:
         c = f"{r.degree} (auto)" if r.requested == OVERLAP_AUTO else str(r.degree)
         out.append(f"| {name} | {c} | {r.exchange_ms:.1f} | {r.experts_ms:.1f} | {r.serial_ms:.1f} "
                    f"({r.serial_fwd_bwd_ms[0]:.1f}+{r.serial_fwd_bwd_ms[1]:.1f}) | {r.overlapped_ms:.1f} "
-                   f"({r.overlapped_fwd_bwd_ms[0]:.1f}+{r.overlapped_fwd_bwd_ms[1]:.1f}) | {r.speedup:.2f} | {r.vs_max:.2f} | {r.efficiency:.2f} "
+                   f"({r.overlapped_fwd_bwd_ms[0]:.1f}+{r.overlapped_fwd_bwd_ms[1]:.1f}) | {r.speedup:.2f} "
+                   f"| {r.vs_max:.2f} "
+                   f"| {'n/a (C = 1)' if r.efficiency is None else f'{r.efficiency:.2f}'} "
                    f"| {r.serial_peak_mb:.1f} / {r.overlapped_peak_mb:.1f} |")
     return "\n".join(out)

@@ -131,9 +131,8 @@ def launch_argv(spec: SweepSpec, launch: Launch, config_path: Path, json_path: P
     """`c2r-comm bench ...` for the launch; under `c2r-comm emulate` when the sweep emulates nodes."""
     bench = ["bench", "--config", str(config_path), "--topology", str(launch.topology),
              "--dispatcher", ",".join(launch.dispatchers), "--json", str(json_path)]
-    bench += ["--layer", str(spec.base.placement.layer)]  # bench sets placement.layer from it (default 0)
-    if launch.routing.kind == "trace":
-        bench += ["--trace", spec.trace.path]
+    if launch.routing.kind == "trace":  # the trace's layer (a plan's layer is placement.layer in the config)
+        bench += ["--layer", str(spec.base.placement.layer), "--trace", spec.trace.path]
         bench += ["--prompts", spec.trace.eval_prompts] if spec.trace.eval_prompts else []
     if not spec.emulate:
         return [*C2R, *bench]

@@ -89,7 +89,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[Config, Optional[RoutingTrace], list[int]]:
-    config = load_config(args.config) if args.config else Config()
     overrides = {field: getattr(args, flag) for flag, field in OVERRIDES.items()}
     overrides["routing.pad_to_capacity"] = getattr(args, "pad_to_capacity", None)
     if args.topology:
@@ -100,18 +99,27 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Optional[RoutingTr
         if args.prompts:
             trace = trace.select_prompts(*parse_range(args.prompts))
         # The trace decides how many experts there are and how many each token picks.
+        for flag, fixed in (("num_experts", trace.num_experts), ("top_k", trace.top_k)):
+            given = getattr(args, flag, None)
+            if given is not None and given != fixed:
+                raise ConfigError("--" + flag.replace("_", "-"), given, f"{fixed} or left out: the trace routes "
+                                  f"over {trace.num_experts} experts, top-{trace.top_k}")
         overrides.update({"model.num_experts": trace.num_experts, "model.top_k": trace.top_k})
     elif args.prompts:
         raise ConfigError("--prompts", args.prompts, "only together with --trace")
     if trace is not None:
         layers = parse_layers(args.layer or "0", trace.num_layers, flag="--layer")
     elif args.layer is None or args.layer.strip().isdigit():
-        layers = [int(args.layer or 0)]
+        layers = [int(args.layer)] if args.layer is not None else []
     else:
         raise ConfigError("--layer", args.layer, "one 0-based layer index (several layers need --trace)")
     if args.layer is not None:
         overrides["placement.layer"] = layers[0]
-    config = with_overrides(config, overrides)
+    config = load_config(args.config, overrides) if args.config else with_overrides(Config(), overrides)
+    layers = layers or [config.placement.layer]  # router routing: the plan's layer is the config's
+    if args.layer is not None and trace is None and not config.placement.plan:
+        raise ConfigError("--layer", args.layer, "only with --trace or a plan (--plan or placement.plan): without "
+                          "them the router routes and the placement is contiguous, so a layer index means nothing")
     if trace is not None:
         # Checked here, before any rank starts: a short trace would fail on the last ranks only.
         most = trace.num_tokens // config.parallel.world_size

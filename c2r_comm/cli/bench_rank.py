@@ -3,6 +3,7 @@ layer per dispatcher, timed, with its phases, overlap and peers; rank 0 prints a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import os
 import signal
@@ -50,6 +51,9 @@ def _bench_ranks(args: argparse.Namespace, config: Config, trace: Optional[Routi
                bench_all(with_overrides(config, {"placement.layer": layer}), trace, names, groups, ctx.device,
                          show=ctx.rank == 0, phases=args.phases, network_interface=args.wire_interface,
                          peers=peers, profile_dir=args.profile, overlap_degree=args.overlap_degree)]
+    if trace is not None:
+        source = {"file": os.path.abspath(args.trace), "prompts": args.prompts, "tokens": trace.num_tokens}
+        records = [dataclasses.replace(r, trace_source=source) for r in records]
     if ctx.rank == 0:
         print(describe(config, trace, layers, args) + f", {ctx.backend} on {ctx.device.type}")
         print(format_table(records))

@@ -1,7 +1,8 @@
 """`c2r-comm check-model --bench-json RUN.json --trace PATH [--prompts A:B] [--hardware emulated_cpu]`:
 the cost model against a measured `bench --phases` run (bytes exactly, exchange time within a tolerance).
 
-Exit 0 when every record's bytes agree and every time is within the tolerance, 1 otherwise.
+Exit 0 when every record's bytes agree and every time is within the tolerance, 1 otherwise (2: bad
+input, e.g. a --trace or --prompts other than the benchmark's, which bench records in its JSON).
 """
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hardware", default="emulated_cpu", help="hardware profile name or YAML path")
     p.add_argument("--inter-node-gbit", type=float, default=None,
                    help="link rate to assume (default: each record's emulated rate; required for unshaped runs)")
-    p.add_argument("--tolerance", type=float, default=0.25, help="allowed |model/measured - 1| (default 0.25)")
+    p.add_argument("--tolerance", type=float, default=0.25,
+                   help="allowed |model/measured - 1| (default 0.25); exit 1 when a record is outside it or its "
+                        "bytes differ")
     p.add_argument("--json", default=None, help="write the comparison here")
 
 
@@ -39,6 +42,15 @@ def run(args: argparse.Namespace) -> int:
     trace = RoutingTrace.load(args.trace)
     if args.prompts:
         trace = trace.select_prompts(*parse_range(args.prompts))
+    for path, records in zip(args.bench_json, runs):  # the same tokens as the benchmark, or no comparison
+        source = records[0].get("trace_source")  # bench writes it since it exists; older files have none
+        if source is None:
+            continue
+        if (source.get("prompts") or None) != (args.prompts or None):
+            raise ConfigError("--prompts", args.prompts, f"{source.get('prompts')!r}, the prompts {path} replayed")
+        if source.get("tokens") != trace.num_tokens:
+            raise ConfigError("--trace", args.trace, f"the trace {path} replayed ({source.get('file')}: "
+                              f"{source.get('tokens')} tokens after --prompts, this one {trace.num_tokens})")
     checks = []
     for records in runs:
         for r in records:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Optional
 
 from tqdm import tqdm
 
-from c2r_comm.config import parse_topology
+from c2r_comm.config import ConfigError, parse_topology
 from c2r_comm.placement.hypergraph import PARTITIONERS, PartitionSettings
 from c2r_comm.placement.planners import METHODS, PlannerOptions
 from c2r_comm.placement.replicas import COPY_LOAD_CAP, PINNED_BLOCKS, PINNED_LOAD_CAP, REPLICA_LOAD_TOLERANCE
@@ -24,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", required=True, help="routing trace .npz (expert_ids [tokens, layers, k])")
     p.add_argument("--topology", required=True, help="NxG: N nodes of G GPUs each, e.g. 1x8 or 2x4")
     p.add_argument("--method", required=True, choices=METHODS)
-    p.add_argument("--layers", default="all", help="'all' or comma-separated 0-based trace layer indices")
+    p.add_argument("--layers", default="all",
+                   help="'all', or 0-based trace layer indices: a comma list and/or A:B ranges (e.g. 0,5,12:14)")
     p.add_argument("--fit-prompts", default=None, help="A:B prompt positions to fit on (default: first 80%%)")
     p.add_argument("--eval-prompts", default=None, help="C:D prompt positions to score on (default: after fit)")
     p.add_argument("--load-tolerance", type=float, default=1.10, help="per-GPU token load max/mean on fit tokens")
@@ -51,7 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="written into replica plans: the dispatch's copy choice trades cover for balance when a "
                         "batch's rows per GPU exceed X x the mean (default %(default)s; none: load breaks ties only)")
     p.add_argument("--partitioner", choices=PARTITIONERS, default="auto")
-    p.add_argument("--ip-runs", type=int, default=1, help="Mt-KaHyPar initial-partitioning runs (preset: 20)")
+    p.add_argument("--ip-runs", type=int, default=1,
+                   help="Mt-KaHyPar initial-partitioning runs (default 1; 20 = its deterministic preset unchanged)")
     p.add_argument("--threads", type=int, default=2, help="Mt-KaHyPar threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="plan JSON to write")
@@ -81,7 +82,8 @@ def _prompt_ranges(args: argparse.Namespace, num_prompts: int) -> tuple[tuple, t
         ev = (stop, None)
     fit_idx, ev_idx = set(range(num_prompts)[slice(*fit)]), set(range(num_prompts)[slice(*ev)])
     if fit_idx & ev_idx:
-        warnings.warn(f"fit and eval prompts overlap in {len(fit_idx & ev_idx)} prompts: eval scores are optimistic")
+        print(f"c2r-comm plan: warning: fit and eval prompts overlap in {len(fit_idx & ev_idx)} prompts: eval scores "
+              "are optimistic", file=sys.stderr)
     return fit, ev
 
 
@@ -115,6 +117,9 @@ def run(args: argparse.Namespace) -> int:
     topology = Topology(*parse_topology(args.topology))
     trace = RoutingTrace.load(args.trace)
     layers = parse_layers(args.layers, trace.num_layers)
+    if trace.num_experts % topology.world_size:  # before any planning starts (and its progress bar)
+        raise ConfigError("--topology", args.topology, f"a GPU count that divides the trace's {trace.num_experts} "
+                          f"experts ({topology.world_size} GPUs do not)")
     fit_range, eval_range = _prompt_ranges(args, trace.num_prompts)
     fit, evaluation = trace.select_prompts(*fit_range), trace.select_prompts(*eval_range)
     png: Optional[Path] = None if args.no_png else Path(args.png) if args.png else Path(args.out).with_suffix(".png")

@@ -53,7 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="routing weights' dtype (default: --dtype, as the layer's router is cast to it; "
                         "`bench --trace` sends float32 weights)")
     p.add_argument("--expert-copies", type=int, default=None,
-                   help="simulate S copies of the trace's experts (default: smallest S with S*E divisible by GPUs)")
+                   help="simulate S copies of the trace's experts (default: smallest S with S*E divisible by GPUs); "
+                        "the copies are S disjoint groups of experts, so with fewer than top-k GPUs per group the "
+                        "results are optimistic (warned)")
     p.add_argument("--hardware", default="h100_nvlink_ib400", help="profile name or path to a profile YAML")
     p.add_argument("--inter-node-gbit", type=float, default=None, help="override the profile's inter-node rate (> 0)")
     p.add_argument("--intra-node-gbit", type=float, default=None, help="override the profile's intra-node rate (> 0)")
@@ -268,6 +270,13 @@ def run(args: argparse.Namespace) -> int:
         notes = [f"each trace token dealt {dealt / N:.2f} times on average"] if dealt > N else []
         if copies > 1:
             notes.append(f"{copies} expert copies ({setup.trace.num_experts * copies} experts)")
+            span, k = topo.world_size / copies, setup.trace.top_k
+            if span < k:  # the copies are disjoint groups: a placement that keeps one together caps the GPUs
+                notes.append(f"WARNING: one copy's {setup.trace.num_experts} experts fill {span:g} GPUs, fewer than "
+                             f"top-{k}: here a token touches at most {span:g} GPUs under contiguous placement (and a "
+                             f"plan may find the same), a real model on {topo.world_size} GPUs up to {k}, so the dedup "
+                             "and hierarchical rows are optimistic; a GPU count sharing more factors with "
+                             f"{setup.trace.num_experts} avoids this")
         if notes:
             print(f"note: {topo}: " + "; ".join(notes))
     print("per iteration over the selected layers; MB: all ranks, dispatch + combine; times: alpha-beta model, "

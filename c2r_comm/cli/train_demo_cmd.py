@@ -22,6 +22,7 @@ from c2r_comm.bench.rank_launcher import run_local_ranks
 from c2r_comm.cli.bench_cmd import check_plan, check_writable
 from c2r_comm.config import Config, ConfigError, load_config, parse_topology, with_overrides
 from c2r_comm.launch_env import launched
+from c2r_comm.train.checkpoint_meta import check_resume, model_shape
 from c2r_comm.train.data import ByteCorpus
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2].parent / "shared" / "text"
@@ -71,7 +72,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def resolve(args: argparse.Namespace) -> Config:
-    config = load_config(args.config) if args.config else Config()
     overrides = {"dispatcher": args.dispatcher, "model.hidden_size": args.hidden_size,
                  "model.ffn_hidden_size": args.ffn_hidden_size, "model.num_experts": args.num_experts,
                  "model.top_k": args.top_k, "run.seed": args.seed, "run.dtype": args.dtype, "placement.plan": args.plan,
@@ -79,7 +79,7 @@ def resolve(args: argparse.Namespace) -> Config:
                  "routing.collaborators": args.collaborators, "routing.max_groups": args.max_groups}
     if args.topology:
         overrides["parallel.nodes"], overrides["parallel.gpus_per_node"] = parse_topology(args.topology)
-    config = with_overrides(config, overrides)
+    config = load_config(args.config, overrides) if args.config else with_overrides(Config(), overrides)
     for flag in ("steps", "layers", "heads", "seq_len", "batch", "eval_batches", "record_batches"):
         if getattr(args, flag) < 1:
             raise ConfigError("--" + flag.replace("_", "-"), getattr(args, flag), "an integer >= 1")
@@ -104,6 +104,8 @@ def resolve(args: argparse.Namespace) -> Config:
         raise ConfigError("--checkpoint-every", args.checkpoint_every, "0 without --checkpoint DIR (where they go)")
     if args.resume and not Path(args.resume).is_dir():
         raise ConfigError("--resume", args.resume, "a folder written by --checkpoint")
+    if args.resume:  # a model the saved tensors do not fit: refused here, not by every rank's traceback
+        check_resume(args.resume, model_shape(config, args.layers, args.seq_len))
     if not launched(os.environ):
         for flag in ("log", "record_routing"):
             if getattr(args, flag):

@@ -18,6 +18,7 @@ from c2r_comm.config import Config
 from c2r_comm.groups import build_process_groups
 from c2r_comm.topology import Topology
 from c2r_comm.train import checkpoint
+from c2r_comm.train.checkpoint_meta import model_shape, write_meta
 from c2r_comm.train.data import ByteCorpus
 from c2r_comm.train.model import MoETransformerLM
 from c2r_comm.train.record import record_routing
@@ -105,7 +106,8 @@ def _train(args: argparse.Namespace, config: Config, ctx, corpus: ByteCorpus) ->
     if show:
         print(f"c2r-comm train-demo: {args.steps} steps in {elapsed:.1f} s ({args.steps / elapsed:.2f} steps/s), "
               f"{config.dispatcher} on {config.parallel.nodes}x{config.parallel.gpus_per_node}, "
-              f"{args.layers} MoE layers of {config.model.num_experts} experts top-{config.model.top_k}; "
+              f"{args.layers} MoE layer{'s' if args.layers > 1 else ''} of {config.model.num_experts} experts "
+              f"top-{config.model.top_k}; "
               f"final valid loss {v.loss:.4f}" + (f"; checkpoint {args.checkpoint}" if args.checkpoint else ""))
     return 0
 
@@ -113,6 +115,8 @@ def _train(args: argparse.Namespace, config: Config, ctx, corpus: ByteCorpus) ->
 def _save(args: argparse.Namespace, config: Config, model, optimizer, step: int, folder: Path, rank: int) -> None:
     checkpoint.save(model, optimizer, step, folder, rank,
                     {"config": config.to_dict(), "args": {k: v for k, v in vars(args).items() if k != "argv"}})
+    if rank == 0:  # what the launcher of a --resume checks before any rank starts
+        write_meta(folder, model_shape(config, args.layers, args.seq_len), step)
 
 
 def _evaluate(model, corpus: ByteCorpus, args: argparse.Namespace, rank: int, device, group) -> StepMetrics:

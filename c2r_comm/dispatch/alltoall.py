@@ -1,9 +1,11 @@
 """Baseline: one row per (token, expert) pair through one all_to_all_single each way.
 
-Equivalent to Megatron's AllToAll token dispatcher: permute by (destination rank, local expert),
+The exchange of Megatron's AllToAll token dispatcher: permute by (destination rank, local expert),
 exchange, regroup the received rows by local expert; combine reverses this and the *source*
-applies the routing weights before summing a token's k rows. Only token rows travel: the count
-exchange already says how many rows of each (source, slot) arrive, so no metadata is sent.
+applies the routing weights before summing a token's k rows (megatron-core 0.16's experts weight
+their rows themselves; the Megatron adapter, integrations/megatron.py, follows that contract).
+Only token rows travel: the count exchange already says how many rows of each (source, slot)
+arrive, so no metadata is sent.
 """
 from __future__ import annotations
 
@@ -61,7 +63,7 @@ def group_received_by_slot(recv_counts_WL: torch.Tensor, total: int) -> torch.Te
 
 class AllToAllDispatcher(Dispatcher):
     name = "alltoall"
-    weights_at_experts = False  # Megatron's contract: the source weights the k returned rows
+    weights_at_experts = False  # the source weights the k returned rows at combine
 
     @staticmethod
     def layout_rank(geo: RankGeometry, x_TD, topk_idx_TK, topk_weight_TK, status, status_detail,
