@@ -30,14 +30,16 @@ def launched(env: Mapping[str, str]) -> bool:
 
 
 def launcher_size(env: Mapping[str, str]) -> Optional[int]:
-    """The number of processes the launcher announces (None: it announces none). The first rank
-    variable present that has its size variable beside it decides: srun --mpi=pmix sets PMIX_RANK,
-    which announces no size, and Slurm's step size."""
-    for rank_var in MPI_RANK_VARIABLES:
-        size_var = MPI_SIZE_VARIABLES.get(rank_var)
-        if rank_var in env and size_var and env.get(size_var, "").isdigit():
-            return int(env[size_var])
-    return None
+    """The number of processes the launcher announces (None: it announces none): the detected
+    launcher's size variable. PMIx announces none; under srun --mpi=pmix (Slurm's PMIx namespace,
+    `slurm.pmix.<job>.<step>`) Slurm's step size is this launch's. Elsewhere Slurm's variables may
+    be inherited, e.g. from an `srun --pty` shell (step size 1), and are not used."""
+    rank_var = next((var for var in MPI_RANK_VARIABLES if var in env), None)
+    size_var = MPI_SIZE_VARIABLES.get(rank_var) if rank_var else None
+    if rank_var == "PMIX_RANK" and env.get("PMIX_NAMESPACE", "").startswith("slurm.pmix."):
+        size_var = MPI_SIZE_VARIABLES["SLURM_PROCID"]
+    value = env.get(size_var, "") if size_var else ""
+    return int(value) if value.isdigit() else None
 
 
 def launcher_rank(env: Mapping[str, str]) -> Optional[int]:

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from c2r_comm.cli import main
-from c2r_comm.plan import PlacementPlan, distinct_per_token
+from c2r_comm.plan import PlacementPlan, PlanFile, distinct_per_token
+from c2r_comm.routing.trace import RoutingTrace
+from c2r_comm.topology import Topology
 
 REPO = Path(__file__).resolve().parents[1]
 TRACE = REPO.parent / "shared" / "traces" / "deepseek_v2_lite_prefill_dev.npz"
@@ -78,7 +80,7 @@ def test_trace_driven_counts_match_an_independent_count(tmp_path):
 @pytest.mark.parametrize("flags, words", [
     (["--topology", "3x3"], ["model.num_experts", "multiple"]),
     (["--layer", "0,1"], ["--layer", "several layers need --trace"]),
-    (["--layer", "3"], ["--layer", "only with --trace or a plan"]),
+    (["--layer", "3"], ["--layer", "only with --trace, a plan (--plan or placement.plan) or c2r routing"]),
     pytest.param(["--trace", str(TRACE), "--top-k", "2"], ["--top-k", "6 or left out"],
                  marks=pytest.mark.skipif(not TRACE.is_file(), reason="needs ../shared/traces")),
     pytest.param(["--trace", str(TRACE), "--num-experts", "16"], ["--num-experts", "64 or left out"],
@@ -142,3 +144,32 @@ def test_overlap_efficiency_is_not_reported_at_one_chunk():
     assert one.efficiency is None and two.efficiency == pytest.approx(0.5)
     table = format_overlap([("dedup", one), ("alltoall", two)])
     assert "| dedup | 1 (auto) |" in table and "| n/a (C = 1) |" in table and "| 0.50 |" in table
+
+
+def test_layer_defaults_to_the_configs_placement_layer_and_c2r_takes_a_layer(tmp_path):
+    """Without --layer the benchmarked (plan, trace) layer is the config's placement.layer, with a
+    trace as without; --layer without a trace or plan is meaningful for c2r routing (its lists are
+    per layer), so it is accepted there."""
+    import yaml
+
+    from c2r_comm.cli import parser_for
+    from c2r_comm.cli.bench_cmd import resolve_config
+
+    plan = tmp_path / "plan.json"
+    PlanFile(Topology(1, 2), 8, {1: PlacementPlan.random(8, 2, seed=0)}, "random").save(plan)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"num_experts": 8, "top_k": 2},
+                                   "placement": {"plan": str(plan), "layer": 1}, "parallel": {"gpus_per_node": 2}}))
+
+    def resolve(*argv):
+        return resolve_config(parser_for(["bench"]).parse_args(["bench", *argv]))
+    config, _, layers = resolve("--config", str(cfg))
+    assert layers == [1] and config.placement.layer == 1  # was [0]: "plan file has no plan for layer 0"
+    trace = tmp_path / "t.npz"
+    RoutingTrace.synthetic(200, 8, 2, num_layers=3, tokens_per_prompt=20, seed=1).save(trace)
+    assert resolve("--config", str(cfg), "--trace", str(trace), "--tokens-per-rank", "50")[2] == [1]
+    c2r = tmp_path / "c2r.yaml"
+    c2r.write_text(yaml.safe_dump({"routing": {"kind": "c2r", "top_t": 3, "collaborators": str(tmp_path / "l.npz")},
+                                   "model": {"num_experts": 8, "top_k": 2}, "parallel": {"gpus_per_node": 2}}))
+    config, _, layers = resolve("--config", str(c2r), "--layer", "2")
+    assert layers == [2] and config.placement.layer == 2

@@ -44,8 +44,12 @@ def test_launcher_size_reads_the_detected_launchers_own_variable():
     assert launcher_size({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "PMIX_RANK": "1"}) == 2
     # srun with PMIx: the step's size, never the allocation's task count
     assert launcher_size({"PMIX_RANK": "0", "SLURM_PROCID": "0", "SLURM_NTASKS": "16"}) is None
-    # srun --mpi=pmix: PMIx announces no size, Slurm's step size beside it does
-    assert launcher_size({"PMIX_RANK": "1", "SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "4"}) == 4
+    # srun --mpi=pmix (Slurm's PMIx namespace): PMIx announces no size, Slurm's step size is this launch's
+    assert launcher_size({"PMIX_RANK": "1", "PMIX_NAMESPACE": "slurm.pmix.42.0", "SLURM_PROCID": "1",
+                          "SLURM_STEP_NUM_TASKS": "4"}) == 4
+    # another PMIx launcher inside an `srun --pty bash` shell: Slurm's variables are the shell's
+    assert launcher_size({"PMIX_RANK": "0", "PMIX_NAMESPACE": "prterun-host-1234@1", "SLURM_PROCID": "0",
+                          "SLURM_STEP_NUM_TASKS": "1"}) is None
     assert launcher_size({"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "8", "SLURM_NTASKS": "16"}) == 8
     assert launcher_size({"SLURM_PROCID": "0"}) is None and launcher_size({}) is None
 

@@ -98,10 +98,12 @@ def test_other_prompts_or_trace_than_the_benchmarks_are_refused(bench_run, capsy
     another trace would lay out other tokens and report 'bytes equal NO', so it is refused instead."""
     trace, out = bench_run
     source = json.loads(out.read_text())[0]["trace_source"]
-    assert source == {"file": str(trace.resolve()), "prompts": None, "tokens": 600}
+    assert source["prompts"] is None and source["tokens"] == 600 and Path(source["file"]).samefile(trace)
     flags = ["--inter-node-gbit", "10", "--tolerance", "9"]
     assert main(["check-model", "--bench-json", str(out), "--trace", str(trace), "--prompts", "0:6", *flags]) == 2
-    assert "'--prompts' = '0:6'" in capsys.readouterr().err
+    assert "'--prompts' = '0:6' is invalid: allowed no --prompts (the whole trace)" in capsys.readouterr().err
+    # the same prompts written another way are the same: '0:' of this 12-prompt trace is all of it
+    assert main(["check-model", "--bench-json", str(out), "--trace", str(trace), "--prompts", "0:", *flags]) != 2
     other = tmp_path / "other.npz"
     RoutingTrace.synthetic(500, 16, 4, num_layers=2, tokens_per_prompt=50, seed=5).save(other)
     assert main(["check-model", "--bench-json", str(out), "--trace", str(other), *flags]) == 2

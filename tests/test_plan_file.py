@@ -90,7 +90,7 @@ def test_plan_cli_rejects_bad_arguments(tmp_path, trace):
         run_cli(base + ["--topology", "1x4", "--layers", "7"])
     with pytest.raises(ValueError, match="give --eval-prompts"):
         run_cli(base + ["--topology", "1x4", "--fit-prompts", "0:"])
-    with pytest.raises(ValueError, match="cannot be split equally"):
+    with pytest.raises(ValueError, match="'--topology' = '1x3' is invalid: allowed a GPU count that divides"):
         run_cli(base + ["--topology", "1x3", "--fit-prompts", "0:40"])
 
 

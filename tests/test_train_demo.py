@@ -165,7 +165,9 @@ def _checkpoint_worker(rank, world, folder):
     (["--layers", "1"], ["'--layers' = 1", "allowed 2"]),
     (["--seq-len", "32"], ["'--seq-len' = 32", "allowed 16"]),
     (["--num-experts", "8"], ["'model.num_experts' = 8", "allowed 4"]),
-    (["--topology", "1x4"], ["'ranks (parallel.nodes x parallel.gpus_per_node)' = 4", "allowed 2"]),
+    (["--topology", "1x4"], ["'ranks (parallel.nodes x parallel.gpus_per_node)' = 4", "allowed 2",
+                             "one file per rank"]),
+    (["--config", "SHARED_YAML"], ["shared experts' FFN width", "= 32", "allowed 0"]),
 ])
 def test_resume_with_another_model_is_refused_before_any_rank_starts(tmp_path, capsys, no_launch, text, flags,
                                                                       words):
@@ -177,7 +179,9 @@ def test_resume_with_another_model_is_refused_before_any_rank_starts(tmp_path, c
                                       "model.top_k": 2, "parallel.nodes": 1, "parallel.gpus_per_node": 2})
     write_meta(tmp_path, model_shape(saved, 2, 16), 3)
     argv = ["train-demo", "--text", str(text), *SMALL, "--steps", "1", "--resume", str(tmp_path)]
-    assert main(argv + flags) == 2
+    shared = tmp_path / "shared.yaml"  # one shared expert of the routed experts' FFN size (32)
+    shared.write_text("model:\n  num_shared_experts: 1\n")
+    assert main(argv + [str(shared) if f == "SHARED_YAML" else f for f in flags]) == 2
     err = capsys.readouterr().err
     assert all(w in err for w in words), err
 

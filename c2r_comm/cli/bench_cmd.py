@@ -57,7 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dispatcher", help=f"comma list of {sorted(DISPATCHERS)} (default: all)")
     p.add_argument("--trace", help="routing trace .npz; routing comes from it instead of the router")
     p.add_argument("--layer", default=None,
-                   help="0-based trace layer index (also the plan's layer); with --trace also 'all' or a comma list")
+                   help="0-based trace layer index (also the plan's and the c2r lists' layer; default: the "
+                        "config's placement.layer, 0); with --trace also 'all' or a comma list")
     p.add_argument("--prompts", default=None,
                    help="A:B trace prompts (0-based, slice style) to deal tokens from, e.g. held-out 800:999")
     p.add_argument("--peers", default=None,
@@ -107,19 +108,23 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Optional[RoutingTr
         overrides.update({"model.num_experts": trace.num_experts, "model.top_k": trace.top_k})
     elif args.prompts:
         raise ConfigError("--prompts", args.prompts, "only together with --trace")
-    if trace is not None:
-        layers = parse_layers(args.layer or "0", trace.num_layers, flag="--layer")
-    elif args.layer is None or args.layer.strip().isdigit():
-        layers = [int(args.layer)] if args.layer is not None else []
-    else:
-        raise ConfigError("--layer", args.layer, "one 0-based layer index (several layers need --trace)")
+    layers: list[int] = []
     if args.layer is not None:
+        if trace is not None:
+            layers = parse_layers(args.layer, trace.num_layers, flag="--layer")
+        elif args.layer.strip().isdigit():
+            layers = [int(args.layer)]
+        else:
+            raise ConfigError("--layer", args.layer, "one 0-based layer index (several layers need --trace)")
         overrides["placement.layer"] = layers[0]
     config = load_config(args.config, overrides) if args.config else with_overrides(Config(), overrides)
-    layers = layers or [config.placement.layer]  # router routing: the plan's layer is the config's
-    if args.layer is not None and trace is None and not config.placement.plan:
-        raise ConfigError("--layer", args.layer, "only with --trace or a plan (--plan or placement.plan): without "
-                          "them the router routes and the placement is contiguous, so a layer index means nothing")
+    if not layers:  # no --layer: the config's placement.layer (default 0), for the trace as for the plan
+        layers = [config.placement.layer] if trace is None else \
+            parse_layers(str(config.placement.layer), trace.num_layers, flag="placement.layer")
+    if args.layer is not None and trace is None and not config.placement.plan and config.routing.kind != "c2r":
+        raise ConfigError("--layer", args.layer, "only with --trace, a plan (--plan or placement.plan) or c2r "
+                          "routing (whose collaborator lists are per layer): otherwise the router routes, the "
+                          "placement is contiguous and a layer index changes nothing")
     if trace is not None:
         # Checked here, before any rank starts: a short trace would fail on the last ranks only.
         most = trace.num_tokens // config.parallel.world_size

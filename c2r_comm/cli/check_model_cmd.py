@@ -39,15 +39,19 @@ def run(args: argparse.Namespace) -> int:
     if unshaped and args.inter_node_gbit is None:
         raise ConfigError("--inter-node-gbit", None, f"a link rate: records {unshaped} ran on unshaped links "
                           "(no `c2r-comm emulate --inter-node-gbit`), so the model needs the rate to assume")
-    trace = RoutingTrace.load(args.trace)
-    if args.prompts:
-        trace = trace.select_prompts(*parse_range(args.prompts))
+    full = RoutingTrace.load(args.trace)
+    trace = full.select_prompts(*parse_range(args.prompts)) if args.prompts else full
+
+    def prompt_range(text):  # '800:' and '800:999' are the same prompts of a 999-prompt trace
+        picked = range(full.num_prompts)[slice(*parse_range(text))] if text else range(full.num_prompts)
+        return picked.start, picked.stop, picked.step
     for path, records in zip(args.bench_json, runs):  # the same tokens as the benchmark, or no comparison
         source = records[0].get("trace_source")  # bench writes it since it exists; older files have none
         if source is None:
             continue
-        if (source.get("prompts") or None) != (args.prompts or None):
-            raise ConfigError("--prompts", args.prompts, f"{source.get('prompts')!r}, the prompts {path} replayed")
+        if prompt_range(source.get("prompts")) != prompt_range(args.prompts):
+            theirs = f"--prompts {source['prompts']}" if source.get("prompts") else "no --prompts (the whole trace)"
+            raise ConfigError("--prompts", args.prompts, f"{theirs}, as {path} replayed")
         if source.get("tokens") != trace.num_tokens:
             raise ConfigError("--trace", args.trace, f"the trace {path} replayed ({source.get('file')}: "
                               f"{source.get('tokens')} tokens after --prompts, this one {trace.num_tokens})")

@@ -15,15 +15,17 @@ from typing import Mapping
 from c2r_comm.config import Config, ConfigError
 
 META_FILE = "run.json"
+RANKS = "ranks (parallel.nodes x parallel.gpus_per_node)"
 
 
 def model_shape(config: Config, layers: int, seq_len: int) -> dict[str, int]:
     """The settings that fix the shapes of the saved tensors, by the name a user sets them with."""
     m = config.model
+    shared_ffn = m.num_shared_experts * (m.shared_ffn_hidden_size or m.ffn_hidden_size)  # one dense FFN (layer.py)
     return {"model.hidden_size": m.hidden_size, "model.ffn_hidden_size": m.ffn_hidden_size,
-            "model.num_experts": m.num_experts, "model.num_shared_experts": m.num_shared_experts,
-            "--layers": layers, "--seq-len": seq_len,
-            "ranks (parallel.nodes x parallel.gpus_per_node)": config.parallel.world_size}
+            "model.num_experts": m.num_experts,
+            "shared experts' FFN width (model.num_shared_experts x shared_ffn_hidden_size)": shared_ffn,
+            "--layers": layers, "--seq-len": seq_len, RANKS: config.parallel.world_size}
 
 
 def write_meta(folder: str | Path, shape: Mapping[str, int], step: int) -> None:
@@ -44,5 +46,6 @@ def check_resume(folder: str | Path, shape: Mapping[str, int]) -> None:
         raise ConfigError("--resume", str(folder), f"a checkpoint folder with a readable {META_FILE} ({exc})") from exc
     for field, value in shape.items():
         if field in saved and saved[field] != value:
+            why = "one file per rank" if field == RANKS else "its tensors have that shape"
             raise ConfigError(field, value, f"{saved[field]}, as the checkpoint --resume {folder} was saved with "
-                              "(its tensors have that shape)")
+                              f"({why})")
