@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -232,6 +232,46 @@ class GroupedExperts(nn.Module):
     @property
     def num_local_experts(self) -> int:
         return len(self.global_ids)
+
+    # ---- state dict: which global expert each slot holds travels with the weights ----------------
+    WEIGHTS = ("w_gate_LDF", "w_up_LDF", "w_down_LFD")
+
+    def get_extra_state(self) -> dict:
+        """Saved as `<prefix>_extra_state`: the global expert id of every local slot."""
+        return {"global_ids": list(self.global_ids)}
+
+    def set_extra_state(self, state: dict) -> None:
+        """Nothing to set: the ids were checked, and the slots reordered, before the weights loaded."""
+
+    def slot_order(self, state_dict: Mapping, prefix: str) -> Optional[list[int]]:
+        """The saved slot of each of this layer's slots, when a state dict's experts are these in
+        another order (None: the same order, or a state dict saved before the ids were). ValueError
+        when the state dict holds other experts: loading them would silently compute with the wrong
+        weights (e.g. a layer built with another placement plan)."""
+        saved = state_dict.get(prefix + "_extra_state")
+        if saved is None:
+            return None
+        saved_ids = [int(e) for e in saved["global_ids"]]
+        if saved_ids == list(self.global_ids):
+            return None
+        if sorted(saved_ids) != sorted(self.global_ids):
+            raise ValueError(f"state dict {prefix or 'of the experts'}: its slots hold experts {saved_ids}, this "
+                             f"rank's placement puts experts {list(self.global_ids)} here; allowed a state dict "
+                             "saved under the same placement (build the layer with the plan it was saved under and "
+                             "move the experts with MoELayer.apply_plan, or load per expert id as "
+                             "train/checkpoint.py does)")
+        return [saved_ids.index(e) for e in self.global_ids]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        order = self.slot_order(state_dict, prefix)
+        if order is not None:  # the same experts in other slots: take each slot's rows from where they were
+            for name in self.WEIGHTS:
+                if prefix + name in state_dict:
+                    state_dict[prefix + name] = state_dict[prefix + name][order]
+        state_dict.setdefault(prefix + "_extra_state", self.get_extra_state())  # an older state dict: no ids
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def grouped_mm_path(self) -> bool:
         """Whether forward takes the grouped-GEMM path for the weights' current device and dtype."""

@@ -138,7 +138,32 @@ class MoELayer(nn.Module):
         if self.replica_grad_sync is not None:
             self.replica_grad_sync(self.experts)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        # Before anything loads: a state dict of other experts (another placement) is refused whole.
+        self.experts.slot_order(state_dict, prefix + "experts.")
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """This rank's routed experts: each rank holds other experts, and the dispatch already brought
+        every rank's tokens, so their gradients need no data-parallel reduction (never hand them to
+        DDP, which would average different experts; replica plans: sync_replica_grads)."""
+        return list(self.experts.parameters())
+
+    def replicated_parameters(self) -> list[nn.Parameter]:
+        """Weights every expert-parallel rank holds a copy of (router gate, shared expert): sum or
+        average their gradients over the ranks like any data-parallel weight (all_reduce, or DDP
+        over these alone)."""
+        experts = {id(p) for p in self.experts.parameters()}
+        return [p for p in self.parameters() if id(p) not in experts]
+
     def forward(self, x_TD: torch.Tensor) -> MoEOutput:
+        if x_TD.ndim != 2:
+            raise ValueError(f"MoELayer takes x_TD [tokens, hidden], got shape {tuple(x_TD.shape)}: flatten the "
+                             "other dimensions first (x.reshape(-1, x.shape[-1])) and restore them on out_TD")
+        gate = self.router.gate.weight
+        if x_TD.dtype != gate.dtype:
+            raise ValueError(f"MoELayer input dtype {x_TD.dtype}: allowed the layer's {gate.dtype} (run.dtype); "
+                             "cast the input or build the layer with that dtype")
         routing = self.router(x_TD)
         out = self.forward_routed(x_TD, routing.topk_idx_TK, routing.topk_weight_TK)
         return replace(out, aux_loss=routing.aux_loss, routing=routing)
@@ -148,6 +173,11 @@ def build_moe_layer(config: Config, groups: ProcessGroups, device: torch.device,
                     dispatcher: Optional[str] = None, plan: Optional[PlacementPlan] = None) -> MoELayer:
     """A layer from a validated config; every rank must call it together (plan check is collective)."""
     m, run = config.model, config.run
+    if (config.parallel.nodes, config.parallel.gpus_per_node) != (groups.topology.nodes,
+                                                                  groups.topology.gpus_per_node):
+        raise ValueError(f"config parallel {config.parallel.nodes}x{config.parallel.gpus_per_node} but the process "
+                         f"groups are {groups.topology}: allowed the groups' topology (build_process_groups with "
+                         "the config's topology)")
     if plan is None:
         plan = load_layer_plan(config.placement.plan, config.placement.layer, groups.topology, m.num_experts)
     dtype = DTYPES[run.dtype]

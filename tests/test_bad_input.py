@@ -21,7 +21,9 @@ def _inputs(rank: int):
 
 FAULTS = [("id_too_large", "out of range"), ("id_negative", "out of range"), ("shape", "shapes"),
           ("hidden", "hidden size"), ("int_x", "shapes or dtypes"), ("k_differs", "top-k / dtypes differ"),
-          ("dtype_differs", "top-k / dtypes differ")]
+          ("dtype_differs", "top-k / dtypes differ"),
+          ("grad_differs", "rank 0: k=2, x float32, topk_weight float32, no grad; rank 1: k=2, x float32, "
+                           "topk_weight float32, needs grad")]
 
 
 def _bad_input_worker(rank, world, dispatcher):
@@ -47,6 +49,8 @@ def _one_fault(rank, disp, fault):
             idx, w = torch.stack([torch.randperm(E)[:K + 1] for _ in range(T)]), torch.rand(T, K + 1)
         elif fault == "dtype_differs":
             x = x.double()
+        elif fault == "grad_differs":  # its backward would wait for reverse exchanges rank 0 never issues
+            x.requires_grad_(True)
     try:
         disp.dispatch(x, idx, w)
         raised = None

@@ -133,3 +133,73 @@ def test_build_leaves_global_rng_alone_and_gate_follows_run_seed(tmp_path):
     assert set(res) == {"topk", "c2r", "device_constrained"}
     for kind, checks in res.items():
         assert all(checks.values()), (kind, checks)
+
+
+def _state_dict_worker(rank, world):
+    """What a library user does with a layer's state dict, and the checks on its input."""
+    groups = build_process_groups(Topology(1, world), timeout_s=60)
+    cpu = torch.device("cpu")
+    config = _config(world, {"kind": "topk"})
+    config64 = config_from_dict({**config.to_dict(), "run": {**config.to_dict()["run"], "dtype": "float64"}})
+    torch.manual_seed(7 + rank)
+    x = torch.randn(T, D, dtype=torch.float64)
+    saved = build_moe_layer(config64, groups, cpu)  # contiguous: rank r holds experts 4r..4r+3
+    want = saved(x).out_TD.detach()
+    sd = saved.state_dict()
+    found = {"ids": sd["experts._extra_state"]["global_ids"], "float64_routing": saved.router(x).topk_weight_TK.dtype}
+    # the same experts on this rank in another slot order (other ranks' experts stay put): reordered on load
+    e2r = [e * world // E for e in range(E)]
+    swapped = PlacementPlan(tuple(e2r), world)
+    fresh = build_moe_layer(config64, groups, cpu, plan=swapped)
+    fresh.experts.global_ids = tuple(reversed(fresh.experts.global_ids))  # same set, reversed slots
+    fresh.load_state_dict(sd)
+    rows = {e: fresh.experts.w_up_LDF[slot] for slot, e in enumerate(fresh.experts.global_ids)}
+    found["reordered_ok"] = all(torch.equal(rows[e], saved.experts.w_up_LDF[slot])
+                                for slot, e in enumerate(saved.experts.global_ids))
+    # another placement: other experts on this rank -> refused, and nothing loaded (the gate too)
+    other = build_moe_layer(config64, groups, cpu, plan=PlacementPlan.random(E, world, seed=5))
+    gate_before = other.router.gate.weight.detach().clone()
+    try:
+        other.load_state_dict(sd)
+        found["refused"] = None
+    except ValueError as exc:
+        found["refused"] = str(exc)
+    found["gate_untouched"] = torch.equal(other.router.gate.weight, gate_before)
+    # a state dict saved before the ids were: loads as before
+    legacy = {k: v for k, v in sd.items() if not k.endswith("_extra_state")}
+    again = build_moe_layer(config64, groups, cpu)
+    again.load_state_dict(legacy)
+    found["legacy_ok"] = torch.equal(again(x).out_TD.detach(), want)
+    # expert vs replicated parameters
+    experts = {id(p) for p in saved.expert_parameters()}
+    found["split"] = (len(experts), [n for n, p in saved.named_parameters()
+                                     if id(p) in {id(q) for q in saved.replicated_parameters()}])
+    errors = []
+    for bad in (lambda: saved(x.view(2, T // 2, D)), lambda: saved(x.float()),
+                lambda: build_moe_layer(_config(world * 2, {"kind": "topk"}), groups, cpu)):
+        try:
+            bad()
+            errors.append(None)
+        except ValueError as exc:
+            errors.append(str(exc))
+    found["errors"] = errors
+    return found
+
+
+def test_state_dict_carries_expert_ids_and_layer_input_is_checked():
+    """A state dict names each slot's global expert: loading it under another placement is refused
+    before anything loads (it silently computed with the wrong experts before), the same experts in
+    other slots are reordered, an older state dict loads as before. A float64 layer routes in
+    float64; 3-D input, another dtype and a config for another topology get clear errors."""
+    for rank, found in enumerate(run_ranks(2, _state_dict_worker)):
+        assert found["ids"] == list(range(4 * rank, 4 * rank + 4))
+        assert found["float64_routing"] == torch.float64
+        assert found["reordered_ok"]
+        assert found["refused"] is not None and "its slots hold experts" in found["refused"], found["refused"]
+        assert "apply_plan" in found["refused"] and found["gate_untouched"]
+        assert found["legacy_ok"]
+        assert found["split"] == (3, ["router.gate.weight"])
+        three_d, dtype, topology = found["errors"]
+        assert "MoELayer takes x_TD [tokens, hidden], got shape (2, 5, 16)" in three_d
+        assert "input dtype torch.float32: allowed the layer's torch.float64" in dtype
+        assert "config parallel 1x4 but the process groups are 1x2" in topology

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from c2r_comm.comm_failures import CommSite
 from c2r_comm.dispatch.comm import (CountExchange, StatusCode, agree_on_status, check_same_on_all_ranks,
-                                    dtype_code, exchange_counts)
+                                    dtype_code, dtype_name, exchange_counts)
 from c2r_comm.dispatch.exchange_plan import CommStats, ExchangePlan, stats_of_messages
 from c2r_comm.dispatch.layout import DROPPED_CHOICE, RankGeometry
 from c2r_comm.dispatch.transport import Exchange, LinkTape, Pending
@@ -254,7 +254,8 @@ class Dispatcher(ABC):
         if got != want or codes != tuple(plan.agree[1:3]) or x_TD.device != topk_weight_TK.device:
             raise ValueError(f"rank {self.rank}: send() got x_TD {got[0]} {x_TD.dtype} and topk_weight_TK {got[1]} "
                              f"{topk_weight_TK.dtype} on {x_TD.device}/{topk_weight_TK.device}; its route was laid "
-                             f"out for {want[0]} and {want[1]} with dtype codes {plan.agree[1:3]}: pass the tensors "
+                             f"out for {want[0]} and {want[1]} with dtypes {dtype_name(plan.agree[1])} and "
+                             f"{dtype_name(plan.agree[2])}: pass the tensors "
                              "given to layout()")
         return self._send(x_TD, topk_weight_TK, route, tape)
 
@@ -293,9 +294,12 @@ class Dispatcher(ABC):
 
     @staticmethod
     def agreed_values(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> tuple[int, ...]:
-        """Values every rank must share for the exchanges to line up: k and the payload dtypes."""
+        """Values every rank must share for the exchanges to line up: k, the payload dtypes, and
+        whether the exchange will run backward (its reverse exchanges are collectives too: a rank
+        whose output needs no gradient would skip them and leave the others waiting)."""
         k = topk_idx_TK.shape[1] if topk_idx_TK.dim() == 2 else -1
-        return k, dtype_code(x_TD.dtype), dtype_code(topk_weight_TK.dtype)
+        needs_grad = torch.is_grad_enabled() and (x_TD.requires_grad or topk_weight_TK.requires_grad)
+        return k, dtype_code(x_TD.dtype), dtype_code(topk_weight_TK.dtype), int(needs_grad)
 
     def check_combine(self, expert_out_PD: torch.Tensor, handle: DispatchHandle) -> None:
         """The expert output must have one row per dispatched row. Checked against the handle,
@@ -307,7 +311,7 @@ class Dispatcher(ABC):
             expert_out_PD.shape[1] == handle.hidden_size and dtype_ok and \
             expert_out_PD.device == handle.route.offsets_E.device
         detail = None if ok else (f"combine needs expert_out [{rows}, {handle.hidden_size}] (the dispatched rows) in "
-                                  f"the dispatched dtype (code {handle.route.plan.agree[1]}) on "
+                                  f"the dispatched dtype ({dtype_name(handle.route.plan.agree[1])}) on "
                                   f"{handle.route.offsets_E.device}, got {tuple(expert_out_PD.shape)} "
                                   f"{expert_out_PD.dtype} on {expert_out_PD.device}")
         if self.debug_checks:

@@ -85,14 +85,18 @@ def exchange_counts(send_counts_WC: torch.Tensor, status: torch.Tensor, group: A
         _raise_rejected("dispatch input", statuses, sent_rows[0][C], me, status_detail)
     values = [tuple(row[C + 1:]) for row in recv_rows]
     if any(v != values[0] for v in values):
-        def name(code: int) -> str:
-            return str(PAYLOAD_DTYPES[code]).removeprefix("torch.") if 0 <= code < len(PAYLOAD_DTYPES) else "an unsupported dtype"
+        name = dtype_name
+        grads = {v[3] for v in values if len(v) >= 4}
         detail = "; ".join(f"rank {r}: k={v[0]}, x {name(v[1])}, topk_weight {name(v[2])}"
-                           + (f", {v[3]} tokens" if len(v) == 4 else "") if len(v) in (3, 4)
+                           + (f", {'needs' if v[3] else 'no'} grad" if len(grads) > 1 else "")
+                           + (f", {v[4]} tokens" if len(v) == 5 else "") if len(v) in (4, 5)
                            else f"rank {r}: {list(v)}" for r, v in enumerate(values))
-        equal_tokens = len(values[0]) == 4
-        raise InputError(f"top-k / dtypes{' / token counts' if equal_tokens else ''} differ across ranks ({detail}); "
+        equal_tokens = len(values[0]) == 5
+        raise InputError(f"top-k / dtypes{' / gradients' if len(grads) > 1 else ''}"
+                         f"{' / token counts' if equal_tokens else ''} differ across ranks ({detail}); "
                          "every rank must dispatch the same k and dtypes (x, topk_weight)"
+                         + (", and all or none with inputs that need gradients (grad mode on and x or topk_weight "
+                            "requiring grad: backward's exchanges are collectives)" if len(grads) > 1 else "")
                          + (" and, with routing.pad_to_capacity (capacity from each rank's tokens), the same number "
                             "of tokens" if equal_tokens else ""))
     return CountExchange(host[0, :, :C], host[1, :, :C], recv[:, :C])
@@ -142,6 +146,13 @@ def check_same_on_all_ranks(values: Sequence[int], what: str, group: Any, local_
 
 
 PAYLOAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def dtype_name(code: int) -> str:
+    """A dtype code's name for messages ('float32'), as dtype_code numbers them."""
+    if not 0 <= code < len(PAYLOAD_DTYPES):
+        return "an unsupported dtype"
+    return str(PAYLOAD_DTYPES[code]).removeprefix("torch.")
 
 
 def dtype_code(dtype: torch.dtype) -> int:

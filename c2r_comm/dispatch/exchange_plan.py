@@ -92,7 +92,8 @@ class ExchangePlan:
     counts_WC: torch.Tensor  # int64 [W, C]: what the count exchange sends each peer (device)
     status: torch.Tensor  # int64 [] on device: a StatusCode for this rank's input (0 = fine)
     status_detail: Optional[str | Callable[[], str]]  # message behind the status (callable: error path only)
-    agree: tuple[int, ...]  # values every rank must share (top-k, dtype codes), checked by the count exchange
+    # values every rank must share (top-k, dtype codes, needs grad), checked by the count exchange
+    agree: tuple[int, ...]
 
     def traffic(self) -> torch.Tensor:
         """int64 [stages, W, W] rows[sender, receiver] caused by this rank's tokens (host copy)."""

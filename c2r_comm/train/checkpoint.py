@@ -73,6 +73,7 @@ def load(model: MoETransformerLM, optimizer: torch.optim.Optimizer, folder: str 
     state, opt = dict(own["model"]), own["optimizer"]
     opt_state = {k: dict(v) for k, v in opt["state"].items()}
     for layer, ids in enumerate(now[rank]):
+        state[f"moes.{layer}.experts._extra_state"] = {"global_ids": list(ids)}  # the rows below are these
         for name in EXPERT_TENSORS:
             key = f"moes.{layer}.experts.{name}"
             where = []
