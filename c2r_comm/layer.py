@@ -139,7 +139,9 @@ class MoELayer(nn.Module):
             self.replica_grad_sync(self.experts)
 
     def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
-        # Before anything loads: a state dict of other experts (another placement) is refused whole.
+        # Before anything of this layer loads: a state dict of other experts (another placement) is
+        # refused on this rank (not collective: ranks whose experts match load, and see this rank's
+        # failure at their next collective, as CommError naming it).
         self.experts.slot_order(state_dict, prefix + "experts.")
         super()._load_from_state_dict(state_dict, prefix, *args)
 
@@ -150,9 +152,11 @@ class MoELayer(nn.Module):
         return list(self.experts.parameters())
 
     def replicated_parameters(self) -> list[nn.Parameter]:
-        """Weights every expert-parallel rank holds a copy of (router gate, shared expert): sum or
-        average their gradients over the ranks like any data-parallel weight (all_reduce, or DDP
-        over these alone)."""
+        """Weights every expert-parallel rank holds a copy of (router gate, shared expert): SUM their
+        gradients over the ranks (all_reduce). An expert's gradient is already the sum over every
+        rank's tokens, so both are then gradients of the sum of the ranks' losses; for the mean,
+        divide each rank's loss by the world size first (train/step.py). Averaging these instead
+        (DDP) would scale them 1/W against the experts'."""
         experts = {id(p) for p in self.experts.parameters()}
         return [p for p in self.parameters() if id(p) not in experts]
 
@@ -162,8 +166,15 @@ class MoELayer(nn.Module):
                              "other dimensions first (x.reshape(-1, x.shape[-1])) and restore them on out_TD")
         gate = self.router.gate.weight
         if x_TD.dtype != gate.dtype:
-            raise ValueError(f"MoELayer input dtype {x_TD.dtype}: allowed the layer's {gate.dtype} (run.dtype); "
-                             "cast the input or build the layer with that dtype")
+            device = x_TD.device.type
+            if not torch.is_autocast_enabled(device):
+                raise ValueError(f"MoELayer input dtype {x_TD.dtype}: allowed the layer's {gate.dtype} (run.dtype); "
+                                 "cast the input or build the layer with that dtype")
+            # Under autocast: the whole layer in its own dtype (the exchanges and the experts' backward
+            # need one dtype), the output back in the input's.
+            with torch.autocast(device, enabled=False):
+                out = self.forward(x_TD.to(gate.dtype))
+            return replace(out, out_TD=out.out_TD.to(x_TD.dtype))
         routing = self.router(x_TD)
         out = self.forward_routed(x_TD, routing.topk_idx_TK, routing.topk_weight_TK)
         return replace(out, aux_loss=routing.aux_loss, routing=routing)

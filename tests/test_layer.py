@@ -183,6 +183,14 @@ def _state_dict_worker(rank, world):
         except ValueError as exc:
             errors.append(str(exc))
     found["errors"] = errors
+    # under autocast the layer runs in its own dtype (float64 here) and returns the input's
+    x_bf = x.to(torch.bfloat16).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_bf = saved(x_bf).out_TD
+    out_bf.float().sum().backward()
+    exact = saved(x_bf.detach().double()).out_TD.detach()
+    found["autocast"] = (out_bf.dtype, x_bf.grad.dtype,
+                         float((out_bf.double() - exact).abs().max() / exact.abs().max().clamp_min(1e-30)))
     return found
 
 
@@ -190,7 +198,8 @@ def test_state_dict_carries_expert_ids_and_layer_input_is_checked():
     """A state dict names each slot's global expert: loading it under another placement is refused
     before anything loads (it silently computed with the wrong experts before), the same experts in
     other slots are reordered, an older state dict loads as before. A float64 layer routes in
-    float64; 3-D input, another dtype and a config for another topology get clear errors."""
+    float64; 3-D input, another dtype (outside autocast; under it the layer runs in its own dtype)
+    and a config for another topology get clear errors."""
     for rank, found in enumerate(run_ranks(2, _state_dict_worker)):
         assert found["ids"] == list(range(4 * rank, 4 * rank + 4))
         assert found["float64_routing"] == torch.float64
@@ -203,3 +212,5 @@ def test_state_dict_carries_expert_ids_and_layer_input_is_checked():
         assert "MoELayer takes x_TD [tokens, hidden], got shape (2, 5, 16)" in three_d
         assert "input dtype torch.float32: allowed the layer's torch.float64" in dtype
         assert "config parallel 1x4 but the process groups are 1x2" in topology
+        out_dtype, grad_dtype, rel = found["autocast"]
+        assert out_dtype == grad_dtype == torch.bfloat16 and rel < 1e-2, found["autocast"]
