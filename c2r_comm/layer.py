@@ -104,7 +104,8 @@ class MoELayer(nn.Module):
             if self.dispatcher.rank == 0:
                 print(f"c2r-comm: schedule.overlap_degree auto -> {choice.degree} (one serial forward, slowest "
                       f"rank: exchange {choice.exchange_s * 1e3:.1f} ms of which {choice.hideable_exchange_s * 1e3:.1f}"
-                      f" ms hideable, experts {choice.experts_s * 1e3:.1f} ms; rule in schedule/auto.py)",
+                      f" ms hideable, experts {choice.experts_s * 1e3:.1f} ms, {choice.rows_per_expert:.0f} rows per "
+                      f"local expert; rule in schedule/auto.py)",
                       file=sys.stderr)
             return MoEOutput(timing.out_TD, zero, (timing.handle,))
         if self.overlap_degree > 1:

@@ -89,12 +89,13 @@ def test_a_chunks_handle_refuses_another_chunks_rows():
         assert res.startswith("refused"), res
 
 
-@pytest.mark.parametrize("exchange_s,experts_s,want", [
-    (0.001, 1.0, 1), (1.0, 0.001, 1), (0.0, 0.0, 1),  # one side negligible
-    (0.2, 1.0, 2), (1.0, 1.0, 2), (1.0, 0.6, 2),  # experts on the critical path
-    (1.0, 0.5, 4), (1.0, 0.3, 4)])  # link-bound
-def test_auto_rule(exchange_s, experts_s, want):
-    assert choose_overlap_degree(exchange_s, experts_s) == want
+@pytest.mark.parametrize("exchange_s,experts_s,rows,want", [
+    (0.001, 1.0, 0, 1), (1.0, 0.001, 0, 1), (0.0, 0.0, 0, 1), (0.001, 1.0, 1000, 1),  # one side negligible
+    (0.2, 1.0, 0, 2), (1.0, 1.0, 0, 2), (1.0, 0.6, 0, 2), (1.0, 0.6, 127, 2),  # experts on the critical path
+    (1.0, 0.6, 128, 4), (0.2, 1.0, 190, 4),  # ... with chunks of 32 rows per expert or more at C = 4
+    (1.0, 0.5, 0, 4), (1.0, 0.3, 12, 4)])  # link-bound
+def test_auto_rule(exchange_s, experts_s, rows, want):
+    assert choose_overlap_degree(exchange_s, experts_s, rows) == want
 
 
 def _auto_worker(rank: int, world: int) -> tuple[int, int, int]:
@@ -129,7 +130,7 @@ def _fake_timer_worker(rank: int, world: int, exchange_s: list[float], experts_s
     timing = timed_serial_forward(layer.dispatcher, layer.experts, None, x, idx, w, timer=lambda: next(ticks),
                                   cpu_ticks=lambda: next(cpu))
     choice = agree_overlap_degree(timing, groups.ep)
-    return choice.degree, choice.exchange_s
+    return choice.degree, choice.exchange_s, timing.rows_per_expert, choice.rows_per_expert
 
 
 # forward times; the rule sees the step estimate (2 x exchange, 3 x experts = 3.0 s): 6.0 >= 2 x 3.0 -> 4
@@ -137,8 +138,11 @@ def _fake_timer_worker(rank: int, world: int, exchange_s: list[float], experts_s
     ([0.001, 0.002], 0.0, 1), ([0.01, 0.3], 0.0, 2), ([0.9, 3.0], 0.0, 4),
     ([0.9, 1.6], 0.97, 1)])  # CPU experts: an exchange while the cores are busy is nothing to hide
 def test_auto_agrees_on_the_slowest_ranks_exchange(exchange_s, busy_share, want):
-    for degree, e in run_ranks(2, _fake_timer_worker, exchange_s, 1.0, busy_share):
-        assert degree == want and e == pytest.approx(max(exchange_s))
+    results = run_ranks(2, _fake_timer_worker, exchange_s, 1.0, busy_share)
+    fewest_rows = min(r[2] for r in results)  # each rank's rows per local expert, from its handle
+    assert fewest_rows > 0 and results[0][2] != results[1][2]  # the two ranks got different rows
+    for degree, e, _, agreed_rows in results:
+        assert degree == want and e == pytest.approx(max(exchange_s)) and agreed_rows == fewest_rows
 
 
 def _inline_worker(rank: int, world: int, cases: list[Case], x_grad: bool = True, w_grad: bool = True) -> list[float]:

@@ -8,9 +8,18 @@ E = 2 E_f and X = 3 X_f. The rule:
   min(E, X) < 0.1 max(E, X)  -> C = 1  (little to hide: chunking would cost more than it saves)
   E >= 2 X                   -> C = 4  (link-bound: more, smaller chunks keep the link busy and
                                         their extra compute hides behind it)
-  otherwise                  -> C = 2  (chunks re-read every expert's weights and make smaller
-                                        GEMMs; with the experts near the critical path two chunks
-                                        were never slower than four in docs/benchmarks.md)
+  R >= 4 x 32                -> C = 4  (R: the rows one local expert got in the timed forward, the
+                                        fewest over ranks: each of 4 chunks still gives every
+                                        expert 32 rows or more, so a chunk costs little more than
+                                        its share of the rows)
+  otherwise                  -> C = 2  (small chunks re-read every expert's weights for few rows)
+Checked on the CPU (docs/benchmarks.md, issue 11: emulated 2x2 on 2 cores, hierarchical, FFN 256,
+one day, one launch per cell): at 2,048 tokens per rank (703 rows per expert) C = 4 beat C = 2 at
+0.2 and 0.3 Gbit/s (1.02-1.04x against 1.08-1.13x max(exchange, experts); 1.19-1.20x against 1.36x)
+and C = 8 gained nothing more; at 512 tokens (159 rows) the two were even (1.17x / 1.18x at 0.2
+Gbit/s, 1.61x / 1.63x at 0.5). On earlier days (older code, a busier machine) C = 2 led at 512
+tokens, so where C = 4 starts to pay is not pinned down: 32 rows per chunk is the smallest that did
+not lose in these runs. A GPU's GEMMs likely want more rows (not measured).
 E_f is the forward's exchange time (count exchange, send until delivered, combine until returned)
 that compute could hide, X_f its expert time, each the slowest rank's (one all_reduce MAX), so
 every rank picks the same C. On a GPU all of the exchange's wall time can hide behind the
@@ -35,15 +44,19 @@ from c2r_comm.dispatch import DispatchHandle, Dispatcher
 
 NEGLIGIBLE_RATIO = 0.1
 LINK_BOUND_RATIO = 2.0
+ROWS_PER_EXPERT_CHUNK = 32  # fewest rows per local expert in each of 4 chunks for C = 4 off the link-bound case
 
 
-def choose_overlap_degree(exchange_s: float, experts_s: float) -> int:
-    """The rule in the module doc, on a step's (forward + backward) exchange and expert times."""
+def choose_overlap_degree(exchange_s: float, experts_s: float, rows_per_expert: float = 0.0) -> int:
+    """The rule in the module doc, on a step's (forward + backward) exchange and expert times and
+    the rows one local expert gets (the fewest over ranks; 0: unknown, no C = 4 on that account)."""
     exchange_s, experts_s = max(exchange_s, 0.0), max(experts_s, 0.0)
     lo, hi = sorted((exchange_s, experts_s))
     if hi == 0 or lo < NEGLIGIBLE_RATIO * hi:
         return 1
-    return 4 if exchange_s >= LINK_BOUND_RATIO * experts_s else 2
+    if exchange_s >= LINK_BOUND_RATIO * experts_s or rows_per_expert / 4 >= ROWS_PER_EXPERT_CHUNK:
+        return 4
+    return 2
 
 
 @dataclass(frozen=True)
@@ -53,6 +66,12 @@ class SerialTiming:
     exchange_s: float  # wall time
     experts_s: float
     exchange_idle_share: float = 1.0  # the machine's idle share of its cores during the exchange
+
+    @property
+    def rows_per_expert(self) -> float:
+        """Rows one local expert got in this forward, on average (host counts of the count exchange)."""
+        counts = self.handle.tokens_per_expert
+        return self.handle.num_rows / len(counts) if counts else 0.0
 
     @property
     def hideable_exchange_s(self) -> float:
@@ -122,15 +141,17 @@ class OverlapChoice:
     exchange_s: float  # slowest rank's forward exchange, wall
     hideable_exchange_s: float  # slowest rank's forward exchange that compute could hide
     experts_s: float  # slowest rank's forward experts
+    rows_per_expert: float = 0.0  # the fewest over ranks of the rows one local expert got
 
 
 def agree_overlap_degree(timing: SerialTiming, group: Any) -> OverlapChoice:
     """C from the slowest rank's forward times (one all_reduce MAX, so every rank picks the same C),
-    chosen on the step estimate (2 x hideable E_f, 3 X_f)."""
+    chosen on the step estimate (2 x hideable E_f, 3 X_f) and the fewest rows per local expert."""
     device = timing.out_TD.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-    t = torch.tensor([timing.exchange_s, timing.hideable_exchange_s, timing.experts_s], dtype=torch.float64,
-                     device=device)
+    t = torch.tensor([timing.exchange_s, timing.hideable_exchange_s, timing.experts_s, -timing.rows_per_expert],
+                     dtype=torch.float64, device=device)  # the rows negated: MAX gives the fewest
     with guard(group_site("overlap degree agreement", group)):
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    exchange_s, hideable_s, experts_s = t.tolist()
-    return OverlapChoice(choose_overlap_degree(2 * hideable_s, 3 * experts_s), exchange_s, hideable_s, experts_s)
+    exchange_s, hideable_s, experts_s, neg_rows = t.tolist()
+    return OverlapChoice(choose_overlap_degree(2 * hideable_s, 3 * experts_s, -neg_rows), exchange_s, hideable_s,
+                         experts_s, -neg_rows)
