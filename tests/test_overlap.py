@@ -92,7 +92,8 @@ def test_a_chunks_handle_refuses_another_chunks_rows():
 @pytest.mark.parametrize("exchange_s,experts_s,rows,want", [
     (0.001, 1.0, 0, 1), (1.0, 0.001, 0, 1), (0.0, 0.0, 0, 1), (0.001, 1.0, 1000, 1),  # one side negligible
     (0.2, 1.0, 0, 2), (1.0, 1.0, 0, 2), (1.0, 0.6, 0, 2), (1.0, 0.6, 127, 2),  # experts on the critical path
-    (1.0, 0.6, 128, 4), (0.2, 1.0, 190, 4),  # ... with chunks of 32 rows per expert or more at C = 4
+    (1.0, 0.6, 128, 4), (1.0, 1.0, 703, 4),  # ... with chunks of 32 rows per expert or more at C = 4
+    (0.2, 1.0, 190, 2), (0.9, 1.0, 703, 2),  # the experts longer than the exchange: not measured, C = 2
     (1.0, 0.5, 0, 4), (1.0, 0.3, 12, 4)])  # link-bound
 def test_auto_rule(exchange_s, experts_s, rows, want):
     assert choose_overlap_degree(exchange_s, experts_s, rows) == want
@@ -116,8 +117,11 @@ def test_auto_decides_on_the_first_forward_and_every_rank_agrees():
 
 
 def _fake_timer_worker(rank: int, world: int, exchange_s: list[float], experts_s: float,
-                       busy_share: float) -> tuple[int, float]:
-    from c2r_comm.schedule import agree_overlap_degree, timed_serial_forward
+                       busy_share: float, rows_per_chunk: float = 0.0) -> tuple[int, float, float, float]:
+    """rows_per_chunk > 0: the rule's rows threshold (auto.ROWS_PER_EXPERT_CHUNK) in this rank's process."""
+    from c2r_comm.schedule import agree_overlap_degree, auto, timed_serial_forward
+    if rows_per_chunk > 0:
+        auto.ROWS_PER_EXPERT_CHUNK = rows_per_chunk
     case = Case("dedup", tokens=(5, 5))
     groups = build_process_groups(Topology(1, 2), timeout_s=60)
     layer = _layer(case, rank, groups, 1, shared=False)
@@ -143,6 +147,17 @@ def test_auto_agrees_on_the_slowest_ranks_exchange(exchange_s, busy_share, want)
     assert fewest_rows > 0 and results[0][2] != results[1][2]  # the two ranks got different rows
     for degree, e, _, agreed_rows in results:
         assert degree == want and e == pytest.approx(max(exchange_s)) and agreed_rows == fewest_rows
+
+
+def test_auto_decides_rows_on_the_rank_with_the_fewest():
+    """Exchange estimate 3.2 s against experts 3.0 s: the rows per local expert decide. With the
+    threshold at the larger rank's rows, only the fewest rows (agreed over ranks) give C = 2 on
+    both ranks; at the smaller rank's rows both pick C = 4."""
+    rows = [r[2] for r in run_ranks(2, _fake_timer_worker, [0.9, 1.6], 1.0, 0.0)]
+    assert rows[0] != rows[1]
+    for threshold_rows, want in ((max(rows), 2), (min(rows), 4)):
+        results = run_ranks(2, _fake_timer_worker, [0.9, 1.6], 1.0, 0.0, threshold_rows / 4)
+        assert [r[0] for r in results] == [want, want], (threshold_rows, results)
 
 
 def _inline_worker(rank: int, world: int, cases: list[Case], x_grad: bool = True, w_grad: bool = True) -> list[float]:

@@ -8,18 +8,20 @@ E = 2 E_f and X = 3 X_f. The rule:
   min(E, X) < 0.1 max(E, X)  -> C = 1  (little to hide: chunking would cost more than it saves)
   E >= 2 X                   -> C = 4  (link-bound: more, smaller chunks keep the link busy and
                                         their extra compute hides behind it)
-  R >= 4 x 32                -> C = 4  (R: the rows one local expert got in the timed forward, the
-                                        fewest over ranks: each of 4 chunks still gives every
-                                        expert 32 rows or more, so a chunk costs little more than
-                                        its share of the rows)
+  E >= X and R >= 4 x 32     -> C = 4  (R: the rows one local expert got in the timed forward, on
+                                        average, on the rank with the fewest: with 4 chunks an
+                                        expert still gets about 32 rows or more per chunk, so a
+                                        chunk costs little more than its share of the rows)
   otherwise                  -> C = 2  (small chunks re-read every expert's weights for few rows)
-Checked on the CPU (docs/benchmarks.md, issue 11: emulated 2x2 on 2 cores, hierarchical, FFN 256,
-one day, one launch per cell): at 2,048 tokens per rank (703 rows per expert) C = 4 beat C = 2 at
-0.2 and 0.3 Gbit/s (1.02-1.04x against 1.08-1.13x max(exchange, experts); 1.19-1.20x against 1.36x)
-and C = 8 gained nothing more; at 512 tokens (159 rows) the two were even (1.17x / 1.18x at 0.2
-Gbit/s, 1.61x / 1.63x at 0.5). On earlier days (older code, a busier machine) C = 2 led at 512
-tokens, so where C = 4 starts to pay is not pinned down: 32 rows per chunk is the smallest that did
-not lose in these runs. A GPU's GEMMs likely want more rows (not measured).
+Checked on the CPU (docs/benchmarks.md, issue 11, "At the issue's size": emulated 2x2 on 2 cores,
+hierarchical, FFN 256, one afternoon, one launch per row, exchange 1.06x-1.96x the experts): at
+2,048 tokens per rank (703 rows per expert) C = 4 beat C = 2 at 0.2 and 0.3 Gbit/s (1.02-1.04x
+against 1.08-1.13x max(exchange, experts); 1.19-1.20x against 1.36x) and C = 8 gained nothing
+more; at 512 tokens (159 rows) the two were even (1.17x / 1.18x at 0.2 Gbit/s, 1.61x / 1.63x at
+0.5). On earlier days (older code, a busier machine) C = 2 led at 512 tokens. The smallest tested
+was about 40 rows per expert and chunk; 32 is an extrapolation below it. Where the experts exceed
+the exchange, and on a GPU, whose GEMMs likely want more rows, the rows test is not measured; the
+first keeps C = 2.
 E_f is the forward's exchange time (count exchange, send until delivered, combine until returned)
 that compute could hide, X_f its expert time, each the slowest rank's (one all_reduce MAX), so
 every rank picks the same C. On a GPU all of the exchange's wall time can hide behind the
@@ -44,7 +46,7 @@ from c2r_comm.dispatch import DispatchHandle, Dispatcher
 
 NEGLIGIBLE_RATIO = 0.1
 LINK_BOUND_RATIO = 2.0
-ROWS_PER_EXPERT_CHUNK = 32  # fewest rows per local expert in each of 4 chunks for C = 4 off the link-bound case
+ROWS_PER_EXPERT_CHUNK = 32  # rows per local expert and chunk (on average) for C = 4 off the link-bound case
 
 
 def choose_overlap_degree(exchange_s: float, experts_s: float, rows_per_expert: float = 0.0) -> int:
@@ -54,7 +56,9 @@ def choose_overlap_degree(exchange_s: float, experts_s: float, rows_per_expert: 
     lo, hi = sorted((exchange_s, experts_s))
     if hi == 0 or lo < NEGLIGIBLE_RATIO * hi:
         return 1
-    if exchange_s >= LINK_BOUND_RATIO * experts_s or rows_per_expert / 4 >= ROWS_PER_EXPERT_CHUNK:
+    if exchange_s >= LINK_BOUND_RATIO * experts_s:
+        return 4
+    if exchange_s >= experts_s and rows_per_expert >= 4 * ROWS_PER_EXPERT_CHUNK:
         return 4
     return 2
 
