@@ -16,7 +16,7 @@ E = 2 E_f and X = 3 X_f. The rule:
 Checked on the CPU (docs/benchmarks.md, issue 11, "At the issue's size": emulated 2x2 on 2 cores,
 hierarchical, FFN 256, one afternoon, one launch per row, exchange 1.06x-1.96x the experts): at
 2,048 tokens per rank (703 rows per expert) C = 4 beat C = 2 at 0.2 and 0.3 Gbit/s (1.02-1.04x
-against 1.08-1.13x max(exchange, experts); 1.19-1.20x against 1.36x) and C = 8 gained nothing
+against 1.08-1.13x max(exchange, experts); 1.17-1.20x against 1.36x) and C = 8 gained nothing
 more; at 512 tokens (159 rows) the two were even (1.17x / 1.18x at 0.2 Gbit/s, 1.61x / 1.63x at
 0.5). On earlier days (older code, a busier machine) C = 2 led at 512 tokens. The smallest tested
 was about 40 rows per expert and chunk; 32 is an extrapolation below it. Where the experts exceed
