@@ -85,9 +85,8 @@ def exchange_counts(send_counts_WC: torch.Tensor, status: torch.Tensor, group: A
         _raise_rejected("dispatch input", statuses, sent_rows[0][C], me, status_detail)
     values = [tuple(row[C + 1:]) for row in recv_rows]
     if any(v != values[0] for v in values):
-        name = dtype_name
         grads = {v[3] for v in values if len(v) >= 4}
-        detail = "; ".join(f"rank {r}: k={v[0]}, x {name(v[1])}, topk_weight {name(v[2])}"
+        detail = "; ".join(f"rank {r}: k={v[0]}, x {dtype_name(v[1])}, topk_weight {dtype_name(v[2])}"
                            + (f", {'needs' if v[3] else 'no'} grad" if len(grads) > 1 else "")
                            + (f", {v[4]} tokens" if len(v) == 5 else "") if len(v) in (4, 5)
                            else f"rank {r}: {list(v)}" for r, v in enumerate(values))

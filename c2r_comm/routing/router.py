@@ -33,11 +33,16 @@ def load_balancing_loss(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor) -> to
     return E * (f_E.detach() * probs_TE.mean(0)).sum()
 
 
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 up to float32 for routing math; float32 and float64 kept."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     """ST-MoE z-loss: mean squared log-partition, keeps logits small."""
     if logits_TE.shape[0] == 0:
         return logits_TE.sum() * 0.0
-    return torch.logsumexp(logits_TE.to(torch.promote_types(logits_TE.dtype, torch.float32)), dim=-1).pow(2).mean()
+    return torch.logsumexp(_at_least_float32(logits_TE), dim=-1).pow(2).mean()
 
 
 class TopKRouter(nn.Module):
@@ -63,8 +68,7 @@ class TopKRouter(nn.Module):
                 self.gate.weight.uniform_(-bound, bound, generator=generator)
 
     def compute_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        logits_TE = self.gate(x_TD)
-        logits_TE = logits_TE.to(torch.promote_types(logits_TE.dtype, torch.float32))  # bf16/fp16 up, fp64 kept
+        logits_TE = _at_least_float32(self.gate(x_TD))
         if self.training and self.noise_std > 0:
             logits_TE = logits_TE + torch.randn_like(logits_TE) * self.noise_std
         return logits_TE

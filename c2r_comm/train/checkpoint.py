@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
+from c2r_comm.experts import GroupedExperts
 from c2r_comm.plan import PlacementPlan
 from c2r_comm.train.model import MoETransformerLM
 
-EXPERT_TENSORS = ("w_gate_LDF", "w_up_LDF", "w_down_LFD")
+EXPERT_TENSORS = GroupedExperts.WEIGHTS  # the stacked expert weights, slot-major
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-element state; "step" is a scalar
 
 
